@@ -1,0 +1,364 @@
+//! The library database: one SQLite file per device, opened in WAL mode, with one writer
+//! connection and a small pool of readers.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lsync_hlc::{DeviceId, Hlc};
+use lsync_protocol::{Epoch, LibraryId};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
+};
+use sqlx::{Connection, Row};
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+use crate::{Registry, StoreError};
+
+/// The schema migrations of lsync's own `sync_` tables, applied in order, each in one transaction.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "sync tables",
+    include_str!("../migrations/0001_sync_tables.sql"),
+)];
+
+/// How hard SQLite works to keep a committed transaction across a power loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `synchronous=FULL`: every commit is on disk before it returns; survives power loss.
+    #[default]
+    Full,
+    /// `synchronous=NORMAL`: commits survive a crash of the process but the last ones may be lost
+    /// on power loss or an OS crash. Faster for many small transactions.
+    Normal,
+}
+
+/// Settings of the library database.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Default [`Durability::Full`]: a write the library accepted must survive.
+    pub durability: Durability,
+    /// How long a statement waits for another process's lock before failing. Default 5 s: long
+    /// enough for a large batch of another process (a CLI command) to commit.
+    pub busy_timeout: Duration,
+    /// Reader connections. Default 4: readers never block the writer in WAL mode, and sync serves
+    /// at most a few concurrent page requests per peer.
+    pub readers: u32,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            durability: Durability::Full,
+            busy_timeout: Duration::from_secs(5),
+            readers: 4,
+        }
+    }
+}
+
+/// Who this copy of the library is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    /// The library.
+    pub library: LibraryId,
+    /// This device.
+    pub device: DeviceId,
+    /// This copy's epoch: chosen at random when the file was created.
+    pub epoch: Epoch,
+}
+
+/// An open library database.
+///
+/// All writes go through one connection, one transaction at a time ([`Database::write`]), so
+/// writes never contend inside the process; reads use a separate pool and see committed data.
+#[derive(Debug)]
+pub struct Database {
+    writer: Mutex<SqliteConnection>,
+    readers: SqlitePool,
+    registry: Arc<Registry>,
+    identity: Identity,
+    path: PathBuf,
+}
+
+impl Database {
+    /// Creates the library file at `path` for a new device of `library`, with the tables of
+    /// `registry`. Refuses if the file already holds a library.
+    pub async fn create(
+        path: &Path,
+        registry: Arc<Registry>,
+        library: LibraryId,
+        device: DeviceId,
+        options: &StoreOptions,
+    ) -> Result<Self, StoreError> {
+        let mut writer = connect(path, options, true).await?;
+        migrate(&mut writer).await?;
+        if read_meta(&mut writer, "library").await?.is_some() {
+            return Err(StoreError::AlreadyExists(path.to_owned()));
+        }
+        // A random epoch: a device re-created under the same identity, or restored from an old
+        // copy of this file, announces an epoch its peers have not seen with its current state.
+        let epoch = Epoch(Uuid::new_v4().as_u64_pair().0);
+        let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
+        write_meta(&mut tx, "library", library.0.as_bytes()).await?;
+        write_meta(&mut tx, "device", device.as_bytes()).await?;
+        write_meta(&mut tx, "epoch", &epoch.0.to_be_bytes()).await?;
+        sqlx::raw_sql(&registry.ddl()).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Self::finish_open(path, writer, registry, options).await
+    }
+
+    /// Opens an existing library file, applying pending migrations and creating tables of models
+    /// added to `registry`. Refuses a missing file and tables whose columns differ from the
+    /// registry.
+    pub async fn open(
+        path: &Path,
+        registry: Arc<Registry>,
+        options: &StoreOptions,
+    ) -> Result<Self, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::NotFound(path.to_owned()));
+        }
+        let mut writer = connect(path, options, false).await?;
+        migrate(&mut writer).await?;
+        sqlx::raw_sql(&registry.ddl()).execute(&mut writer).await?;
+        Self::finish_open(path, writer, registry, options).await
+    }
+
+    async fn finish_open(
+        path: &Path,
+        mut writer: SqliteConnection,
+        registry: Arc<Registry>,
+        options: &StoreOptions,
+    ) -> Result<Self, StoreError> {
+        check_tables(&mut writer, &registry).await?;
+        let identity = read_identity(&mut writer, path).await?;
+        let readers = SqlitePoolOptions::new()
+            .max_connections(options.readers.max(1))
+            .connect_with(connect_options(path, options, false).read_only(true))
+            .await?;
+        Ok(Self {
+            writer: Mutex::new(writer),
+            readers,
+            registry,
+            identity,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Runs `work` in one write transaction: committed if it returns `Ok`, rolled back otherwise.
+    /// Writes are serialised: a second caller waits for the first transaction to finish.
+    pub async fn write<T, E>(
+        &self,
+        work: impl AsyncFnOnce(&mut SqliteConnection) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        E: From<StoreError>,
+    {
+        let mut writer = self.writer.lock().await;
+        // IMMEDIATE takes the write lock up front, so a transaction that reads then writes cannot
+        // fail half-way on another process's lock.
+        let mut tx = writer
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|error| E::from(error.into()))?;
+        match work(&mut tx).await {
+            Ok(value) => {
+                tx.commit().await.map_err(|error| E::from(error.into()))?;
+                Ok(value)
+            }
+            Err(error) => {
+                if let Err(rollback) = tx.rollback().await {
+                    tracing::error!(%rollback, "rolling back a failed write transaction failed");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// The reader pool, for queries outside write transactions.
+    pub fn reader(&self) -> &SqlitePool {
+        &self.readers
+    }
+
+    /// The model registry the database was opened with.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Library, device and epoch of this copy.
+    pub fn identity(&self) -> Identity {
+        self.identity
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Closes all connections, waiting for them; the WAL is checkpointed into the main file.
+    pub async fn close(self) -> Result<(), StoreError> {
+        self.readers.close().await;
+        let mut writer = self.writer.into_inner();
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&mut writer)
+            .await?;
+        writer.close().await?;
+        Ok(())
+    }
+}
+
+/// The last HLC stamp persisted by [`store_clock`], to resume the clock after a restart.
+pub async fn load_clock(conn: &mut SqliteConnection) -> Result<Option<Hlc>, StoreError> {
+    match read_meta(conn, "clock").await? {
+        Some(bytes) => Hlc::from_bytes(&bytes)
+            .map(Some)
+            .map_err(|error| StoreError::Corrupt(format!("sync_meta clock: {error}"))),
+        None => Ok(None),
+    }
+}
+
+/// Persists `last` as the clock's resume point, unless a larger stamp is already stored. Call it
+/// in every transaction that writes stamps.
+pub async fn store_clock(conn: &mut SqliteConnection, last: Hlc) -> Result<(), StoreError> {
+    // The byte form sorts like the stamps, so SQLite's max() over BLOBs keeps the larger.
+    sqlx::query(
+        "INSERT INTO sync_meta (key, value) VALUES ('clock', ?1)
+         ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
+    )
+    .bind(last.to_bytes().as_slice())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+fn connect_options(path: &Path, options: &StoreOptions, create: bool) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(create)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(match options.durability {
+            Durability::Full => SqliteSynchronous::Full,
+            Durability::Normal => SqliteSynchronous::Normal,
+        })
+        .busy_timeout(options.busy_timeout)
+        // References between synced rows are kept by lsync (parking, tombstones), not by SQLite:
+        // rows arrive from several devices in no guaranteed order.
+        .foreign_keys(false)
+        // Each multi-row statement shape is prepared once; keep enough of them.
+        .statement_cache_capacity(256)
+}
+
+async fn connect(
+    path: &Path,
+    options: &StoreOptions,
+    create: bool,
+) -> Result<SqliteConnection, StoreError> {
+    Ok(SqliteConnection::connect_with(&connect_options(path, options, create)).await?)
+}
+
+async fn migrate(conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS sync_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL)",
+    )
+    .execute(&mut *conn)
+    .await?;
+    let applied: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM sync_migrations")
+        .fetch_one(&mut *conn)
+        .await?;
+    let applied = applied.unwrap_or(0);
+    let newest = MIGRATIONS.last().map_or(0, |(version, ..)| *version);
+    if applied > newest {
+        return Err(StoreError::TooNew {
+            found: applied,
+            supported: newest,
+        });
+    }
+    for (version, name, sql) in MIGRATIONS.iter().filter(|(version, ..)| *version > applied) {
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::raw_sql(sql).execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO sync_migrations (version, name) VALUES (?1, ?2)")
+            .bind(version)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        tracing::info!(version, name, "applied migration");
+    }
+    Ok(())
+}
+
+/// Checks that every model's table has exactly the columns the registry declares.
+async fn check_tables(conn: &mut SqliteConnection, registry: &Registry) -> Result<(), StoreError> {
+    for model in registry.in_apply_order() {
+        let found: Vec<String> = sqlx::query(&format!("PRAGMA table_info(\"{}\")", model.name))
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|row| row.try_get::<String, _>("name"))
+            .collect::<Result<_, _>>()?;
+        let mut expected = vec!["id".to_owned()];
+        if model.ownership == crate::Ownership::DeviceOwned {
+            expected.extend(["owner".to_owned(), "version".to_owned()]);
+        }
+        expected.extend(model.column_names());
+        if found != expected {
+            return Err(StoreError::SchemaMismatch {
+                table: model.name.clone(),
+                expected,
+                found,
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn read_identity(conn: &mut SqliteConnection, path: &Path) -> Result<Identity, StoreError> {
+    let missing = || StoreError::Corrupt(format!("{} has no library identity", path.display()));
+    let uuid = |bytes: Vec<u8>, what: &str| {
+        Uuid::from_slice(&bytes).map_err(|_| StoreError::Corrupt(format!("sync_meta {what}")))
+    };
+    let library = uuid(
+        read_meta(conn, "library").await?.ok_or_else(missing)?,
+        "library",
+    )?;
+    let device = uuid(
+        read_meta(conn, "device").await?.ok_or_else(missing)?,
+        "device",
+    )?;
+    let epoch = read_meta(conn, "epoch").await?.ok_or_else(missing)?;
+    let epoch: [u8; 8] = epoch
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("sync_meta epoch".into()))?;
+    Ok(Identity {
+        library: LibraryId(library),
+        device: DeviceId(device),
+        epoch: Epoch(u64::from_be_bytes(epoch)),
+    })
+}
+
+async fn read_meta(conn: &mut SqliteConnection, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT value FROM sync_meta WHERE key = ?1")
+            .bind(key)
+            .fetch_optional(conn)
+            .await?,
+    )
+}
+
+async fn write_meta(
+    conn: &mut SqliteConnection,
+    key: &str,
+    value: &[u8],
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO sync_meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )
+    .bind(key)
+    .bind(value)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,80 @@
+//! The lsync library database: one SQLite file per device holding both the synced tables and
+//! lsync's bookkeeping, so that a write and its change record commit in one transaction.
+//!
+//! # Model
+//! - An app declares its synced tables as [`ModelDef`]s in a [`Registry`]: columns, ownership
+//!   (device-owned or shared), references to other models by UUID, merge strategy. The registry
+//!   rejects bad names and reference cycles and derives the apply order (referenced models first)
+//!   and the SQL schema. The app writes no SQL for sync bookkeeping.
+//! - Every synced table has a UUID primary key `id`; device-owned tables also carry `owner` and
+//!   `version` (the owner's HLC time at its last write). These are the same on every device, so
+//!   two converged devices hold byte-identical content in every table not prefixed `sync_`.
+//! - Bookkeeping lives only in `sync_` tables, created by the migrations in `migrations/`.
+//! - [`Database`] opens the file in WAL mode with one writer connection (all writes serialised,
+//!   one transaction each through [`Database::write`]) and a pool of readers.
+//!
+//! # Invariants
+//! - The file's identity (library, device, epoch) is written once at creation and never changes;
+//!   a re-created copy gets a new random epoch.
+//! - A table whose columns differ from the registry is refused at open, never silently altered.
+//! - The persisted clock ([`store_clock`]) only grows.
+//!
+//! # What this crate does not do
+//! It knows no merge rules, logs or watermarks: `state-sync`, `shared-sync`, `peer-log` and
+//! `watermark` own the queries on their tables (which tables belong to whom is written in
+//! `migrations/0001_sync_tables.sql`). It knows nothing of the network or of actors.
+//!
+//! # Where the IO is
+//! Everything here is async SQL through sqlx, except [`Registry`], which is plain data.
+
+mod db;
+mod reference;
+mod registry;
+pub mod sql;
+
+pub use db::{Database, Durability, Identity, StoreOptions, load_clock, store_clock};
+pub use reference::{ENTRY_KIND_DIRECTORY, ENTRY_KIND_FILE, reference_models, reference_registry};
+pub use registry::{Column, ColumnType, MergeStrategy, ModelDef, Ownership, Registry, SchemaError};
+pub use sqlx::SqliteConnection;
+
+use std::path::PathBuf;
+
+/// What can go wrong with the library database.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite or sqlx failed.
+    #[error("database error: {0}")]
+    Sql(#[from] sqlx::Error),
+    /// The file does not exist.
+    #[error("no library at {0}")]
+    NotFound(PathBuf),
+    /// The file already holds a library.
+    #[error("{0} already holds a library")]
+    AlreadyExists(PathBuf),
+    /// The file was written by a newer lsync.
+    #[error(
+        "the library was written by a newer lsync (schema {found}, this version knows up to {supported})"
+    )]
+    TooNew {
+        /// The file's schema version.
+        found: i64,
+        /// The newest this build knows.
+        supported: i64,
+    },
+    /// A table's columns differ from the registry.
+    #[error("table {table} has columns {found:?}, the registry declares {expected:?}")]
+    SchemaMismatch {
+        /// The table.
+        table: String,
+        /// Columns the registry declares.
+        expected: Vec<String>,
+        /// Columns the file has.
+        found: Vec<String>,
+    },
+    /// Stored bookkeeping is not what lsync wrote.
+    #[error("corrupt library: {0}")]
+    Corrupt(String),
+    /// A value cannot be stored (e.g. an HLC time beyond the year 6429).
+    #[error("out of range: {0}")]
+    OutOfRange(String),
+}
