@@ -1,0 +1,371 @@
+//! Watermarks: how far each device has applied each origin's shared changes and each owner's
+//! device-owned rows, what every peer has acknowledged, and which epoch each peer is in.
+//!
+//! # Model
+//! - **Shared progress** ([`SharedProgress`]): per origin device, the highest *contiguous*
+//!   sequence number applied — every change `1..=seq` of that origin is applied. Changes received
+//!   out of order are applied too (merging commutes) but the watermark waits for the gap to close
+//!   ([`advance_contiguous`]), so "changes after my watermark" never skips one.
+//! - **State progress** ([`StateProgress`]): per (owner, model), the highest owner version held,
+//!   raised only by transfers known to cover everything up to it (a live batch that starts at or
+//!   below the current mark, or a catch-up page in version order).
+//! - **Acks**: per peer, the same two maps as last reported by that peer; the minimum over all
+//!   paired peers decides what the peer log and the tombstones may drop.
+//! - **Epochs**: each device's copy has a random epoch. A peer announcing an epoch other than the
+//!   one remembered was re-created or restored: everything remembered about it is reset
+//!   ([`EpochCheck::Changed`]) instead of trusting watermarks that no longer describe it.
+//!
+//! Comparing two devices' watermarks gives exactly what one lacks from the other
+//! ([`shared_needs`], [`state_needs`]).
+//!
+//! # Invariants
+//! - Watermarks and acks never move backwards ([`SharedProgress::raise`] keeps the maximum; the
+//!   SQL upserts keep `max(stored, new)`), except for the explicit reset of a peer whose epoch
+//!   changed.
+//! - A peer that never acknowledged an origin counts as having acknowledged nothing (0) — it holds
+//!   pruning back.
+//!
+//! # Where the IO is
+//! The types and functions at the top level are plain data and pure functions. The [`sql`] module
+//! persists them in the `sync_progress_*`, `sync_peers` and `sync_peer_acks_*` tables, always
+//! inside the caller's transaction, so a watermark commits with the data it describes.
+
+use std::collections::BTreeMap;
+
+use lsync_hlc::{DeviceId, HlcTime};
+use lsync_protocol::{Epoch, OriginSeq, StateMark};
+
+pub mod sql;
+
+/// Per origin, the highest contiguous sequence number applied (absent: 0).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SharedProgress(BTreeMap<DeviceId, u64>);
+
+impl SharedProgress {
+    /// The watermark of `origin` (0 if nothing applied).
+    pub fn get(&self, origin: DeviceId) -> u64 {
+        self.0.get(&origin).copied().unwrap_or(0)
+    }
+
+    /// Raises `origin`'s watermark to `seq`; a lower `seq` changes nothing. Returns whether it rose.
+    pub fn raise(&mut self, origin: DeviceId, seq: u64) -> bool {
+        let current = self.0.entry(origin).or_insert(0);
+        let rose = seq > *current;
+        *current = (*current).max(seq);
+        rose
+    }
+
+    /// Raises every watermark to at least `other`'s.
+    pub fn raise_all(&mut self, other: &SharedProgress) {
+        for (origin, seq) in other.iter() {
+            self.raise(origin, seq);
+        }
+    }
+
+    /// (origin, watermark) pairs in origin order, zero watermarks omitted.
+    pub fn iter(&self) -> impl Iterator<Item = (DeviceId, u64)> + '_ {
+        self.0
+            .iter()
+            .filter(|(_, seq)| **seq > 0)
+            .map(|(origin, seq)| (*origin, *seq))
+    }
+
+    /// As wire entries.
+    pub fn to_wire(&self) -> Vec<OriginSeq> {
+        self.iter()
+            .map(|(origin, seq)| OriginSeq { origin, seq })
+            .collect()
+    }
+
+    /// From wire entries; a repeated origin keeps its largest value.
+    pub fn from_wire(entries: &[OriginSeq]) -> Self {
+        let mut progress = Self::default();
+        for entry in entries {
+            progress.raise(entry.origin, entry.seq);
+        }
+        progress
+    }
+}
+
+/// Per (owner, model), the highest owner version held (absent: nothing held).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StateProgress(BTreeMap<(DeviceId, String), HlcTime>);
+
+impl StateProgress {
+    /// The mark of (`owner`, `model`), if any.
+    pub fn get(&self, owner: DeviceId, model: &str) -> Option<HlcTime> {
+        self.0.get(&(owner, model.to_owned())).copied()
+    }
+
+    /// Raises the mark to `version`; a lower one changes nothing. Returns whether it rose.
+    pub fn raise(&mut self, owner: DeviceId, model: &str, version: HlcTime) -> bool {
+        match self.0.get_mut(&(owner, model.to_owned())) {
+            Some(current) if *current >= version => false,
+            Some(current) => {
+                *current = version;
+                true
+            }
+            None => {
+                self.0.insert((owner, model.to_owned()), version);
+                true
+            }
+        }
+    }
+
+    /// (owner, model, version) triples in order.
+    pub fn iter(&self) -> impl Iterator<Item = (DeviceId, &str, HlcTime)> + '_ {
+        self.0
+            .iter()
+            .map(|((owner, model), version)| (*owner, model.as_str(), *version))
+    }
+
+    /// As wire entries.
+    pub fn to_wire(&self) -> Vec<StateMark> {
+        self.iter()
+            .map(|(owner, model, version)| StateMark {
+                owner,
+                model: model.to_owned(),
+                version,
+            })
+            .collect()
+    }
+
+    /// From wire entries; a repeated key keeps its largest value.
+    pub fn from_wire(entries: &[StateMark]) -> Self {
+        let mut progress = Self::default();
+        for entry in entries {
+            progress.raise(entry.owner, &entry.model, entry.version);
+        }
+        progress
+    }
+}
+
+/// The new contiguous watermark, given the current one and the sequence numbers present above it
+/// (in any order, duplicates allowed): it advances while `current + 1` is present.
+pub fn advance_contiguous(current: u64, present: impl IntoIterator<Item = u64>) -> u64 {
+    let mut above: Vec<u64> = present.into_iter().filter(|seq| *seq > current).collect();
+    above.sort_unstable();
+    above.dedup();
+    let mut watermark = current;
+    for seq in above {
+        if seq == watermark + 1 {
+            watermark = seq;
+        } else {
+            break;
+        }
+    }
+    watermark
+}
+
+/// The origins where `theirs` is ahead of `mine`, each with `mine`'s watermark: "send me this
+/// origin's changes after this sequence number".
+pub fn shared_needs(mine: &SharedProgress, theirs: &SharedProgress) -> Vec<OriginSeq> {
+    theirs
+        .iter()
+        .filter(|(origin, seq)| *seq > mine.get(*origin))
+        .map(|(origin, _)| OriginSeq {
+            origin,
+            seq: mine.get(origin),
+        })
+        .collect()
+}
+
+/// What `mine` lacks of device-owned rows compared with `theirs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateNeed {
+    /// Whose rows.
+    pub owner: DeviceId,
+    /// Which model.
+    pub model: String,
+    /// Rows with a version above this are needed (`None`: all of them).
+    pub since: Option<HlcTime>,
+}
+
+/// The (owner, model) pairs where `theirs` holds newer versions than `mine`.
+pub fn state_needs(mine: &StateProgress, theirs: &StateProgress) -> Vec<StateNeed> {
+    theirs
+        .iter()
+        .filter(|(owner, model, version)| {
+            mine.get(*owner, model).is_none_or(|held| held < *version)
+        })
+        .map(|(owner, model, _)| StateNeed {
+            owner,
+            model: model.to_owned(),
+            since: mine.get(owner, model),
+        })
+        .collect()
+}
+
+/// What an announced epoch means for what this device remembers about the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EpochCheck {
+    /// The first epoch heard from this peer: remember it.
+    FirstContact,
+    /// The epoch remembered: the remembered watermarks and acks still describe the peer.
+    Same,
+    /// A different epoch: the peer's copy was re-created or restored. Its remembered acks and
+    /// watermarks are stale and must be reset; it needs a full resync of what it lacks.
+    Changed {
+        /// The epoch remembered until now.
+        previous: Epoch,
+    },
+}
+
+/// Compares an announced epoch with the remembered one.
+pub fn check_epoch(remembered: Option<Epoch>, announced: Epoch) -> EpochCheck {
+    match remembered {
+        None => EpochCheck::FirstContact,
+        Some(previous) if previous == announced => EpochCheck::Same,
+        Some(previous) => EpochCheck::Changed { previous },
+    }
+}
+
+/// Whether this device lost some of its own changes: a peer has applied more of this device's
+/// origin (`peer_view`) than this device has written (`own_seq`), which happens when the device
+/// is restored from an old copy. The device must then continue numbering after `peer_view`, and
+/// fetch its lost changes back from the peer, so that no (origin, sequence) pair is reused for a
+/// different change. Returns the sequence number to continue after.
+pub fn own_rollback(own_seq: u64, peer_view: u64) -> Option<u64> {
+    (peer_view > own_seq).then_some(peer_view)
+}
+
+/// The lowest acknowledgement of `origin` over `peers`: a peer with no ack counts as 0.
+pub fn min_ack(
+    acks: &BTreeMap<DeviceId, SharedProgress>,
+    peers: &[DeviceId],
+    origin: DeviceId,
+) -> u64 {
+    peers
+        .iter()
+        .map(|peer| acks.get(peer).map_or(0, |progress| progress.get(origin)))
+        .min()
+        .unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(byte: u8) -> DeviceId {
+        DeviceId::from_bytes([byte; 16])
+    }
+
+    #[test]
+    fn contiguous_watermark_waits_for_gaps() {
+        assert_eq!(advance_contiguous(0, [1, 2, 3]), 3);
+        assert_eq!(advance_contiguous(0, [2, 3]), 0);
+        assert_eq!(advance_contiguous(3, [5, 4, 4, 7]), 5);
+        assert_eq!(advance_contiguous(3, [1, 2, 3]), 3);
+        assert_eq!(advance_contiguous(0, []), 0);
+    }
+
+    #[test]
+    fn progress_never_moves_backwards() {
+        let mut progress = SharedProgress::default();
+        assert!(progress.raise(device(1), 5));
+        assert!(!progress.raise(device(1), 3));
+        assert_eq!(progress.get(device(1)), 5);
+        let mut state = StateProgress::default();
+        let t = |ms| HlcTime::new(ms, 0).unwrap();
+        assert!(state.raise(device(1), "entries", t(5)));
+        assert!(!state.raise(device(1), "entries", t(4)));
+        assert_eq!(state.get(device(1), "entries"), Some(t(5)));
+    }
+
+    #[test]
+    fn needs_are_exactly_what_the_other_side_has_more_of() {
+        let mine = SharedProgress::from_wire(&[
+            OriginSeq {
+                origin: device(1),
+                seq: 5,
+            },
+            OriginSeq {
+                origin: device(2),
+                seq: 9,
+            },
+        ]);
+        let theirs = SharedProgress::from_wire(&[
+            OriginSeq {
+                origin: device(1),
+                seq: 7,
+            },
+            OriginSeq {
+                origin: device(2),
+                seq: 9,
+            },
+            OriginSeq {
+                origin: device(3),
+                seq: 2,
+            },
+        ]);
+        assert_eq!(
+            shared_needs(&mine, &theirs),
+            [
+                OriginSeq {
+                    origin: device(1),
+                    seq: 5
+                },
+                OriginSeq {
+                    origin: device(3),
+                    seq: 0
+                }
+            ]
+        );
+        assert!(shared_needs(&theirs, &mine).is_empty());
+
+        let t = |ms| HlcTime::new(ms, 0).unwrap();
+        let mut mine = StateProgress::default();
+        mine.raise(device(1), "entries", t(10));
+        let mut theirs = StateProgress::default();
+        theirs.raise(device(1), "entries", t(12));
+        theirs.raise(device(2), "entries", t(3));
+        theirs.raise(device(1), "volumes", t(1));
+        let needs = state_needs(&mine, &theirs);
+        assert_eq!(needs.len(), 3);
+        assert_eq!(
+            needs[0],
+            StateNeed {
+                owner: device(1),
+                model: "entries".into(),
+                since: Some(t(10))
+            }
+        );
+        assert!(
+            needs
+                .iter()
+                .any(|need| need.owner == device(2) && need.since.is_none())
+        );
+    }
+
+    #[test]
+    fn epochs() {
+        assert_eq!(check_epoch(None, Epoch(1)), EpochCheck::FirstContact);
+        assert_eq!(check_epoch(Some(Epoch(1)), Epoch(1)), EpochCheck::Same);
+        assert_eq!(
+            check_epoch(Some(Epoch(1)), Epoch(2)),
+            EpochCheck::Changed { previous: Epoch(1) }
+        );
+    }
+
+    #[test]
+    fn rollback_is_detected_from_a_peers_view_of_my_origin() {
+        assert_eq!(own_rollback(10, 10), None);
+        assert_eq!(own_rollback(10, 8), None);
+        assert_eq!(own_rollback(7, 10), Some(10));
+    }
+
+    #[test]
+    fn a_peer_without_acks_holds_the_minimum_at_zero() {
+        let mut acks = BTreeMap::new();
+        acks.insert(
+            device(2),
+            SharedProgress::from_wire(&[OriginSeq {
+                origin: device(1),
+                seq: 9,
+            }]),
+        );
+        assert_eq!(min_ack(&acks, &[device(2)], device(1)), 9);
+        assert_eq!(min_ack(&acks, &[device(2), device(3)], device(1)), 0);
+        assert_eq!(min_ack(&acks, &[], device(1)), u64::MAX);
+    }
+}
