@@ -33,7 +33,7 @@ fn change(origin: u8, seq: u64) -> SharedChange {
         time: HlcTime::new(1_000 + seq, 0).unwrap(),
         model: "tags".into(),
         record: Uuid::from_u128(u128::from(seq)),
-        op: if seq % 3 == 0 {
+        op: if seq.is_multiple_of(3) {
             SharedOp::Delete
         } else {
             SharedOp::Insert(fields)
