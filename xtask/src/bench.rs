@@ -16,11 +16,7 @@ struct Benchmark {
     target: &'static str,
 }
 
-const BENCHMARKS: &[Benchmark] = &[Benchmark {
-    name: "hlc",
-    package: "lsync-hlc",
-    target: "hlc",
-}];
+const BENCHMARKS: &[Benchmark] = &[Benchmark { name: "hlc", package: "lsync-hlc", target: "hlc" }];
 
 pub(crate) fn run(args: &[String]) -> Result<(), String> {
     let mut quick = false;
@@ -35,10 +31,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
                 Some(bench) => selected.push(bench),
                 None => {
                     let known: Vec<_> = BENCHMARKS.iter().map(|bench| bench.name).collect();
-                    return Err(format!(
-                        "unknown benchmark {name:?}; known: {}",
-                        known.join(", ")
-                    ));
+                    return Err(format!("unknown benchmark {name:?}; known: {}", known.join(", ")));
                 }
             },
         }
@@ -51,23 +44,12 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     for bench in selected {
         let mut command = cargo();
         command
-            .args([
-                "bench",
-                "--locked",
-                "--package",
-                bench.package,
-                "--bench",
-                bench.target,
-            ])
+            .args(["bench", "--locked", "--package", bench.package, "--bench", bench.target])
             .stdout(Stdio::piped());
         if quick {
             command.env("LSYNC_BENCH_QUICK", "1");
         }
-        eprintln!(
-            "xtask bench: {} ({})",
-            bench.name,
-            if quick { "quick" } else { "full" }
-        );
+        eprintln!("xtask bench: {} ({})", bench.name, if quick { "quick" } else { "full" });
         let output = command
             .output()
             .map_err(|error| format!("cannot run the {} benchmark: {error}", bench.name))?;
@@ -80,10 +62,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             }
         }
         if !output.status.success() {
-            return Err(format!(
-                "the {} benchmark failed ({})",
-                bench.name, output.status
-            ));
+            return Err(format!("the {} benchmark failed ({})", bench.name, output.status));
         }
     }
     if json {

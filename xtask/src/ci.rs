@@ -33,19 +33,11 @@ pub(crate) fn run() -> Result<(), String> {
 
 /// Installs cargo-deny from crates.io if this machine lacks it (about two minutes on 2 cores).
 fn ensure_cargo_deny() -> Result<(), String> {
-    let installed = cargo()
-        .args(["deny", "--version"])
-        .output()
-        .is_ok_and(|output| output.status.success());
+    let installed =
+        cargo().args(["deny", "--version"]).output().is_ok_and(|output| output.status.success());
     if installed {
         return Ok(());
     }
     eprintln!("xtask ci: cargo-deny is missing; installing {CARGO_DENY_VERSION} from crates.io");
-    exec(cargo().args([
-        "install",
-        "--locked",
-        "cargo-deny",
-        "--version",
-        CARGO_DENY_VERSION,
-    ]))
+    exec(cargo().args(["install", "--locked", "cargo-deny", "--version", CARGO_DENY_VERSION]))
 }

@@ -70,12 +70,6 @@ fn cargo() -> Command {
 fn exec(command: &mut Command) -> Result<(), String> {
     let shown = format!("{command:?}").replace('"', "");
     eprintln!("$ {shown}");
-    let status = command
-        .status()
-        .map_err(|error| format!("cannot start {shown}: {error}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("{shown} failed ({status})"))
-    }
+    let status = command.status().map_err(|error| format!("cannot start {shown}: {error}"))?;
+    if status.success() { Ok(()) } else { Err(format!("{shown} failed ({status})")) }
 }

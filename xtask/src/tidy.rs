@@ -11,15 +11,7 @@ mod tests {
     /// The normal (non-dev) dependency tree of `package`, one crate name per line.
     fn dependencies(package: &str) -> Vec<String> {
         let output = cargo()
-            .args([
-                "tree",
-                "--locked",
-                "--offline",
-                "--edges",
-                "normal",
-                "--prefix",
-                "none",
-            ])
+            .args(["tree", "--locked", "--offline", "--edges", "normal", "--prefix", "none"])
             .args(["--format", "{p}", "--package", package])
             .output()
             .expect("cargo tree runs");
@@ -38,18 +30,10 @@ mod tests {
     /// What each crate must not know (docs/architecture.md, "Invariants").
     #[test]
     fn crate_boundaries_hold() {
-        let io_and_runtime = [
-            "tokio",
-            "sqlx",
-            "quinn",
-            "rustls",
-            "actix",
-            "libsqlite3-sys",
-        ];
-        for (package, forbidden) in [
-            ("lsync-hlc", &io_and_runtime[..]),
-            ("lsync-protocol", &io_and_runtime[..]),
-        ] {
+        let io_and_runtime = ["tokio", "sqlx", "quinn", "rustls", "actix", "libsqlite3-sys"];
+        for (package, forbidden) in
+            [("lsync-hlc", &io_and_runtime[..]), ("lsync-protocol", &io_and_runtime[..])]
+        {
             let found: Vec<_> = dependencies(package)
                 .into_iter()
                 .filter(|dependency| forbidden.contains(&dependency.as_str()))
@@ -66,11 +50,7 @@ mod tests {
             let lib = entry.expect("readable").path().join("src/lib.rs");
             let text = fs::read_to_string(&lib)
                 .unwrap_or_else(|error| panic!("{}: {error}", lib.display()));
-            assert!(
-                text.starts_with("//!"),
-                "{} must start with a //! crate doc",
-                lib.display()
-            );
+            assert!(text.starts_with("//!"), "{} must start with a //! crate doc", lib.display());
         }
     }
 

@@ -94,10 +94,5 @@ fn main() {
             let mine = worker();
             mine.min(other.join().unwrap_or(mine))
         });
-    report(
-        "hlc now() x2 threads",
-        contended,
-        "shared atomic add x2",
-        contended_baseline,
-    );
+    report("hlc now() x2 threads", contended, "shared atomic add x2", contended_baseline);
 }

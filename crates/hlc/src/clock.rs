@@ -36,9 +36,7 @@ impl Clock for SystemClock {
         // from its last stamp, which is the best it can do with such a clock.
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |since| {
-                u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-            })
+            .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
     }
 }
 
@@ -54,9 +52,7 @@ pub struct ManualClock {
 impl ManualClock {
     /// A clock that reads `now_ms` until changed.
     pub fn new(now_ms: u64) -> Self {
-        Self {
-            now_ms: AtomicU64::new(now_ms),
-        }
+        Self { now_ms: AtomicU64::new(now_ms) }
     }
 
     /// Sets the time, forwards or backwards.
@@ -67,11 +63,9 @@ impl ManualClock {
     /// Moves the time forwards by `delta_ms` (saturating).
     pub fn advance(&self, delta_ms: u64) {
         // fetch_update cannot fail with a closure that always returns Some.
-        let _ = self
-            .now_ms
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
-                Some(now.saturating_add(delta_ms))
-            });
+        let _ = self.now_ms.fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+            Some(now.saturating_add(delta_ms))
+        });
     }
 }
 

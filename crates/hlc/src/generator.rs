@@ -21,9 +21,7 @@ pub struct HlcConfig {
 
 impl Default for HlcConfig {
     fn default() -> Self {
-        Self {
-            max_drift: Duration::from_secs(60),
-        }
+        Self { max_drift: Duration::from_secs(60) }
     }
 }
 
@@ -87,17 +85,10 @@ fn step_receive(
 ) -> Result<HlcTime, HlcError> {
     let ahead_ms = remote.physical_ms().saturating_sub(wall_ms);
     if ahead_ms > max_drift_ms {
-        return Err(HlcError::DriftExceeded {
-            remote,
-            wall_ms,
-            ahead_ms,
-            max_drift_ms,
-        });
+        return Err(HlcError::DriftExceeded { remote, wall_ms, ahead_ms, max_drift_ms });
     }
     let latest = last.max(remote.time());
-    let after_latest = latest
-        .successor()
-        .ok_or(HlcError::Exhausted { last: latest })?;
+    let after_latest = latest.successor().ok_or(HlcError::Exhausted { last: latest })?;
     Ok(after_latest.max(HlcTime::from_physical_saturating(wall_ms)))
 }
 
@@ -122,11 +113,7 @@ pub struct HlcState {
 impl HlcState {
     /// A clock for `device`, continuing after `resume`.
     pub fn new(device: DeviceId, config: HlcConfig, resume: Resume) -> Self {
-        Self {
-            device,
-            last: resume_time(resume),
-            max_drift_ms: config.max_drift_ms(),
-        }
+        Self { device, last: resume_time(resume), max_drift_ms: config.max_drift_ms() }
     }
 
     /// The stamp for a local event at wall time `wall_ms`.
@@ -194,19 +181,14 @@ impl<C: Clock> HlcGenerator<C> {
 
     /// The largest stamp issued or observed so far: what to persist.
     pub fn last(&self) -> Hlc {
-        Hlc::new(
-            HlcTime::from_u64(self.last.load(Ordering::Acquire)),
-            self.device,
-        )
+        Hlc::new(HlcTime::from_u64(self.last.load(Ordering::Acquire)), self.device)
     }
 
     /// How far the clock runs ahead of the wall clock, in milliseconds (0 when behind). Non-zero
     /// after the wall clock stepped back or after observing stamps from faster clocks; shown in
     /// status so that skew is visible.
     pub fn lead_ms(&self) -> u64 {
-        self.last()
-            .physical_ms()
-            .saturating_sub(self.clock.now_ms())
+        self.last().physical_ms().saturating_sub(self.clock.now_ms())
     }
 
     /// The device this generator stamps for.
@@ -226,10 +208,7 @@ impl<C: Clock> HlcGenerator<C> {
         let mut last = self.last.load(Ordering::Acquire);
         loop {
             let next = step(HlcTime::from_u64(last))?.as_u64();
-            match self
-                .last
-                .compare_exchange_weak(last, next, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match self.last.compare_exchange_weak(last, next, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return Ok(Hlc::new(HlcTime::from_u64(next), self.device)),
                 Err(current) => last = current,
             }
@@ -260,23 +239,15 @@ mod tests {
 
     fn generator(wall_ms: u64) -> (Arc<ManualClock>, HlcGenerator<Arc<ManualClock>>) {
         let clock = Arc::new(ManualClock::new(wall_ms));
-        let generator = HlcGenerator::new(
-            device(1),
-            clock.clone(),
-            HlcConfig::default(),
-            Resume::FirstStart,
-        );
+        let generator =
+            HlcGenerator::new(device(1), clock.clone(), HlcConfig::default(), Resume::FirstStart);
         (clock, generator)
     }
 
     /// Runs the send rule from `(last, wall)` and compares with the expected `(physical, logical)`.
     fn check_local(last: HlcTime, wall_ms: u64, expected: (u64, u16)) {
         let next = step_local(last, wall_ms).unwrap();
-        assert_eq!(
-            (next.physical_ms(), next.logical()),
-            expected,
-            "last {last:?}, wall {wall_ms}"
-        );
+        assert_eq!((next.physical_ms(), next.logical()), expected, "last {last:?}, wall {wall_ms}");
     }
 
     /// Runs the receive rule and compares with the expected `(physical, logical)`.
@@ -352,10 +323,7 @@ mod tests {
             })
         );
         assert_eq!(generator.last(), before);
-        assert_eq!(
-            generator.now().unwrap().time(),
-            at(1_000, before.logical() + 1)
-        );
+        assert_eq!(generator.now().unwrap().time(), at(1_000, before.logical() + 1));
     }
 
     #[test]
@@ -396,12 +364,8 @@ mod tests {
     fn resuming_after_a_persisted_stamp_continues_above_it_even_if_the_wall_clock_is_behind() {
         let persisted = Hlc::new(at(9_000, 3), device(1));
         let clock = ManualClock::new(1_000);
-        let generator = HlcGenerator::new(
-            device(1),
-            &clock,
-            HlcConfig::default(),
-            Resume::After(persisted),
-        );
+        let generator =
+            HlcGenerator::new(device(1), &clock, HlcConfig::default(), Resume::After(persisted));
         assert_eq!(generator.now().unwrap().time(), at(9_000, 4));
         assert_eq!(generator.lead_ms(), 8_000);
     }
@@ -410,16 +374,9 @@ mod tests {
     fn the_largest_time_is_an_error_not_a_wrap() {
         let clock = ManualClock::new(1_000);
         let persisted = Hlc::new(HlcTime::MAX, device(1));
-        let generator = HlcGenerator::new(
-            device(1),
-            &clock,
-            HlcConfig::default(),
-            Resume::After(persisted),
-        );
-        assert_eq!(
-            generator.now(),
-            Err(HlcError::Exhausted { last: HlcTime::MAX })
-        );
+        let generator =
+            HlcGenerator::new(device(1), &clock, HlcConfig::default(), Resume::After(persisted));
+        assert_eq!(generator.now(), Err(HlcError::Exhausted { last: HlcTime::MAX }));
         assert_eq!(generator.last(), persisted);
     }
 
@@ -448,16 +405,11 @@ mod tests {
             let handles: Vec<_> = (0..4)
                 .map(|_| {
                     scope.spawn(|| {
-                        (0..per_thread)
-                            .map(|_| generator.now().unwrap())
-                            .collect::<Vec<_>>()
+                        (0..per_thread).map(|_| generator.now().unwrap()).collect::<Vec<_>>()
                     })
                 })
                 .collect();
-            handles
-                .into_iter()
-                .flat_map(|handle| handle.join().unwrap())
-                .collect()
+            handles.into_iter().flat_map(|handle| handle.join().unwrap()).collect()
         });
         let unique: std::collections::BTreeSet<_> = stamps.iter().copied().collect();
         assert_eq!(unique.len(), 4 * per_thread);

@@ -171,16 +171,12 @@ impl Hlc {
 
     /// Parses [`Hlc::to_bytes`]; any other length is an error.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, ParseHlcError> {
-        let bytes: &[u8; HLC_BYTES] = bytes
-            .try_into()
-            .map_err(|_| ParseHlcError::Length(bytes.len()))?;
+        let bytes: &[u8; HLC_BYTES] =
+            bytes.try_into().map_err(|_| ParseHlcError::Length(bytes.len()))?;
         let (time, device) = bytes.split_at(8);
         let time = u64::from_be_bytes(time.try_into().map_err(|_| ParseHlcError::Length(8))?);
         let device: [u8; 16] = device.try_into().map_err(|_| ParseHlcError::Length(16))?;
-        Ok(Self {
-            time: HlcTime(time),
-            device: DeviceId::from_bytes(device),
-        })
+        Ok(Self { time: HlcTime(time), device: DeviceId::from_bytes(device) })
     }
 }
 
@@ -219,23 +215,16 @@ impl FromStr for Hlc {
     type Err = ParseHlcError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let syntax = |reason| ParseHlcError::Syntax {
-            text: text.chars().take(100).collect(),
-            reason,
-        };
-        let (time, device) = text
-            .split_once('@')
-            .ok_or_else(|| syntax("no '@' before the device id"))?;
-        let (utc, logical) = time
-            .split_once('#')
-            .ok_or_else(|| syntax("no '#' before the counter"))?;
+        let syntax =
+            |reason| ParseHlcError::Syntax { text: text.chars().take(100).collect(), reason };
+        let (time, device) =
+            text.split_once('@').ok_or_else(|| syntax("no '@' before the device id"))?;
+        let (utc, logical) =
+            time.split_once('#').ok_or_else(|| syntax("no '#' before the counter"))?;
         let physical_ms = parse_utc_ms(utc).ok_or_else(|| syntax("bad date or time"))?;
-        let logical: u16 = logical
-            .parse()
-            .map_err(|_| syntax("counter is not a number 0..=65535"))?;
-        let device: DeviceId = device
-            .parse()
-            .map_err(|_| syntax("device id is not a UUID"))?;
+        let logical: u16 =
+            logical.parse().map_err(|_| syntax("counter is not a number 0..=65535"))?;
+        let device: DeviceId = device.parse().map_err(|_| syntax("device id is not a UUID"))?;
         let time =
             HlcTime::new(physical_ms, logical).ok_or_else(|| syntax("time beyond year 10889"))?;
         Ok(Hlc { time, device })
@@ -285,9 +274,7 @@ impl<'de> Visitor<'de> for HlcVisitor {
         // sequence; read at most HLC_BYTES of them so a hostile length costs nothing.
         let mut bytes = [0u8; HLC_BYTES];
         for (index, byte) in bytes.iter_mut().enumerate() {
-            *byte = seq
-                .next_element()?
-                .ok_or_else(|| de::Error::invalid_length(index, &self))?;
+            *byte = seq.next_element()?.ok_or_else(|| de::Error::invalid_length(index, &self))?;
         }
         if seq.next_element::<de::IgnoredAny>()?.is_some() {
             return Err(de::Error::invalid_length(HLC_BYTES + 1, &self));
@@ -362,22 +349,14 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let month_index = (5 * day_of_year + 2) / 153;
     let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
+    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
     let year = year_of_era + era * 400 + u64::from(month <= 2);
     (year, month, day)
 }
 
 /// Inverse of [`civil_from_days`]; `None` before the epoch.
 fn days_from_civil(year: u64, month: u64, day: u64) -> Option<u64> {
-    let year = if month <= 2 {
-        year.checked_sub(1)?
-    } else {
-        year
-    };
+    let year = if month <= 2 { year.checked_sub(1)? } else { year };
     let era = year / 400;
     let year_of_era = year - era * 400;
     let month_index = if month > 2 { month - 3 } else { month + 9 };
@@ -395,10 +374,7 @@ mod tests {
     }
 
     fn stamp(physical_ms: u64, logical: u16, device_byte: u8) -> Hlc {
-        Hlc::new(
-            HlcTime::new(physical_ms, logical).unwrap(),
-            device(device_byte),
-        )
+        Hlc::new(HlcTime::new(physical_ms, logical).unwrap(), device(device_byte))
     }
 
     #[test]
@@ -416,10 +392,7 @@ mod tests {
         assert_eq!(time.logical(), MAX_LOGICAL);
         assert_eq!(time, HlcTime::MAX);
         assert_eq!(HlcTime::new(MAX_PHYSICAL_MS + 1, 0), None);
-        assert_eq!(
-            HlcTime::from_physical_saturating(u64::MAX).physical_ms(),
-            MAX_PHYSICAL_MS
-        );
+        assert_eq!(HlcTime::from_physical_saturating(u64::MAX).physical_ms(), MAX_PHYSICAL_MS);
     }
 
     #[test]
@@ -443,10 +416,7 @@ mod tests {
             assert_eq!(original.to_string(), expected);
             assert_eq!(expected.parse::<Hlc>().unwrap(), original);
         };
-        check(
-            stamp(0, 0, 0),
-            "1970-01-01T00:00:00.000Z#0@00000000-0000-0000-0000-000000000000",
-        );
+        check(stamp(0, 0, 0), "1970-01-01T00:00:00.000Z#0@00000000-0000-0000-0000-000000000000");
         // 2024-02-29T23:59:59.999Z, a leap day.
         check(
             stamp(1_709_251_199_999, 65_535, 0xab),

@@ -1,9 +1,5 @@
 //! Property tests of the clock rules and encodings, through the public API only.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "a test fails by panicking"
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "a test fails by panicking")]
 
 use std::collections::BTreeSet;
 
@@ -18,9 +14,7 @@ fn any_hlc() -> impl Strategy<Value = Hlc> {
 }
 
 fn config(max_drift_ms: u64) -> HlcConfig {
-    HlcConfig {
-        max_drift: std::time::Duration::from_millis(max_drift_ms),
-    }
+    HlcConfig { max_drift: std::time::Duration::from_millis(max_drift_ms) }
 }
 
 /// One step of the multi-device scenario.

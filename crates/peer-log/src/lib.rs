@@ -46,10 +46,7 @@ pub struct RetentionPolicy {
 
 impl Default for RetentionPolicy {
     fn default() -> Self {
-        Self {
-            max_age: Duration::from_secs(30 * 24 * 3600),
-            max_entries_per_origin: 1_000_000,
-        }
+        Self { max_age: Duration::from_secs(30 * 24 * 3600), max_entries_per_origin: 1_000_000 }
     }
 }
 
@@ -94,11 +91,8 @@ pub fn plan_prune(
     acks: &BTreeMap<DeviceId, SharedProgress>,
     policy: &RetentionPolicy,
 ) -> PrunePlan {
-    let counted: Vec<DeviceId> = peers
-        .iter()
-        .filter(|peer| !peer.needs_resync)
-        .map(|peer| peer.device)
-        .collect();
+    let counted: Vec<DeviceId> =
+        peers.iter().filter(|peer| !peer.needs_resync).map(|peer| peer.device).collect();
     let ack = |peer: DeviceId, origin: DeviceId| acks.get(&peer).map_or(0, |p| p.get(origin));
     let mut plan = PrunePlan::default();
     for log in logs {
@@ -113,10 +107,7 @@ pub fn plan_prune(
         if through < log.first_seq {
             continue;
         }
-        plan.prune_through.push(OriginSeq {
-            origin: log.origin,
-            seq: through,
-        });
+        plan.prune_through.push(OriginSeq { origin: log.origin, seq: through });
         for peer in &counted {
             if ack(*peer, log.origin) < through && !plan.resync.contains(peer) {
                 plan.resync.push(*peer);
@@ -138,28 +129,17 @@ mod tests {
         SharedProgress::from_wire(
             &entries
                 .iter()
-                .map(|(origin, seq)| OriginSeq {
-                    origin: device(*origin),
-                    seq: *seq,
-                })
+                .map(|(origin, seq)| OriginSeq { origin: device(*origin), seq: *seq })
                 .collect::<Vec<_>>(),
         )
     }
 
     fn log(origin: u8, first_seq: u64, last_seq: u64) -> OriginLog {
-        OriginLog {
-            origin: device(origin),
-            first_seq,
-            last_seq,
-            aged_out_through: None,
-        }
+        OriginLog { origin: device(origin), first_seq, last_seq, aged_out_through: None }
     }
 
     fn peer(byte: u8) -> PrunePeer {
-        PrunePeer {
-            device: device(byte),
-            needs_resync: false,
-        }
+        PrunePeer { device: device(byte), needs_resync: false }
     }
 
     /// Runs the planner with `acks` as (peer, origin, seq) triples.
@@ -172,26 +152,15 @@ mod tests {
     ) {
         let mut by_peer: BTreeMap<DeviceId, SharedProgress> = BTreeMap::new();
         for (peer, origin, seq) in acks {
-            by_peer
-                .entry(device(*peer))
-                .or_default()
-                .raise(device(*origin), *seq);
+            by_peer.entry(device(*peer)).or_default().raise(device(*origin), *seq);
         }
-        let policy = RetentionPolicy {
-            max_age: Duration::from_secs(60),
-            max_entries_per_origin: 100,
-        };
-        assert_eq!(
-            plan_prune(logs, &progress(own), peers, &by_peer, &policy),
-            expected
-        );
+        let policy =
+            RetentionPolicy { max_age: Duration::from_secs(60), max_entries_per_origin: 100 };
+        assert_eq!(plan_prune(logs, &progress(own), peers, &by_peer, &policy), expected);
     }
 
     fn through(origin: u8, seq: u64) -> OriginSeq {
-        OriginSeq {
-            origin: device(origin),
-            seq,
-        }
+        OriginSeq { origin: device(origin), seq }
     }
 
     #[test]
@@ -201,10 +170,7 @@ mod tests {
             &[(1, 10)],
             &[peer(2), peer(3)],
             &[(2, 1, 8), (3, 1, 6)],
-            PrunePlan {
-                prune_through: vec![through(1, 6)],
-                resync: vec![],
-            },
+            PrunePlan { prune_through: vec![through(1, 6)], resync: vec![] },
         );
     }
 
@@ -226,10 +192,7 @@ mod tests {
             &[(1, 4)],
             &[peer(2)],
             &[(2, 1, 9)],
-            PrunePlan {
-                prune_through: vec![through(1, 4)],
-                resync: vec![],
-            },
+            PrunePlan { prune_through: vec![through(1, 4)], resync: vec![] },
         );
     }
 
@@ -238,37 +201,22 @@ mod tests {
         check(
             &[log(1, 1, 10)],
             &[(1, 10)],
-            &[
-                peer(2),
-                PrunePeer {
-                    device: device(3),
-                    needs_resync: true,
-                },
-            ],
+            &[peer(2), PrunePeer { device: device(3), needs_resync: true }],
             &[(2, 1, 10)],
-            PrunePlan {
-                prune_through: vec![through(1, 10)],
-                resync: vec![],
-            },
+            PrunePlan { prune_through: vec![through(1, 10)], resync: vec![] },
         );
     }
 
     #[test]
     fn the_retention_cap_prunes_anyway_and_marks_the_laggards() {
         // Entries through 7 are older than max_age; peer 3 acknowledged only 2.
-        let aged = OriginLog {
-            aged_out_through: Some(7),
-            ..log(1, 1, 10)
-        };
+        let aged = OriginLog { aged_out_through: Some(7), ..log(1, 1, 10) };
         check(
             &[aged],
             &[(1, 10)],
             &[peer(2), peer(3)],
             &[(2, 1, 9), (3, 1, 2)],
-            PrunePlan {
-                prune_through: vec![through(1, 7)],
-                resync: vec![device(3)],
-            },
+            PrunePlan { prune_through: vec![through(1, 7)], resync: vec![device(3)] },
         );
         // More than 100 entries behind the newest.
         check(
@@ -276,10 +224,7 @@ mod tests {
             &[(1, 250)],
             &[peer(2)],
             &[(2, 1, 5)],
-            PrunePlan {
-                prune_through: vec![through(1, 150)],
-                resync: vec![device(2)],
-            },
+            PrunePlan { prune_through: vec![through(1, 150)], resync: vec![device(2)] },
         );
     }
 
@@ -290,10 +235,7 @@ mod tests {
             &[(1, 10)],
             &[],
             &[],
-            PrunePlan {
-                prune_through: vec![through(1, 10)],
-                resync: vec![],
-            },
+            PrunePlan { prune_through: vec![through(1, 10)], resync: vec![] },
         );
     }
 }

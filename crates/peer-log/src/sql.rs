@@ -27,10 +27,8 @@ pub async fn append_new(
     progress: &SharedProgress,
     now_ms: u64,
 ) -> Result<Vec<SharedChange>, StoreError> {
-    let candidates: Vec<&SharedChange> = changes
-        .iter()
-        .filter(|change| change.seq > progress.get(change.origin))
-        .collect();
+    let candidates: Vec<&SharedChange> =
+        changes.iter().filter(|change| change.seq > progress.get(change.origin)).collect();
     let logged = already_logged(conn, &candidates).await?;
     let mut seen = BTreeSet::new();
     let fresh: Vec<SharedChange> = candidates
@@ -57,15 +55,10 @@ async fn already_logged(
         );
         let mut query = sqlx::query(&sql);
         for change in chunk {
-            query = query
-                .bind(change.origin.as_bytes().as_slice())
-                .bind(seq_to_sql(change.seq)?);
+            query = query.bind(change.origin.as_bytes().as_slice()).bind(seq_to_sql(change.seq)?);
         }
         for row in query.fetch_all(&mut *conn).await? {
-            logged.insert((
-                DeviceId(read_uuid(&row, 0)?),
-                seq_from_sql(row.try_get(1)?)?,
-            ));
+            logged.insert((DeviceId(read_uuid(&row, 0)?), seq_from_sql(row.try_get(1)?)?));
         }
     }
     Ok(logged)
@@ -127,10 +120,7 @@ pub async fn advance_progress(
             .fetch_all(&mut *conn)
             .await?;
             let complete_scan = seqs.len() < usize::try_from(SCAN).unwrap_or(usize::MAX);
-            let seqs: Vec<u64> = seqs
-                .into_iter()
-                .map(seq_from_sql)
-                .collect::<Result<_, _>>()?;
+            let seqs: Vec<u64> = seqs.into_iter().map(seq_from_sql).collect::<Result<_, _>>()?;
             let next = advance_contiguous(current, seqs);
             progress.raise(origin, next);
             if next == current || complete_scan {
@@ -138,10 +128,7 @@ pub async fn advance_progress(
             }
         }
         if progress.get(origin) > start {
-            moved.push(OriginSeq {
-                origin,
-                seq: progress.get(origin),
-            });
+            moved.push(OriginSeq { origin, seq: progress.get(origin) });
         }
     }
     lsync_watermark::sql::raise_shared_progress(conn, &moved).await?;
@@ -176,18 +163,12 @@ pub async fn changes_after(
             .map(|row| {
                 Ok((
                     DeviceId(read_uuid(row, 0)?),
-                    (
-                        seq_from_sql(row.try_get(1)?)?,
-                        seq_from_sql(row.try_get(2)?)?,
-                    ),
+                    (seq_from_sql(row.try_get(1)?)?, seq_from_sql(row.try_get(2)?)?),
                 ))
             })
             .collect::<Result<_, StoreError>>()?;
 
-    let mut answer = CatchUp {
-        complete: true,
-        ..CatchUp::default()
-    };
+    let mut answer = CatchUp { complete: true, ..CatchUp::default() };
     for (origin, applied) in own.iter() {
         let start = after.get(origin);
         if applied <= start {
@@ -196,17 +177,11 @@ pub async fn changes_after(
         match held.get(&origin) {
             Some((first, _)) if *first <= start + 1 => {}
             Some((first, _)) => {
-                answer.pruned.push(OriginSeq {
-                    origin,
-                    seq: *first,
-                });
+                answer.pruned.push(OriginSeq { origin, seq: *first });
                 continue;
             }
             None => {
-                answer.pruned.push(OriginSeq {
-                    origin,
-                    seq: applied + 1,
-                });
+                answer.pruned.push(OriginSeq { origin, seq: applied + 1 });
                 continue;
             }
         }
@@ -279,9 +254,8 @@ pub async fn prune(conn: &mut SqliteConnection, plan: &PrunePlan) -> Result<u64,
 
 /// Entries in the log.
 pub async fn len(conn: &mut SqliteConnection) -> Result<u64, StoreError> {
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM sync_peer_log")
-        .fetch_one(conn)
-        .await?;
+    let count: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sync_peer_log").fetch_one(conn).await?;
     seq_from_sql(count)
 }
 

@@ -215,9 +215,9 @@ impl Message {
                     .try_for_each(|field| check_name("field", field))
             }
             Message::Heartbeat(Heartbeat { watermarks, .. })
-            | Message::HeartbeatAck(HeartbeatAck { watermarks, .. }) => watermarks
-                .as_ref()
-                .map_or(Ok(()), |marks| check_marks(&marks.state)),
+            | Message::HeartbeatAck(HeartbeatAck { watermarks, .. }) => {
+                watermarks.as_ref().map_or(Ok(()), |marks| check_marks(&marks.state))
+            }
             Message::Error(error) => check_text("message", &error.message),
             Message::PairRequest(request) => {
                 check_text("name", &request.name)?;
@@ -311,9 +311,7 @@ pub enum EncodeError {
 /// Encodes `message`, appending to `out`. On error `out` is left as it was.
 pub fn encode_into(message: &Message, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     let kind = message.name();
-    message
-        .validate()
-        .map_err(|reason| EncodeError::Invalid { kind, reason })?;
+    message.validate().map_err(|reason| EncodeError::Invalid { kind, reason })?;
     let start = out.len();
     let result = rmp::encode::write_array_len(out, 2)
         .map_err(|error| error.to_string())
@@ -331,11 +329,7 @@ pub fn encode_into(message: &Message, out: &mut Vec<u8>) -> Result<(), EncodeErr
     let len = out.len() - start;
     if len > MAX_MESSAGE_BYTES {
         out.truncate(start);
-        return Err(EncodeError::TooLarge {
-            kind,
-            len,
-            max: MAX_MESSAGE_BYTES,
-        });
+        return Err(EncodeError::TooLarge { kind, len, max: MAX_MESSAGE_BYTES });
     }
     Ok(())
 }
@@ -350,10 +344,7 @@ pub fn encode(message: &Message) -> Result<Vec<u8>, EncodeError> {
 /// Decodes and validates one message. Trailing envelope elements from later versions are ignored.
 pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
     if bytes.len() > MAX_MESSAGE_BYTES {
-        return Err(DecodeError::TooLarge {
-            len: bytes.len(),
-            max: MAX_MESSAGE_BYTES,
-        });
+        return Err(DecodeError::TooLarge { len: bytes.len(), max: MAX_MESSAGE_BYTES });
     }
     let mut rest = bytes;
     let malformed = |reason: &dyn std::fmt::Display| DecodeError::Malformed(reason.to_string());
@@ -367,10 +358,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
     let body = rest;
     let message: Message =
         for_each_kind!(decode_body!(kind, body)).map_err(|error| malformed(&error))?;
-    message.validate().map_err(|reason| DecodeError::Invalid {
-        kind: message.name(),
-        reason,
-    })?;
+    message.validate().map_err(|reason| DecodeError::Invalid { kind: message.name(), reason })?;
     Ok(message)
 }
 
@@ -378,9 +366,7 @@ fn check_name(what: &str, name: &str) -> Result<(), Invalid> {
     let well_formed = !name.is_empty()
         && name.len() <= MAX_NAME_BYTES
         && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
     if well_formed {
         Ok(())
     } else {
@@ -395,10 +381,7 @@ fn check_text(what: &str, text: &str) -> Result<(), Invalid> {
     if text.len() <= MAX_TEXT_BYTES {
         Ok(())
     } else {
-        Err(Invalid(format!(
-            "{what} is {} bytes, more than {MAX_TEXT_BYTES}",
-            text.len()
-        )))
+        Err(Invalid(format!("{what} is {} bytes, more than {MAX_TEXT_BYTES}", text.len())))
     }
 }
 
@@ -406,9 +389,7 @@ fn check_limit(limit: u32) -> Result<(), Invalid> {
     if (1..=MAX_PAGE_ROWS).contains(&limit) {
         Ok(())
     } else {
-        Err(Invalid(format!(
-            "page limit {limit} is outside 1..={MAX_PAGE_ROWS}"
-        )))
+        Err(Invalid(format!("page limit {limit} is outside 1..={MAX_PAGE_ROWS}")))
     }
 }
 
@@ -416,18 +397,13 @@ fn check_count(count: usize) -> Result<(), Invalid> {
     if count <= MAX_PAGE_ROWS as usize {
         Ok(())
     } else {
-        Err(Invalid(format!(
-            "{count} items in one message, more than {MAX_PAGE_ROWS}"
-        )))
+        Err(Invalid(format!("{count} items in one message, more than {MAX_PAGE_ROWS}")))
     }
 }
 
 fn check_columns(columns: &[String]) -> Result<(), Invalid> {
     if columns.len() > MAX_COLUMNS {
-        return Err(Invalid(format!(
-            "{} columns, more than {MAX_COLUMNS}",
-            columns.len()
-        )));
+        return Err(Invalid(format!("{} columns, more than {MAX_COLUMNS}", columns.len())));
     }
     let mut seen = HashSet::with_capacity(columns.len());
     for column in columns {
@@ -462,22 +438,15 @@ fn check_changes(changes: &[SharedChange]) -> Result<(), Invalid> {
     for change in changes {
         check_name("model", &change.model)?;
         if change.seq == 0 {
-            return Err(Invalid(format!(
-                "change of {} has sequence number 0",
-                change.origin
-            )));
+            return Err(Invalid(format!("change of {} has sequence number 0", change.origin)));
         }
         if let Some(fields) = change.op.fields() {
-            fields
-                .keys()
-                .try_for_each(|field| check_name("field", field))?;
+            fields.keys().try_for_each(|field| check_name("field", field))?;
         }
     }
     Ok(())
 }
 
 fn check_marks(marks: &[StateMark]) -> Result<(), Invalid> {
-    marks
-        .iter()
-        .try_for_each(|mark| check_name("model", &mark.model))
+    marks.iter().try_for_each(|mark| check_name("model", &mark.model))
 }

@@ -187,14 +187,7 @@ impl<'de> Deserialize<'de> for SharedChange {
                     other => return Err(de::Error::custom(format!("unknown shared op {other}"))),
                 };
                 skip_rest(seq)?;
-                Ok(SharedChange {
-                    origin,
-                    seq: seq_no,
-                    time,
-                    model,
-                    record,
-                    op,
-                })
+                Ok(SharedChange { origin, seq: seq_no, time, model, record, op })
             }
         }
         deserializer.deserialize_seq(ChangeVisitor)
@@ -237,11 +230,7 @@ impl<'de> Deserialize<'de> for SharedRecord {
                 let existence = required(&mut seq, 1, &self)?;
                 let fields = required(&mut seq, 2, &self)?;
                 skip_rest(seq)?;
-                Ok(SharedRecord {
-                    id,
-                    existence,
-                    fields,
-                })
+                Ok(SharedRecord { id, existence, fields })
             }
         }
         deserializer.deserialize_seq(RecordVisitor)
@@ -253,8 +242,7 @@ fn required<'de, T: Deserialize<'de>, A: SeqAccess<'de>>(
     index: usize,
     expected: &dyn de::Expected,
 ) -> Result<T, A::Error> {
-    seq.next_element()?
-        .ok_or_else(|| de::Error::invalid_length(index, expected))
+    seq.next_element()?.ok_or_else(|| de::Error::invalid_length(index, expected))
 }
 
 /// Skips elements appended by later protocol versions.

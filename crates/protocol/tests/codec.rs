@@ -1,9 +1,5 @@
 //! Round trips, version tolerance and hostile input for the wire encoding.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "a test fails by panicking"
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "a test fails by panicking")]
 
 use std::collections::BTreeMap;
 
@@ -96,11 +92,7 @@ fn shared_record() -> impl Strategy<Value = SharedRecord> {
             0..4,
         ),
     )
-        .prop_map(|(id, existence, fields)| SharedRecord {
-            id,
-            existence,
-            fields,
-        })
+        .prop_map(|(id, existence, fields)| SharedRecord { id, existence, fields })
 }
 
 fn watermarks() -> impl Strategy<Value = Watermarks> {
@@ -112,26 +104,17 @@ fn watermarks() -> impl Strategy<Value = Watermarks> {
         prop::collection::vec((device(), name(), time()), 0..4),
         any::<bool>(),
     )
-        .prop_map(
-            |(library, device, epoch, shared, state, ready)| Watermarks {
-                library: LibraryId(library),
-                device,
-                epoch: Epoch(epoch),
-                shared: shared
-                    .into_iter()
-                    .map(|(origin, seq)| OriginSeq { origin, seq })
-                    .collect(),
-                state: state
-                    .into_iter()
-                    .map(|(owner, model, version)| StateMark {
-                        owner,
-                        model,
-                        version,
-                    })
-                    .collect(),
-                ready,
-            },
-        )
+        .prop_map(|(library, device, epoch, shared, state, ready)| Watermarks {
+            library: LibraryId(library),
+            device,
+            epoch: Epoch(epoch),
+            shared: shared.into_iter().map(|(origin, seq)| OriginSeq { origin, seq }).collect(),
+            state: state
+                .into_iter()
+                .map(|(owner, model, version)| StateMark { owner, model, version })
+                .collect(),
+            ready,
+        })
 }
 
 fn limit() -> impl Strategy<Value = u32> {
@@ -141,54 +124,28 @@ fn limit() -> impl Strategy<Value = u32> {
 fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
         (uuid(), device(), any::<u64>(), text()).prop_map(|(library, device, epoch, name)| {
-            Message::Hello(Hello {
-                library: LibraryId(library),
-                device,
-                epoch: Epoch(epoch),
-                name,
-            })
+            Message::Hello(Hello { library: LibraryId(library), device, epoch: Epoch(epoch), name })
         }),
         (device(), name(), columns_and_rows()).prop_map(|(owner, model, (columns, rows))| {
-            Message::StateBatch(StateBatch {
-                owner,
-                model,
-                columns,
-                rows,
-            })
+            Message::StateBatch(StateBatch { owner, model, columns, rows })
         }),
         prop::collection::vec(shared_change(), 0..6)
             .prop_map(|changes| Message::SharedBatch(SharedBatch { changes })),
-        watermarks().prop_map(|marks| Message::Ack(Ack {
-            shared: marks.shared,
-            state: marks.state
-        })),
+        watermarks()
+            .prop_map(|marks| Message::Ack(Ack { shared: marks.shared, state: marks.state })),
         watermarks().prop_map(Message::WatermarksRequest),
         watermarks().prop_map(Message::WatermarksResponse),
         (watermarks(), limit()).prop_map(|(marks, limit)| {
-            Message::SharedCatchUpRequest(SharedCatchUpRequest {
-                after: marks.shared,
-                limit,
-            })
+            Message::SharedCatchUpRequest(SharedCatchUpRequest { after: marks.shared, limit })
         }),
-        (
-            prop::collection::vec(shared_change(), 0..6),
-            any::<bool>(),
-            watermarks()
-        )
-            .prop_map(|(changes, complete, marks)| Message::SharedCatchUpResponse(
-                SharedCatchUpResponse {
-                    changes,
-                    complete,
-                    pruned: marks.shared
-                }
-            )),
-        (
-            device(),
-            name(),
-            prop::option::of(time()),
-            prop::option::of((time(), uuid())),
-            limit()
-        )
+        (prop::collection::vec(shared_change(), 0..6), any::<bool>(), watermarks()).prop_map(
+            |(changes, complete, marks)| Message::SharedCatchUpResponse(SharedCatchUpResponse {
+                changes,
+                complete,
+                pruned: marks.shared
+            })
+        ),
+        (device(), name(), prop::option::of(time()), prop::option::of((time(), uuid())), limit())
             .prop_map(|(owner, model, since, after, limit)| {
                 Message::StateCatchUpRequest(StateCatchUpRequest {
                     owner,
@@ -198,23 +155,11 @@ fn message() -> impl Strategy<Value = Message> {
                     limit,
                 })
             }),
-        (
-            device(),
-            name(),
-            columns_and_rows(),
-            any::<bool>(),
-            any::<u64>()
-        )
-            .prop_map(|(owner, model, (columns, rows), more, estimated_total)| {
-                Message::StatePage(StatePage {
-                    owner,
-                    model,
-                    columns,
-                    rows,
-                    more,
-                    estimated_total,
-                })
-            }),
+        (device(), name(), columns_and_rows(), any::<bool>(), any::<u64>()).prop_map(
+            |(owner, model, (columns, rows), more, estimated_total)| {
+                Message::StatePage(StatePage { owner, model, columns, rows, more, estimated_total })
+            }
+        ),
         (device(), name(), prop::option::of(uuid()), limit()).prop_map(
             |(owner, model, after, limit)| Message::BackfillRequest(BackfillRequest {
                 owner,
@@ -224,18 +169,9 @@ fn message() -> impl Strategy<Value = Message> {
             })
         ),
         (name(), prop::option::of(uuid()), limit()).prop_map(|(model, after, limit)| {
-            Message::SharedSnapshotRequest(SharedSnapshotRequest {
-                model,
-                after,
-                limit,
-            })
+            Message::SharedSnapshotRequest(SharedSnapshotRequest { model, after, limit })
         }),
-        (
-            name(),
-            prop::collection::vec(shared_record(), 0..5),
-            any::<bool>(),
-            any::<u64>()
-        )
+        (name(), prop::collection::vec(shared_record(), 0..5), any::<bool>(), any::<u64>())
             .prop_map(|(model, records, more, estimated_total)| {
                 Message::SharedSnapshotPage(SharedSnapshotPage {
                     model,
@@ -264,11 +200,7 @@ fn message() -> impl Strategy<Value = Message> {
             }
         ),
         (uuid(), device(), text()).prop_map(|(library, device, name)| {
-            Message::PairResponse(PairResponse {
-                library: LibraryId(library),
-                device,
-                name,
-            })
+            Message::PairResponse(PairResponse { library: LibraryId(library), device, name })
         }),
     ]
 }
@@ -356,14 +288,9 @@ fn later_versions_may_add_fields_and_envelope_elements() {
     rmp::encode::write_array_len(&mut bytes, 1).unwrap();
     rmp::encode::write_str(&mut bytes, "zstd").unwrap();
     rmp::encode::write_nil(&mut bytes).unwrap();
-    let Message::Hello(hello) = decode(&bytes).unwrap() else {
-        panic!("not a Hello")
-    };
+    let Message::Hello(hello) = decode(&bytes).unwrap() else { panic!("not a Hello") };
     assert_eq!(hello.epoch, Epoch(7));
-    assert_eq!(
-        hello.name, "",
-        "a field missing from an older peer takes its default"
-    );
+    assert_eq!(hello.name, "", "a field missing from an older peer takes its default");
 }
 
 #[test]
@@ -377,14 +304,7 @@ fn rows_tolerate_trailing_elements() {
     rmp::encode::write_str(&mut bytes, "a future field").unwrap();
     rmp::encode::write_uint(&mut bytes, 42).unwrap();
     let row: StateRow = rmp_serde::from_slice(&bytes).unwrap();
-    assert_eq!(
-        row,
-        StateRow {
-            id: Uuid::from_bytes([9; 16]),
-            version,
-            op: StateOp::Delete
-        }
-    );
+    assert_eq!(row, StateRow { id: Uuid::from_bytes([9; 16]), version, op: StateOp::Delete });
 }
 
 #[test]
@@ -392,10 +312,7 @@ fn oversized_input_is_refused_before_parsing() {
     let bytes = vec![0xc0; MAX_MESSAGE_BYTES + 1];
     assert_eq!(
         decode(&bytes),
-        Err(DecodeError::TooLarge {
-            len: MAX_MESSAGE_BYTES + 1,
-            max: MAX_MESSAGE_BYTES
-        })
+        Err(DecodeError::TooLarge { len: MAX_MESSAGE_BYTES + 1, max: MAX_MESSAGE_BYTES })
     );
 }
 
@@ -403,12 +320,8 @@ fn oversized_input_is_refused_before_parsing() {
 fn declared_lengths_beyond_the_input_are_errors_without_allocation() {
     // A StateBatch whose rows array claims 4 billion elements, and a string claiming 4 GiB.
     for body in [
-        vec![
-            0x84, 0xa4, b'r', b'o', b'w', b's', 0xdd, 0xff, 0xff, 0xff, 0xff,
-        ],
-        vec![
-            0x81, 0xa5, b'm', b'o', b'd', b'e', b'l', 0xdb, 0xff, 0xff, 0xff, 0xff, b'x',
-        ],
+        vec![0x84, 0xa4, b'r', b'o', b'w', b's', 0xdd, 0xff, 0xff, 0xff, 0xff],
+        vec![0x81, 0xa5, b'm', b'o', b'd', b'e', b'l', 0xdb, 0xff, 0xff, 0xff, 0xff, b'x'],
     ] {
         let mut bytes = vec![0x92, 0x02];
         bytes.extend(body);
@@ -418,45 +331,20 @@ fn declared_lengths_beyond_the_input_are_errors_without_allocation() {
 
 #[test]
 fn invalid_messages_are_refused_on_both_sides() {
-    let Message::StateBatch(mut batch) = sample_batch() else {
-        unreachable!()
-    };
+    let Message::StateBatch(mut batch) = sample_batch() else { unreachable!() };
     batch.rows[0].op = StateOp::Upsert(vec![Value::Null]);
     let message = Message::StateBatch(batch.clone());
-    assert!(matches!(
-        encode(&message),
-        Err(EncodeError::Invalid {
-            kind: "StateBatch",
-            ..
-        })
-    ));
+    assert!(matches!(encode(&message), Err(EncodeError::Invalid { kind: "StateBatch", .. })));
 
     // Forge the same message past the encoder's check: the decoder refuses it too.
     let mut bytes = vec![0x92, 0x02];
     rmp_serde::encode::write_named(&mut bytes, &batch).unwrap();
-    assert!(matches!(
-        decode(&bytes),
-        Err(DecodeError::Invalid {
-            kind: "StateBatch",
-            ..
-        })
-    ));
+    assert!(matches!(decode(&bytes), Err(DecodeError::Invalid { kind: "StateBatch", .. })));
 
-    for bad_model in [
-        "",
-        "Entries",
-        "1entries",
-        "entries;drop",
-        &"a".repeat(MAX_NAME_BYTES + 1),
-    ] {
-        let Message::StateBatch(mut batch) = sample_batch() else {
-            unreachable!()
-        };
+    for bad_model in ["", "Entries", "1entries", "entries;drop", &"a".repeat(MAX_NAME_BYTES + 1)] {
+        let Message::StateBatch(mut batch) = sample_batch() else { unreachable!() };
         batch.model = bad_model.to_owned();
-        assert!(
-            encode(&Message::StateBatch(batch)).is_err(),
-            "{bad_model:?} accepted"
-        );
+        assert!(encode(&Message::StateBatch(batch)).is_err(), "{bad_model:?} accepted");
     }
 }
 
@@ -471,11 +359,7 @@ fn shared_changes_are_numbered_from_one() {
         record: Uuid::from_bytes([2; 16]),
         op: SharedOp::Delete,
     };
-    let batch = |change: SharedChange| {
-        Message::SharedBatch(SharedBatch {
-            changes: vec![change],
-        })
-    };
+    let batch = |change: SharedChange| Message::SharedBatch(SharedBatch { changes: vec![change] });
     assert!(encode(&batch(change.clone())).is_ok());
     assert_eq!(change.hlc().device(), origin);
     assert!(encode(&batch(SharedChange { seq: 0, ..change })).is_err());
@@ -499,13 +383,9 @@ fn page_limits_are_bounded() {
 #[test]
 fn an_entry_row_costs_little_more_than_its_values() {
     // The wire-efficiency budget: a row's framing (id, version, op) beside its values.
-    let Message::StateBatch(batch) = sample_batch() else {
-        unreachable!()
-    };
+    let Message::StateBatch(batch) = sample_batch() else { unreachable!() };
     let row_bytes = rmp_serde::to_vec(&batch.rows[0]).unwrap().len();
-    let StateOp::Upsert(values) = &batch.rows[0].op else {
-        unreachable!()
-    };
+    let StateOp::Upsert(values) = &batch.rows[0].op else { unreachable!() };
     let values_bytes = rmp_serde::to_vec(values).unwrap().len();
     // 1 (array) + 18 (id) + 9 (version) + 1 (op) = 29 bytes of framing.
     assert_eq!(row_bytes, values_bytes + 29);

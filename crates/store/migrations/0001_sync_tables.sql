@@ -41,12 +41,14 @@ CREATE TABLE sync_shared_refs (
     PRIMARY KEY (target_model, target_id, model, id)
 ) WITHOUT ROWID;
 
--- Shared records that exist but wait for a referenced row that has not arrived yet.
+-- Shared records that exist but are not shown because a referenced row is missing: waiting for
+-- it to arrive (orphaned = 0), or hidden because it was deleted (orphaned = 1).
 CREATE TABLE sync_parked (
     model TEXT NOT NULL,
     id BLOB NOT NULL,
     target_model TEXT NOT NULL,
     target_id BLOB NOT NULL,
+    orphaned INTEGER NOT NULL,
     parked_at INTEGER NOT NULL,
     PRIMARY KEY (model, id)
 ) WITHOUT ROWID;

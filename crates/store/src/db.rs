@@ -18,11 +18,8 @@ use uuid::Uuid;
 use crate::{Registry, StoreError};
 
 /// The schema migrations of lsync's own `sync_` tables, applied in order, each in one transaction.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "sync tables",
-    include_str!("../migrations/0001_sync_tables.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] =
+    &[(1, "sync tables", include_str!("../migrations/0001_sync_tables.sql"))];
 
 /// How hard SQLite works to keep a committed transaction across a power loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -50,11 +47,7 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self {
-            durability: Durability::Full,
-            busy_timeout: Duration::from_secs(5),
-            readers: 4,
-        }
+        Self { durability: Durability::Full, busy_timeout: Duration::from_secs(5), readers: 4 }
     }
 }
 
@@ -138,13 +131,7 @@ impl Database {
             .max_connections(options.readers.max(1))
             .connect_with(connect_options(path, options, false).read_only(true))
             .await?;
-        Ok(Self {
-            writer: Mutex::new(writer),
-            readers,
-            registry,
-            identity,
-            path: path.to_owned(),
-        })
+        Ok(Self { writer: Mutex::new(writer), readers, registry, identity, path: path.to_owned() })
     }
 
     /// Runs `work` in one write transaction: committed if it returns `Ok`, rolled back otherwise.
@@ -159,10 +146,8 @@ impl Database {
         let mut writer = self.writer.lock().await;
         // IMMEDIATE takes the write lock up front, so a transaction that reads then writes cannot
         // fail half-way on another process's lock.
-        let mut tx = writer
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(|error| E::from(error.into()))?;
+        let mut tx =
+            writer.begin_with("BEGIN IMMEDIATE").await.map_err(|error| E::from(error.into()))?;
         match work(&mut tx).await {
             Ok(value) => {
                 tx.commit().await.map_err(|error| E::from(error.into()))?;
@@ -201,9 +186,7 @@ impl Database {
     pub async fn close(self) -> Result<(), StoreError> {
         self.readers.close().await;
         let mut writer = self.writer.into_inner();
-        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-            .execute(&mut writer)
-            .await?;
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&mut writer).await?;
         writer.close().await?;
         Ok(())
     }
@@ -270,10 +253,7 @@ async fn migrate(conn: &mut SqliteConnection) -> Result<(), StoreError> {
     let applied = applied.unwrap_or(0);
     let newest = MIGRATIONS.last().map_or(0, |(version, ..)| *version);
     if applied > newest {
-        return Err(StoreError::TooNew {
-            found: applied,
-            supported: newest,
-        });
+        return Err(StoreError::TooNew { found: applied, supported: newest });
     }
     for (version, name, sql) in MIGRATIONS.iter().filter(|(version, ..)| *version > applied) {
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
@@ -304,11 +284,7 @@ async fn check_tables(conn: &mut SqliteConnection, registry: &Registry) -> Resul
         }
         expected.extend(model.column_names());
         if found != expected {
-            return Err(StoreError::SchemaMismatch {
-                table: model.name.clone(),
-                expected,
-                found,
-            });
+            return Err(StoreError::SchemaMismatch { table: model.name.clone(), expected, found });
         }
     }
     Ok(())
@@ -319,18 +295,11 @@ async fn read_identity(conn: &mut SqliteConnection, path: &Path) -> Result<Ident
     let uuid = |bytes: Vec<u8>, what: &str| {
         Uuid::from_slice(&bytes).map_err(|_| StoreError::Corrupt(format!("sync_meta {what}")))
     };
-    let library = uuid(
-        read_meta(conn, "library").await?.ok_or_else(missing)?,
-        "library",
-    )?;
-    let device = uuid(
-        read_meta(conn, "device").await?.ok_or_else(missing)?,
-        "device",
-    )?;
+    let library = uuid(read_meta(conn, "library").await?.ok_or_else(missing)?, "library")?;
+    let device = uuid(read_meta(conn, "device").await?.ok_or_else(missing)?, "device")?;
     let epoch = read_meta(conn, "epoch").await?.ok_or_else(missing)?;
-    let epoch: [u8; 8] = epoch
-        .try_into()
-        .map_err(|_| StoreError::Corrupt("sync_meta epoch".into()))?;
+    let epoch: [u8; 8] =
+        epoch.try_into().map_err(|_| StoreError::Corrupt("sync_meta epoch".into()))?;
     Ok(Identity {
         library: LibraryId(library),
         device: DeviceId(device),
@@ -339,12 +308,10 @@ async fn read_identity(conn: &mut SqliteConnection, path: &Path) -> Result<Ident
 }
 
 async fn read_meta(conn: &mut SqliteConnection, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-    Ok(
-        sqlx::query_scalar("SELECT value FROM sync_meta WHERE key = ?1")
-            .bind(key)
-            .fetch_optional(conn)
-            .await?,
-    )
+    Ok(sqlx::query_scalar("SELECT value FROM sync_meta WHERE key = ?1")
+        .bind(key)
+        .fetch_optional(conn)
+        .await?)
 }
 
 async fn write_meta(

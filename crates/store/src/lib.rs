@@ -28,11 +28,13 @@
 //! Everything here is async SQL through sqlx, except [`Registry`], which is plain data.
 
 mod db;
+mod dump;
 mod reference;
 mod registry;
 pub mod sql;
 
 pub use db::{Database, Durability, Identity, StoreOptions, load_clock, store_clock};
+pub use dump::dump_tables;
 pub use reference::{ENTRY_KIND_DIRECTORY, ENTRY_KIND_FILE, reference_models, reference_registry};
 pub use registry::{Column, ColumnType, MergeStrategy, ModelDef, Ownership, Registry, SchemaError};
 pub use sqlx::SqliteConnection;

@@ -19,10 +19,7 @@ pub fn reference_models() -> Vec<ModelDef> {
     vec![
         ModelDef::device_owned(
             "devices",
-            vec![
-                Column::new("name", Text),
-                Column::nullable("platform", Text),
-            ],
+            vec![Column::new("name", Text), Column::nullable("platform", Text)],
         ),
         ModelDef::device_owned(
             "volumes",
@@ -52,16 +49,10 @@ pub fn reference_models() -> Vec<ModelDef> {
                 Column::new("modified_at", Integer),
             ],
         ),
-        ModelDef::shared(
-            "tags",
-            vec![Column::new("name", Text), Column::nullable("color", Text)],
-        ),
+        ModelDef::shared("tags", vec![Column::new("name", Text), Column::nullable("color", Text)]),
         ModelDef::shared(
             "albums",
-            vec![
-                Column::new("name", Text),
-                Column::nullable("description", Text),
-            ],
+            vec![Column::new("name", Text), Column::nullable("description", Text)],
         ),
         ModelDef::shared(
             "user_metadata",
@@ -98,10 +89,7 @@ mod tests {
     #[test]
     fn the_reference_schema_is_valid_and_ordered_by_references() {
         let registry = reference_registry().unwrap();
-        let order: Vec<&str> = registry
-            .in_apply_order()
-            .map(|model| model.name.as_str())
-            .collect();
+        let order: Vec<&str> = registry.in_apply_order().map(|model| model.name.as_str()).collect();
         let position = |name| order.iter().position(|model| *model == name).unwrap();
         assert!(position("volumes") < position("locations"));
         assert!(position("locations") < position("entries"));

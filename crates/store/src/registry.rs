@@ -91,22 +91,12 @@ pub struct Column {
 impl Column {
     /// A NOT NULL column.
     pub fn new(name: &str, ty: ColumnType) -> Self {
-        Self {
-            name: name.to_owned(),
-            ty,
-            nullable: false,
-            references: None,
-        }
+        Self { name: name.to_owned(), ty, nullable: false, references: None }
     }
 
     /// A nullable column.
     pub fn nullable(name: &str, ty: ColumnType) -> Self {
-        Self {
-            name: name.to_owned(),
-            ty,
-            nullable: true,
-            references: None,
-        }
+        Self { name: name.to_owned(), ty, nullable: true, references: None }
     }
 
     /// A NOT NULL reference to a row of `model`.
@@ -121,10 +111,7 @@ impl Column {
 
     /// A nullable reference to a row of `model` (e.g. the parent of a root entry).
     pub fn nullable_reference(name: &str, model: &str) -> Self {
-        Self {
-            nullable: true,
-            ..Self::reference(name, model)
-        }
+        Self { nullable: true, ..Self::reference(name, model) }
     }
 }
 
@@ -158,10 +145,7 @@ impl ModelDef {
 
     /// A device-owned tree whose `parent` column references the same model.
     pub fn device_owned_tree(name: &str, parent: &str, columns: Vec<Column>) -> Self {
-        Self {
-            tree_parent: Some(parent.to_owned()),
-            ..Self::device_owned(name, columns)
-        }
+        Self { tree_parent: Some(parent.to_owned()), ..Self::device_owned(name, columns) }
     }
 
     /// A shared model of records merged field by field.
@@ -177,10 +161,8 @@ impl ModelDef {
 
     /// A shared set membership relation between two referenced models.
     pub fn membership(name: &str, left: Column, right: Column, extra: Vec<Column>) -> Self {
-        let merge = MergeStrategy::Membership {
-            left: left.name.clone(),
-            right: right.name.clone(),
-        };
+        let merge =
+            MergeStrategy::Membership { left: left.name.clone(), right: right.name.clone() };
         let mut columns = vec![left, right];
         columns.extend(extra);
         Self {
@@ -204,10 +186,7 @@ impl ModelDef {
 
     /// The declared column names, in table order.
     pub fn column_names(&self) -> Vec<String> {
-        self.columns
-            .iter()
-            .map(|column| column.name.clone())
-            .collect()
+        self.columns.iter().map(|column| column.name.clone()).collect()
     }
 
     /// Checks values for this model's columns (in table order): count, types, NOT NULL.
@@ -232,10 +211,7 @@ impl ModelDef {
             return Err(format!("{}.{} may not be NULL", self.name, column.name));
         }
         if !column.ty.admits(value) {
-            return Err(format!(
-                "{}.{} is {:?}, got {value:?}",
-                self.name, column.name, column.ty
-            ));
+            return Err(format!("{}.{} is {:?}, got {value:?}", self.name, column.name, column.ty));
         }
         Ok(())
     }
@@ -322,10 +298,7 @@ impl Registry {
             }
         }
         let apply_order = topological_order(&by_name)?;
-        Ok(Self {
-            models: by_name,
-            apply_order,
-        })
+        Ok(Self { models: by_name, apply_order })
     }
 
     /// The model called `name`.
@@ -335,9 +308,7 @@ impl Registry {
 
     /// All models, referenced models before the models that reference them.
     pub fn in_apply_order(&self) -> impl Iterator<Item = &ModelDef> {
-        self.apply_order
-            .iter()
-            .filter_map(|name| self.models.get(name))
+        self.apply_order.iter().filter_map(|name| self.models.get(name))
     }
 
     /// Models that reference `target` (excluding a tree's reference to itself), with the column.
@@ -425,39 +396,24 @@ const DERIVED_ID_NAMESPACE: Uuid = Uuid::from_bytes([
 ]);
 
 fn check_name(name: &str) -> Result<(), SchemaError> {
-    let bad = |reason| {
-        Err(SchemaError::BadName {
-            name: name.to_owned(),
-            reason,
-        })
-    };
+    let bad = |reason| Err(SchemaError::BadName { name: name.to_owned(), reason });
     if name.is_empty() || name.len() > MAX_NAME_BYTES {
         return bad("must be 1 to 64 bytes");
     }
     if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
         return bad("must start with a lowercase letter");
     }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-    {
+    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
         return bad("may contain only a-z, 0-9 and _");
     }
     Ok(())
 }
 
 fn check_model(model: &ModelDef) -> Result<(), SchemaError> {
-    let inconsistent = |reason: String| {
-        Err(SchemaError::Inconsistent {
-            model: model.name.clone(),
-            reason,
-        })
-    };
+    let inconsistent =
+        |reason: String| Err(SchemaError::Inconsistent { model: model.name.clone(), reason });
     if model.columns.len() + SYSTEM_COLUMNS.len() > MAX_COLUMNS {
-        return inconsistent(format!(
-            "more than {} columns",
-            MAX_COLUMNS - SYSTEM_COLUMNS.len()
-        ));
+        return inconsistent(format!("more than {} columns", MAX_COLUMNS - SYSTEM_COLUMNS.len()));
     }
     let mut seen = BTreeSet::new();
     for column in &model.columns {
@@ -469,16 +425,10 @@ fn check_model(model: &ModelDef) -> Result<(), SchemaError> {
             });
         }
         if !seen.insert(column.name.as_str()) {
-            return Err(SchemaError::Duplicate(format!(
-                "{}.{}",
-                model.name, column.name
-            )));
+            return Err(SchemaError::Duplicate(format!("{}.{}", model.name, column.name)));
         }
         if column.references.is_some() && column.ty != ColumnType::Uuid {
-            return inconsistent(format!(
-                "reference column {} must have type Uuid",
-                column.name
-            ));
+            return inconsistent(format!("reference column {} must have type Uuid", column.name));
         }
     }
     match (&model.ownership, &model.merge) {
@@ -576,10 +526,7 @@ mod tests {
     use super::*;
 
     fn order(registry: &Registry) -> Vec<&str> {
-        registry
-            .in_apply_order()
-            .map(|model| model.name.as_str())
-            .collect()
+        registry.in_apply_order().map(|model| model.name.as_str()).collect()
     }
 
     #[test]
@@ -600,10 +547,7 @@ mod tests {
             ModelDef::shared("b", vec![Column::reference("a_id", "a")]),
         ])
         .unwrap_err();
-        assert_eq!(
-            error,
-            SchemaError::Cycle(vec!["a".into(), "b".into(), "a".into()])
-        );
+        assert_eq!(error, SchemaError::Cycle(vec!["a".into(), "b".into(), "a".into()]));
         assert_eq!(error.to_string(), "references form a cycle: a -> b -> a");
     }
 
@@ -611,12 +555,8 @@ mod tests {
     fn a_self_reference_is_allowed_only_as_a_tree_parent() {
         let columns = vec![Column::nullable_reference("parent_id", "nodes")];
         assert!(
-            Registry::new(vec![ModelDef::device_owned_tree(
-                "nodes",
-                "parent_id",
-                columns.clone()
-            )])
-            .is_ok()
+            Registry::new(vec![ModelDef::device_owned_tree("nodes", "parent_id", columns.clone())])
+                .is_ok()
         );
         assert!(matches!(
             Registry::new(vec![ModelDef::device_owned("nodes", columns)]),
@@ -628,42 +568,24 @@ mod tests {
     fn bad_declarations_are_refused_with_clear_errors() {
         let check = |models: Vec<ModelDef>, expected: &str| {
             let error = Registry::new(models).unwrap_err().to_string();
-            assert!(
-                error.contains(expected),
-                "{error:?} does not mention {expected:?}"
-            );
+            assert!(error.contains(expected), "{error:?} does not mention {expected:?}");
         };
         check(vec![ModelDef::shared("Tags", vec![])], "lowercase");
         check(vec![ModelDef::shared("sync_tags", vec![])], "reserved");
+        check(vec![ModelDef::shared("tags", vec![Column::new("id", ColumnType::Text)])], "system");
         check(
             vec![ModelDef::shared(
                 "tags",
-                vec![Column::new("id", ColumnType::Text)],
-            )],
-            "system",
-        );
-        check(
-            vec![ModelDef::shared(
-                "tags",
-                vec![
-                    Column::new("a", ColumnType::Text),
-                    Column::new("a", ColumnType::Text),
-                ],
+                vec![Column::new("a", ColumnType::Text), Column::new("a", ColumnType::Text)],
             )],
             "declared twice",
         );
         check(
-            vec![ModelDef::shared(
-                "tags",
-                vec![Column::reference("x_id", "x")],
-            )],
+            vec![ModelDef::shared("tags", vec![Column::reference("x_id", "x")])],
             "unknown model",
         );
         check(
-            vec![
-                ModelDef::shared("tags", vec![]),
-                ModelDef::shared("tags", vec![]),
-            ],
+            vec![ModelDef::shared("tags", vec![]), ModelDef::shared("tags", vec![])],
             "declared twice",
         );
         check(
@@ -688,32 +610,13 @@ mod tests {
     fn values_are_checked_against_column_types() {
         let model = ModelDef::shared(
             "t",
-            vec![
-                Column::new("n", ColumnType::Integer),
-                Column::nullable("u", ColumnType::Uuid),
-            ],
+            vec![Column::new("n", ColumnType::Integer), Column::nullable("u", ColumnType::Uuid)],
         );
-        assert!(
-            model
-                .check_values(&[Value::Integer(1), Value::Null])
-                .is_ok()
-        );
-        assert!(
-            model
-                .check_values(&[Value::Integer(1), Value::Blob(vec![0; 16])])
-                .is_ok()
-        );
+        assert!(model.check_values(&[Value::Integer(1), Value::Null]).is_ok());
+        assert!(model.check_values(&[Value::Integer(1), Value::Blob(vec![0; 16])]).is_ok());
         assert!(model.check_values(&[Value::Null, Value::Null]).is_err());
-        assert!(
-            model
-                .check_values(&[Value::Integer(1), Value::Blob(vec![0; 15])])
-                .is_err()
-        );
-        assert!(
-            model
-                .check_values(&[Value::Text("1".into()), Value::Null])
-                .is_err()
-        );
+        assert!(model.check_values(&[Value::Integer(1), Value::Blob(vec![0; 15])]).is_err());
+        assert!(model.check_values(&[Value::Text("1".into()), Value::Null]).is_err());
         assert!(model.check_values(&[Value::Integer(1)]).is_err());
     }
 }

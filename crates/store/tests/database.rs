@@ -1,9 +1,5 @@
 //! The library database on real SQLite files.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "a test fails by panicking"
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "a test fails by panicking")]
 
 use std::sync::Arc;
 
@@ -38,9 +34,7 @@ async fn identity_survives_reopen_and_creation_refuses_an_existing_library() {
     db.close().await.unwrap();
 
     let path = dir.path().join("library.db");
-    let reopened = Database::open(&path, registry(), &StoreOptions::default())
-        .await
-        .unwrap();
+    let reopened = Database::open(&path, registry(), &StoreOptions::default()).await.unwrap();
     assert_eq!(reopened.identity(), identity);
     reopened.close().await.unwrap();
 
@@ -66,12 +60,8 @@ async fn a_recreated_copy_gets_a_new_epoch() {
 #[tokio::test]
 async fn opening_a_missing_file_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let result = Database::open(
-        &dir.path().join("nope.db"),
-        registry(),
-        &StoreOptions::default(),
-    )
-    .await;
+    let result =
+        Database::open(&dir.path().join("nope.db"), registry(), &StoreOptions::default()).await;
     assert!(matches!(result, Err(StoreError::NotFound(_))));
 }
 
@@ -79,25 +69,17 @@ async fn opening_a_missing_file_is_a_clear_error() {
 async fn the_file_is_in_wal_mode_and_bookkeeping_tables_are_prefixed() {
     let dir = tempfile::tempdir().unwrap();
     let db = create(&dir).await;
-    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
-        .fetch_one(db.reader())
-        .await
-        .unwrap();
+    let mode: String =
+        sqlx::query_scalar("PRAGMA journal_mode").fetch_one(db.reader()).await.unwrap();
     assert_eq!(mode, "wal");
     let tables: Vec<String> =
         sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
             .fetch_all(db.reader())
             .await
             .unwrap();
-    let models: Vec<String> = reference_models()
-        .into_iter()
-        .map(|model| model.name)
-        .collect();
+    let models: Vec<String> = reference_models().into_iter().map(|model| model.name).collect();
     for table in tables {
-        assert!(
-            table.starts_with("sync_") || models.contains(&table),
-            "unexpected table {table}"
-        );
+        assert!(table.starts_with("sync_") || models.contains(&table), "unexpected table {table}");
     }
 }
 
@@ -107,19 +89,11 @@ async fn a_table_that_differs_from_the_registry_is_refused() {
     let db = create(&dir).await;
     db.close().await.unwrap();
     let mut models = reference_models();
-    let tags = models
-        .iter_mut()
-        .find(|model| model.name == "tags")
-        .unwrap();
-    tags.columns
-        .push(Column::nullable("icon", ColumnType::Text));
+    let tags = models.iter_mut().find(|model| model.name == "tags").unwrap();
+    tags.columns.push(Column::nullable("icon", ColumnType::Text));
     let changed = Arc::new(Registry::new(models).unwrap());
-    let result = Database::open(
-        &dir.path().join("library.db"),
-        changed,
-        &StoreOptions::default(),
-    )
-    .await;
+    let result =
+        Database::open(&dir.path().join("library.db"), changed, &StoreOptions::default()).await;
     let Err(StoreError::SchemaMismatch { table, .. }) = result else {
         panic!("opened: {result:?}")
     };
@@ -132,12 +106,8 @@ async fn the_persisted_clock_only_grows_and_failed_writes_roll_back() {
     let db = create(&dir).await;
     let device = db.identity().device;
     let stamp = |ms| Hlc::new(HlcTime::new(ms, 0).unwrap(), device);
-    db.write(async |conn| store_clock(conn, stamp(200)).await)
-        .await
-        .unwrap();
-    db.write(async |conn| store_clock(conn, stamp(100)).await)
-        .await
-        .unwrap();
+    db.write(async |conn| store_clock(conn, stamp(200)).await).await.unwrap();
+    db.write(async |conn| store_clock(conn, stamp(100)).await).await.unwrap();
     let result: Result<(), StoreError> = db
         .write(async |conn| {
             store_clock(conn, stamp(300)).await?;

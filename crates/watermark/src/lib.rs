@@ -64,17 +64,12 @@ impl SharedProgress {
 
     /// (origin, watermark) pairs in origin order, zero watermarks omitted.
     pub fn iter(&self) -> impl Iterator<Item = (DeviceId, u64)> + '_ {
-        self.0
-            .iter()
-            .filter(|(_, seq)| **seq > 0)
-            .map(|(origin, seq)| (*origin, *seq))
+        self.0.iter().filter(|(_, seq)| **seq > 0).map(|(origin, seq)| (*origin, *seq))
     }
 
     /// As wire entries.
     pub fn to_wire(&self) -> Vec<OriginSeq> {
-        self.iter()
-            .map(|(origin, seq)| OriginSeq { origin, seq })
-            .collect()
+        self.iter().map(|(origin, seq)| OriginSeq { origin, seq }).collect()
     }
 
     /// From wire entries; a repeated origin keeps its largest value.
@@ -114,19 +109,13 @@ impl StateProgress {
 
     /// (owner, model, version) triples in order.
     pub fn iter(&self) -> impl Iterator<Item = (DeviceId, &str, HlcTime)> + '_ {
-        self.0
-            .iter()
-            .map(|((owner, model), version)| (*owner, model.as_str(), *version))
+        self.0.iter().map(|((owner, model), version)| (*owner, model.as_str(), *version))
     }
 
     /// As wire entries.
     pub fn to_wire(&self) -> Vec<StateMark> {
         self.iter()
-            .map(|(owner, model, version)| StateMark {
-                owner,
-                model: model.to_owned(),
-                version,
-            })
+            .map(|(owner, model, version)| StateMark { owner, model: model.to_owned(), version })
             .collect()
     }
 
@@ -163,10 +152,7 @@ pub fn shared_needs(mine: &SharedProgress, theirs: &SharedProgress) -> Vec<Origi
     theirs
         .iter()
         .filter(|(origin, seq)| *seq > mine.get(*origin))
-        .map(|(origin, _)| OriginSeq {
-            origin,
-            seq: mine.get(origin),
-        })
+        .map(|(origin, _)| OriginSeq { origin, seq: mine.get(origin) })
         .collect()
 }
 
@@ -275,41 +261,17 @@ mod tests {
     #[test]
     fn needs_are_exactly_what_the_other_side_has_more_of() {
         let mine = SharedProgress::from_wire(&[
-            OriginSeq {
-                origin: device(1),
-                seq: 5,
-            },
-            OriginSeq {
-                origin: device(2),
-                seq: 9,
-            },
+            OriginSeq { origin: device(1), seq: 5 },
+            OriginSeq { origin: device(2), seq: 9 },
         ]);
         let theirs = SharedProgress::from_wire(&[
-            OriginSeq {
-                origin: device(1),
-                seq: 7,
-            },
-            OriginSeq {
-                origin: device(2),
-                seq: 9,
-            },
-            OriginSeq {
-                origin: device(3),
-                seq: 2,
-            },
+            OriginSeq { origin: device(1), seq: 7 },
+            OriginSeq { origin: device(2), seq: 9 },
+            OriginSeq { origin: device(3), seq: 2 },
         ]);
         assert_eq!(
             shared_needs(&mine, &theirs),
-            [
-                OriginSeq {
-                    origin: device(1),
-                    seq: 5
-                },
-                OriginSeq {
-                    origin: device(3),
-                    seq: 0
-                }
-            ]
+            [OriginSeq { origin: device(1), seq: 5 }, OriginSeq { origin: device(3), seq: 0 }]
         );
         assert!(shared_needs(&theirs, &mine).is_empty());
 
@@ -324,17 +286,9 @@ mod tests {
         assert_eq!(needs.len(), 3);
         assert_eq!(
             needs[0],
-            StateNeed {
-                owner: device(1),
-                model: "entries".into(),
-                since: Some(t(10))
-            }
+            StateNeed { owner: device(1), model: "entries".into(), since: Some(t(10)) }
         );
-        assert!(
-            needs
-                .iter()
-                .any(|need| need.owner == device(2) && need.since.is_none())
-        );
+        assert!(needs.iter().any(|need| need.owner == device(2) && need.since.is_none()));
     }
 
     #[test]
@@ -359,10 +313,7 @@ mod tests {
         let mut acks = BTreeMap::new();
         acks.insert(
             device(2),
-            SharedProgress::from_wire(&[OriginSeq {
-                origin: device(1),
-                seq: 9,
-            }]),
+            SharedProgress::from_wire(&[OriginSeq { origin: device(1), seq: 9 }]),
         );
         assert_eq!(min_ack(&acks, &[device(2)], device(1)), 9);
         assert_eq!(min_ack(&acks, &[device(2), device(3)], device(1)), 0);

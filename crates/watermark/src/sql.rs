@@ -18,14 +18,8 @@ pub async fn load_shared_progress(
     conn: &mut SqliteConnection,
 ) -> Result<SharedProgress, StoreError> {
     let mut progress = SharedProgress::default();
-    for row in sqlx::query("SELECT origin, seq FROM sync_progress_shared")
-        .fetch_all(conn)
-        .await?
-    {
-        progress.raise(
-            DeviceId(read_uuid(&row, 0)?),
-            seq_from_sql(row.try_get(1)?)?,
-        );
+    for row in sqlx::query("SELECT origin, seq FROM sync_progress_shared").fetch_all(conn).await? {
+        progress.raise(DeviceId(read_uuid(&row, 0)?), seq_from_sql(row.try_get(1)?)?);
     }
     Ok(progress)
 }
@@ -43,9 +37,7 @@ pub async fn raise_shared_progress(
         );
         let mut query = sqlx::query(&sql);
         for entry in chunk {
-            query = query
-                .bind(entry.origin.as_bytes().as_slice())
-                .bind(seq_to_sql(entry.seq)?);
+            query = query.bind(entry.origin.as_bytes().as_slice()).bind(seq_to_sql(entry.seq)?);
         }
         query.execute(&mut *conn).await?;
     }
@@ -55,16 +47,11 @@ pub async fn raise_shared_progress(
 /// This device's state progress.
 pub async fn load_state_progress(conn: &mut SqliteConnection) -> Result<StateProgress, StoreError> {
     let mut progress = StateProgress::default();
-    for row in sqlx::query("SELECT owner, model, version FROM sync_progress_state")
-        .fetch_all(conn)
-        .await?
+    for row in
+        sqlx::query("SELECT owner, model, version FROM sync_progress_state").fetch_all(conn).await?
     {
         let model: String = row.try_get(1)?;
-        progress.raise(
-            DeviceId(read_uuid(&row, 0)?),
-            &model,
-            time_from_sql(row.try_get(2)?)?,
-        );
+        progress.raise(DeviceId(read_uuid(&row, 0)?), &model, time_from_sql(row.try_get(2)?)?);
     }
     Ok(progress)
 }
@@ -171,14 +158,9 @@ pub async fn peers(conn: &mut SqliteConnection) -> Result<Vec<PeerRecord>, Store
                 device: DeviceId(read_uuid(row, 0)?),
                 name: row.try_get(1)?,
                 // Epochs are random u64s stored bit for bit in SQLite's signed integers.
-                epoch: row
-                    .try_get::<Option<i64>, _>(2)?
-                    .map(|epoch| Epoch(epoch.cast_unsigned())),
+                epoch: row.try_get::<Option<i64>, _>(2)?.map(|epoch| Epoch(epoch.cast_unsigned())),
                 paired_at: seq_from_sql(row.try_get(3)?)?,
-                last_seen: row
-                    .try_get::<Option<i64>, _>(4)?
-                    .map(seq_from_sql)
-                    .transpose()?,
+                last_seen: row.try_get::<Option<i64>, _>(4)?.map(seq_from_sql).transpose()?,
                 needs_resync: row.try_get(5)?,
             })
         })
@@ -198,14 +180,9 @@ pub async fn note_epoch(
             .fetch_optional(&mut *conn)
             .await?;
     let Some(remembered) = remembered else {
-        return Err(StoreError::Corrupt(format!(
-            "epoch announced by unpaired device {peer}"
-        )));
+        return Err(StoreError::Corrupt(format!("epoch announced by unpaired device {peer}")));
     };
-    let check = check_epoch(
-        remembered.map(|epoch| Epoch(epoch.cast_unsigned())),
-        announced,
-    );
+    let check = check_epoch(remembered.map(|epoch| Epoch(epoch.cast_unsigned())), announced);
     if let EpochCheck::Changed { .. } = check {
         reset_peer_acks(conn, peer).await?;
     }
@@ -295,16 +272,12 @@ pub async fn load_shared_acks(
     conn: &mut SqliteConnection,
 ) -> Result<BTreeMap<DeviceId, SharedProgress>, StoreError> {
     let mut acks: BTreeMap<DeviceId, SharedProgress> = BTreeMap::new();
-    for row in sqlx::query("SELECT peer, origin, seq FROM sync_peer_acks_shared")
-        .fetch_all(conn)
-        .await?
+    for row in
+        sqlx::query("SELECT peer, origin, seq FROM sync_peer_acks_shared").fetch_all(conn).await?
     {
         acks.entry(DeviceId(read_uuid(&row, 0)?))
             .or_default()
-            .raise(
-                DeviceId(read_uuid(&row, 1)?),
-                seq_from_sql(row.try_get(2)?)?,
-            );
+            .raise(DeviceId(read_uuid(&row, 1)?), seq_from_sql(row.try_get(2)?)?);
     }
     Ok(acks)
 }
@@ -319,13 +292,11 @@ pub async fn load_state_acks(
         .await?
     {
         let model: String = row.try_get(2)?;
-        acks.entry(DeviceId(read_uuid(&row, 0)?))
-            .or_default()
-            .raise(
-                DeviceId(read_uuid(&row, 1)?),
-                &model,
-                time_from_sql(row.try_get(3)?)?,
-            );
+        acks.entry(DeviceId(read_uuid(&row, 0)?)).or_default().raise(
+            DeviceId(read_uuid(&row, 1)?),
+            &model,
+            time_from_sql(row.try_get(3)?)?,
+        );
     }
     Ok(acks)
 }

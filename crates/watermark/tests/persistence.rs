@@ -1,9 +1,5 @@
 //! Watermarks, peers and acks on a real library file.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "a test fails by panicking"
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "a test fails by panicking")]
 
 use std::sync::Arc;
 
@@ -32,11 +28,7 @@ async fn library(dir: &tempfile::TempDir) -> Database {
 }
 
 fn mark(owner: u8, model: &str, ms: u64) -> StateMark {
-    StateMark {
-        owner: device(owner),
-        model: model.into(),
-        version: HlcTime::new(ms, 0).unwrap(),
-    }
+    StateMark { owner: device(owner), model: model.into(), version: HlcTime::new(ms, 0).unwrap() }
 }
 
 #[tokio::test]
@@ -45,41 +37,21 @@ async fn progress_and_acks_persist_and_never_move_backwards() {
     let db = library(&dir).await;
     db.write(async |conn| {
         add_peer(conn, device(2), "laptop", 1_000).await?;
-        raise_shared_progress(
-            conn,
-            &[OriginSeq {
-                origin: device(3),
-                seq: 9,
-            }],
-        )
-        .await?;
-        raise_shared_progress(
-            conn,
-            &[OriginSeq {
-                origin: device(3),
-                seq: 4,
-            }],
-        )
-        .await?;
+        raise_shared_progress(conn, &[OriginSeq { origin: device(3), seq: 9 }]).await?;
+        raise_shared_progress(conn, &[OriginSeq { origin: device(3), seq: 4 }]).await?;
         raise_state_progress(conn, &[mark(3, "entries", 50)]).await?;
         raise_state_progress(conn, &[mark(3, "entries", 40)]).await?;
         record_acks(
             conn,
             device(2),
-            &[OriginSeq {
-                origin: device(3),
-                seq: 7,
-            }],
+            &[OriginSeq { origin: device(3), seq: 7 }],
             &[mark(3, "entries", 30)],
         )
         .await?;
         record_acks(
             conn,
             device(2),
-            &[OriginSeq {
-                origin: device(3),
-                seq: 2,
-            }],
+            &[OriginSeq { origin: device(3), seq: 2 }],
             &[mark(3, "entries", 10)],
         )
         .await?;
@@ -107,13 +79,7 @@ async fn progress_and_acks_persist_and_never_move_backwards() {
         })
         .await
         .unwrap();
-    assert_eq!(
-        marks.shared,
-        [OriginSeq {
-            origin: device(3),
-            seq: 9
-        }]
-    );
+    assert_eq!(marks.shared, [OriginSeq { origin: device(3), seq: 9 }]);
     assert_eq!(marks.state, [mark(3, "entries", 50)]);
     assert_eq!(shared_acks[&device(2)].get(device(3)), 7);
     assert_eq!(
@@ -130,16 +96,7 @@ async fn a_changed_epoch_resets_what_the_peer_acknowledged() {
         .write(async |conn| {
             add_peer(conn, device(2), "phone", 0).await?;
             let first = note_epoch(conn, device(2), Epoch(11)).await?;
-            record_acks(
-                conn,
-                device(2),
-                &[OriginSeq {
-                    origin: device(1),
-                    seq: 5,
-                }],
-                &[],
-            )
-            .await?;
+            record_acks(conn, device(2), &[OriginSeq { origin: device(1), seq: 5 }], &[]).await?;
             let same = note_epoch(conn, device(2), Epoch(11)).await?;
             let changed = note_epoch(conn, device(2), Epoch(u64::MAX)).await?;
             Ok::<_, StoreError>((
@@ -154,16 +111,8 @@ async fn a_changed_epoch_resets_what_the_peer_acknowledged() {
         .unwrap();
     assert_eq!(first, EpochCheck::FirstContact);
     assert_eq!(same, EpochCheck::Same);
-    assert_eq!(
-        changed,
-        EpochCheck::Changed {
-            previous: Epoch(11)
-        }
-    );
-    assert!(
-        acks.get(&device(2))
-            .is_none_or(|progress| progress.get(device(1)) == 0)
-    );
+    assert_eq!(changed, EpochCheck::Changed { previous: Epoch(11) });
+    assert!(acks.get(&device(2)).is_none_or(|progress| progress.get(device(1)) == 0));
     assert_eq!(peers[0].epoch, Some(Epoch(u64::MAX)));
 }
 
@@ -174,24 +123,10 @@ async fn unpairing_forgets_the_peer_and_its_acks() {
     let (removed, again, peers, acks) = db
         .write(async |conn| {
             add_peer(conn, device(2), "phone", 0).await?;
-            record_acks(
-                conn,
-                device(2),
-                &[OriginSeq {
-                    origin: device(1),
-                    seq: 5,
-                }],
-                &[],
-            )
-            .await?;
+            record_acks(conn, device(2), &[OriginSeq { origin: device(1), seq: 5 }], &[]).await?;
             let removed = remove_peer(conn, device(2)).await?;
             let again = remove_peer(conn, device(2)).await?;
-            Ok::<_, StoreError>((
-                removed,
-                again,
-                peers(conn).await?,
-                load_shared_acks(conn).await?,
-            ))
+            Ok::<_, StoreError>((removed, again, peers(conn).await?, load_shared_acks(conn).await?))
         })
         .await
         .unwrap();
