@@ -112,6 +112,12 @@ pub struct StateBatch {
     pub columns: Vec<String>,
     /// The rows, several changes to one row coalesced to the newest.
     pub rows: Vec<StateRow>,
+    /// The owner's mark for this model when the batch was cut: the batch holds every change of
+    /// the owner's rows of this model after it. A receiver whose own mark is at least `since` may
+    /// raise its mark to the batch's newest version; one further behind applies the rows but
+    /// keeps its mark, and catches up the gap by watermark. `None`: from the very first write.
+    #[serde(default)]
+    pub since: Option<HlcTime>,
 }
 
 /// Shared changes pushed live, in origin sequence order per origin.

@@ -127,7 +127,7 @@ fn message() -> impl Strategy<Value = Message> {
             Message::Hello(Hello { library: LibraryId(library), device, epoch: Epoch(epoch), name })
         }),
         (device(), name(), columns_and_rows()).prop_map(|(owner, model, (columns, rows))| {
-            Message::StateBatch(StateBatch { owner, model, columns, rows })
+            Message::StateBatch(StateBatch { owner, model, columns, rows, since: None })
         }),
         prop::collection::vec(shared_change(), 0..6)
             .prop_map(|changes| Message::SharedBatch(SharedBatch { changes })),
@@ -257,6 +257,7 @@ fn sample_batch() -> Message {
             version,
             op: StateOp::Upsert(vec![Value::Text("a.txt".into()), Value::Integer(10)]),
         }],
+        since: Some(HlcTime::new(1_600_000_000_000, 3).unwrap()),
     })
 }
 

@@ -53,14 +53,17 @@ CREATE TABLE sync_parked (
     PRIMARY KEY (model, id)
 ) WITHOUT ROWID;
 
--- Device-owned deletions (crate state-sync). A subtree tombstone covers its root and everything
--- below it at deletion time.
+-- Device-owned deletions (crate state-sync). kind 0: the owner deleted the row; kind 1: the
+-- owner deleted the row and its subtree; kind 2: a row removed locally because a subtree
+-- tombstone covers it (never sent; kept so that ancestor chains stay walkable). parent is the
+-- row's parent when it was removed, for trees.
 CREATE TABLE sync_tombstones (
     model TEXT NOT NULL,
     id BLOB NOT NULL,
     owner BLOB NOT NULL,
     version INTEGER NOT NULL,
-    subtree INTEGER NOT NULL,
+    kind INTEGER NOT NULL,
+    parent BLOB,
     deleted_at INTEGER NOT NULL,
     PRIMARY KEY (model, id)
 ) WITHOUT ROWID;

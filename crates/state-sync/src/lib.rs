@@ -1,0 +1,266 @@
+//! Device-owned data: rows only their owner writes (locations, file entries, volumes), replicated
+//! state-based — the owner's newest version of a row wins wherever it lands.
+//!
+//! # Model
+//! - Every row carries `owner` and `version` (the owner's HLC time at its last write). Applying a
+//!   received row is an idempotent, order-independent upsert: a newer version replaces the row, an
+//!   older or equal one is a no-op ([`decide`]). A row claimed by a device other than its
+//!   established owner is rejected and counted, never applied.
+//! - Deletes are tombstones carrying the owner's version, so a late or replayed upsert never undoes
+//!   a delete. Deleting a directory of a tree model sends one tombstone for the subtree root; each
+//!   receiver removes the subtree it holds, and refuses any older version of a row whose ancestors
+//!   include a subtree tombstone newer than that version (the ancestor walk goes through removed
+//!   rows via locally kept tombstones, so it survives rows arriving in any order).
+//! - There is no log: a peer that missed changes asks for rows with a version above its mark
+//!   ([`sql::rows_since`], tombstones included) or, when backfilling, for all rows in key order
+//!   ([`sql::rows_by_key`]).
+//! - Bulk writes (indexing a million files) go through [`sql::write_local`] in large
+//!   transactions of multi-row statements; new rows should get time-ordered UUIDv7 keys and arrive
+//!   in key order, which SQLite inserts several times faster than random keys.
+//!
+//! # Invariants
+//! - Applying the same rows in any order, any number of times, leaves the same tables.
+//! - A row's version never decreases; a tombstone is only replaced by a newer version.
+//! - Tombstones are garbage-collected only once every paired device holds them, or past the
+//!   retention cap, which marks the devices left behind for a full resync ([`plan_tombstone_gc`]).
+//!
+//! # Where the IO is
+//! [`decide`], [`coalesce`] and [`plan_tombstone_gc`] are pure. The [`sql`] module reads and writes
+//! inside the caller's transaction.
+
+use std::collections::{BTreeMap, HashMap};
+
+use lsync_hlc::{DeviceId, HlcError, HlcTime};
+use lsync_protocol::StateRow;
+use lsync_store::StoreError;
+use lsync_watermark::StateProgress;
+
+pub mod sql;
+
+/// What a device holds for one id, as far as applying a received version is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Current {
+    /// Nothing.
+    Absent,
+    /// A live row.
+    Row {
+        /// Its owner.
+        owner: DeviceId,
+        /// Its version.
+        version: HlcTime,
+    },
+    /// A tombstone.
+    Tombstone {
+        /// The owner of the deleted row.
+        owner: DeviceId,
+        /// The version of the delete.
+        version: HlcTime,
+    },
+}
+
+/// What to do with a received version of a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// It is newer than what is held: apply it.
+    Apply,
+    /// It is not newer: ignore it.
+    Stale,
+    /// It claims a row owned by another device: reject it.
+    WrongOwner {
+        /// The row's established owner.
+        owner: DeviceId,
+    },
+}
+
+/// Decides whether `owner`'s version `version` of a row replaces what is held.
+pub fn decide(current: Current, owner: DeviceId, version: HlcTime) -> Decision {
+    match current {
+        Current::Absent => Decision::Apply,
+        Current::Row { owner: held_by, version: held }
+        | Current::Tombstone { owner: held_by, version: held } => {
+            if held_by != owner {
+                Decision::WrongOwner { owner: held_by }
+            } else if version > held {
+                Decision::Apply
+            } else {
+                Decision::Stale
+            }
+        }
+    }
+}
+
+/// Keeps the newest version of each row and orders the result by primary key, the order SQLite
+/// inserts fastest.
+pub fn coalesce(rows: Vec<StateRow>) -> Vec<StateRow> {
+    let mut newest: HashMap<uuid::Uuid, StateRow> = HashMap::with_capacity(rows.len());
+    for row in rows {
+        match newest.get(&row.id) {
+            Some(held) if held.version >= row.version => {}
+            _ => {
+                newest.insert(row.id, row);
+            }
+        }
+    }
+    let mut rows: Vec<StateRow> = newest.into_values().collect();
+    rows.sort_unstable_by_key(|row| row.id);
+    rows
+}
+
+/// The tombstones of one (owner, model) as the garbage collector sees them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TombstoneGroup {
+    /// Owner of the deleted rows.
+    pub owner: DeviceId,
+    /// Model.
+    pub model: String,
+    /// Newest tombstone version in the group.
+    pub newest: HlcTime,
+    /// Newest version among tombstones older than the retention cap, if any.
+    pub aged_newest: Option<HlcTime>,
+}
+
+/// What the tombstone collector may delete.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TombstoneGc {
+    /// Per (owner, model): delete tombstones with a version up to and including this.
+    pub collect_through: Vec<(DeviceId, String, HlcTime)>,
+    /// Devices that had not caught up with tombstones the cap removed: they need a full resync.
+    pub resync: Vec<DeviceId>,
+}
+
+/// Decides which tombstones can go: those every paired device (not already marked for resync)
+/// holds — its state ack for the (owner, model) is at least the tombstone's version — plus those
+/// past the retention cap, marking the devices that had not caught up.
+pub fn plan_tombstone_gc(
+    groups: &[TombstoneGroup],
+    peers: &[(DeviceId, bool)],
+    acks: &BTreeMap<DeviceId, StateProgress>,
+) -> TombstoneGc {
+    let counted: Vec<DeviceId> =
+        peers.iter().filter(|(_, needs_resync)| !needs_resync).map(|(device, _)| *device).collect();
+    let ack = |peer: &DeviceId, group: &TombstoneGroup| {
+        acks.get(peer).and_then(|progress| progress.get(group.owner, &group.model))
+    };
+    let mut gc = TombstoneGc::default();
+    for group in groups {
+        // With no peers, every tombstone is held everywhere it needs to be.
+        let safe = counted
+            .iter()
+            .map(|peer| ack(peer, group).unwrap_or(HlcTime::ZERO))
+            .min()
+            .unwrap_or(group.newest)
+            .min(group.newest);
+        let through = group.aged_newest.map_or(safe, |aged| aged.max(safe));
+        if through == HlcTime::ZERO {
+            continue;
+        }
+        gc.collect_through.push((group.owner, group.model.clone(), through));
+        for peer in &counted {
+            if ack(peer, group).is_none_or(|held| held < through) && !gc.resync.contains(peer) {
+                gc.resync.push(*peer);
+            }
+        }
+    }
+    gc
+}
+
+/// What can go wrong writing device-owned data.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The clock refused to stamp.
+    #[error(transparent)]
+    Clock(#[from] HlcError),
+    /// The write breaks the model's declaration.
+    #[error("invalid write: {0}")]
+    Invalid(String),
+    /// The row belongs to another device.
+    #[error("{model} {id} belongs to device {owner}; only its owner may write it")]
+    NotOwner {
+        /// The model.
+        model: String,
+        /// The row.
+        id: uuid::Uuid,
+        /// Its owner.
+        owner: DeviceId,
+    },
+}
+
+impl From<sqlx::Error> for StateError {
+    fn from(error: sqlx::Error) -> Self {
+        StateError::Store(error.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lsync_protocol::StateOp;
+    use uuid::Uuid;
+
+    use super::*;
+
+    fn device(byte: u8) -> DeviceId {
+        DeviceId::from_bytes([byte; 16])
+    }
+
+    fn t(ms: u64) -> HlcTime {
+        HlcTime::new(ms, 0).unwrap()
+    }
+
+    #[test]
+    fn newer_versions_win_and_others_are_stale_or_rejected() {
+        let owner = device(1);
+        assert_eq!(decide(Current::Absent, owner, t(1)), Decision::Apply);
+        let row = Current::Row { owner, version: t(5) };
+        assert_eq!(decide(row, owner, t(6)), Decision::Apply);
+        assert_eq!(decide(row, owner, t(5)), Decision::Stale);
+        assert_eq!(decide(row, owner, t(4)), Decision::Stale);
+        assert_eq!(decide(row, device(2), t(9)), Decision::WrongOwner { owner });
+        let tombstone = Current::Tombstone { owner, version: t(5) };
+        assert_eq!(
+            decide(tombstone, owner, t(4)),
+            Decision::Stale,
+            "a replay never undoes a delete"
+        );
+        assert_eq!(decide(tombstone, owner, t(6)), Decision::Apply);
+    }
+
+    #[test]
+    fn coalescing_keeps_the_newest_version_in_key_order() {
+        let row = |id: u128, ms: u64| StateRow {
+            id: Uuid::from_u128(id),
+            version: t(ms),
+            op: StateOp::Delete,
+        };
+        let rows = coalesce(vec![row(2, 1), row(1, 5), row(2, 3), row(1, 4)]);
+        assert_eq!(rows, vec![row(1, 5), row(2, 3)]);
+    }
+
+    #[test]
+    fn tombstones_are_collected_once_every_peer_holds_them_or_past_the_cap() {
+        let group = TombstoneGroup {
+            owner: device(1),
+            model: "entries".into(),
+            newest: t(10),
+            aged_newest: None,
+        };
+        let mut acks: BTreeMap<DeviceId, StateProgress> = BTreeMap::new();
+        acks.entry(device(2)).or_default().raise(device(1), "entries", t(7));
+        let peers = [(device(2), false), (device(3), false)];
+        assert_eq!(
+            plan_tombstone_gc(std::slice::from_ref(&group), &peers, &acks),
+            TombstoneGc::default()
+        );
+        acks.entry(device(3)).or_default().raise(device(1), "entries", t(20));
+        let gc = plan_tombstone_gc(std::slice::from_ref(&group), &peers, &acks);
+        assert_eq!(gc.collect_through, [(device(1), "entries".to_owned(), t(7))]);
+        assert!(gc.resync.is_empty());
+
+        let aged = TombstoneGroup { aged_newest: Some(t(9)), ..group };
+        let gc = plan_tombstone_gc(&[aged], &peers, &acks);
+        assert_eq!(gc.collect_through, [(device(1), "entries".to_owned(), t(9))]);
+        assert_eq!(gc.resync, [device(2)]);
+    }
+}
