@@ -81,6 +81,7 @@ pub use pairing::{Invitation, Refusal, TokenError};
 pub use peer_store::{
     FilePeerStore, MAX_ADDRESSES, MemoryPeerStore, PairedPeer, PeerStore, StoreError,
 };
+pub use quic::raw;
 pub use quic::{
     ConnectError, LocalDevice, PAIR_ALPN, PairError, QuicOptions, QuicTransport, StartError,
     sync_alpn,

@@ -5,6 +5,7 @@
 //! live connection (accepts streams, sends heartbeats, detects staleness), and one per incoming
 //! stream. All of them end on [`QuicTransport::shutdown`].
 
+pub mod raw;
 mod session;
 mod stream;
 mod tls;
@@ -275,26 +276,15 @@ impl QuicTransport {
         let provider = tls::provider();
         let trust = Arc::new(Trust::new(store.paired()?, &provider));
 
-        let mut quic_config = quinn::TransportConfig::default();
-        quic_config
-            .max_concurrent_bidi_streams(config.max_concurrent_requests.into())
-            .max_concurrent_uni_streams(MAX_ONE_WAY_STREAMS.into())
-            .stream_receive_window(STREAM_RECEIVE_WINDOW.into())
-            .receive_window(CONNECTION_WINDOW.into())
-            .send_window(u64::from(CONNECTION_WINDOW))
-            .keep_alive_interval(Some(config.heartbeat_interval))
-            .max_idle_timeout(Some(
-                quinn::IdleTimeout::try_from(config.stale_timeout)
-                    .map_err(|error| crate::ConfigError(format!("stale_timeout: {error}")))?,
-            ));
-        let quic_config = Arc::new(quic_config);
+        let quic_config = Arc::new(raw::transport_config(&config)?);
         let tls_error = |error: tls::TlsError| StartError::Tls(error.to_string());
         let server = tls::server_config(
             &identity,
             &trust,
             &provider,
             Arc::clone(&quic_config),
-            false,
+            tls::Accept::Paired,
+            sync_alpn(),
         )
         .map_err(tls_error)?;
         let sync_client = tls::client_config(
@@ -341,7 +331,7 @@ impl QuicTransport {
             false,
         ));
         for peer in inner.trust.all() {
-            start_dialer(&inner, peer.device);
+            start_dialer(&inner, peer.device, true);
         }
         info!(
             device = %inner.identity.device(),
@@ -450,7 +440,8 @@ impl QuicTransport {
             &self.inner.trust,
             &self.inner.provider,
             Arc::clone(&self.inner.quic_config),
-            true,
+            tls::Accept::Any,
+            PAIR_ALPN.to_vec(),
         )
         .map_err(|error| PairError::Invite(error.to_string()))?;
         let sync_address = self
@@ -539,7 +530,7 @@ impl QuicTransport {
         inner.store.add(peer.clone())?;
         inner.trust.add(peer.clone());
         info!(peer = %peer.device, "paired by invitation");
-        start_dialer(inner, peer.device);
+        start_dialer(inner, peer.device, true);
         Ok(peer)
     }
 
@@ -731,8 +722,9 @@ fn classify_handshake_error(error: ConnectionError) -> ConnectError {
     }
 }
 
-/// Starts the dialer of `device` unless it runs already.
-fn start_dialer(inner: &Arc<Inner>, device: DeviceId) {
+/// Starts the dialer of `device` unless it runs already; its first attempt comes at once if
+/// `immediately`, else after a backoff delay.
+fn start_dialer(inner: &Arc<Inner>, device: DeviceId, immediately: bool) {
     if inner.shutting_down.load(Ordering::Acquire) {
         return;
     }
@@ -747,16 +739,16 @@ fn start_dialer(inner: &Arc<Inner>, device: DeviceId) {
         dialers.insert(device, Arc::clone(&wake));
         wake
     };
-    tokio::spawn(run_dialer(Arc::clone(inner), device, wake));
+    tokio::spawn(run_dialer(Arc::clone(inner), device, wake, immediately));
 }
 
 /// Keeps `device` connected: while it is not, dials its remembered addresses, waiting a growing,
 /// jittered delay between rounds. Ends when the device is unpaired or on shutdown.
-async fn run_dialer(inner: Arc<Inner>, device: DeviceId, wake: Arc<Notify>) {
+async fn run_dialer(inner: Arc<Inner>, device: DeviceId, wake: Arc<Notify>, immediately: bool) {
     let config = &inner.config;
     let mut backoff = Backoff::new(config.backoff_base, config.backoff_cap);
     let mut shutdown = inner.shutdown_signal.subscribe();
-    let mut first_round = true;
+    let mut first_round = immediately;
     loop {
         let still_mine = lock(&inner.dialers)
             .get(&device)
@@ -849,7 +841,9 @@ async fn serve_pairing(inner: &Arc<Inner>, connection: quinn::Connection) {
     connection.close(close::PAIRING_DONE, b"pairing done");
     if let Some(peer) = paired {
         info!(peer = %peer.device, %address, "a device paired by invitation");
-        start_dialer(inner, peer.device);
+        // The joiner dials right away; dialing it at the same moment would only race that
+        // connection (one of the two would be closed), so this side's first attempt waits.
+        start_dialer(inner, peer.device, false);
         // The events channel may be closed if the application is gone; nothing to report to then.
         let _ = inner.events.send(TransportEvent::Paired(peer)).await;
     }

@@ -271,7 +271,7 @@ pub(crate) async fn establish(
         warn!(peer = %device, %error, "cannot store the peer's new address");
     }
     debug!(peer = %device, %address, we_dialed, "connected");
-    start_dialer(inner, device);
+    start_dialer(inner, device, true);
     tokio::spawn(run_session(Arc::clone(inner), session));
     Ok(device)
 }

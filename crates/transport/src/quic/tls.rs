@@ -18,7 +18,6 @@ use tracing::warn;
 use crate::identity::{Fingerprint, Identity};
 use crate::pairing::InvitationBook;
 use crate::peer_store::PairedPeer;
-use crate::{PAIR_ALPN, sync_alpn};
 
 /// The metrics counter of handshakes refused because the remote certificate is not paired.
 pub(crate) const REFUSED_METRIC: &str = "lsync_transport_handshakes_refused_total";
@@ -129,7 +128,7 @@ impl Trust {
 
 /// Which remote certificates a verifier accepts.
 #[derive(Debug, Clone, Copy)]
-enum Accept {
+pub(crate) enum Accept {
     /// Paired certificates only (dialing a known peer).
     Paired,
     /// Any certificate (the pairing endpoint, where the invitation's proof decides).
@@ -268,29 +267,25 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The server side of the sync endpoint (`pairing` false: ALPN `lsync/1`, paired client
-/// certificates only) or of the pairing endpoint (`pairing` true: ALPN `lsync-pair/1`, any client
-/// certificate, since the invitation's proof decides).
+/// The server side: the sync endpoint accepts paired client certificates on `lsync/1`, the
+/// pairing endpoint any client certificate on `lsync-pair/1` (the invitation's proof decides).
 pub(crate) fn server_config(
     identity: &Identity,
     trust: &Arc<Trust>,
     provider: &Arc<CryptoProvider>,
     transport: Arc<quinn::TransportConfig>,
-    pairing: bool,
+    accept: Accept,
+    alpn: Vec<u8>,
 ) -> Result<quinn::ServerConfig, TlsError> {
     let verifier = Arc::new(PinnedVerifier {
         trust: Arc::clone(trust),
-        accept: if pairing { Accept::Any } else { Accept::Paired },
+        accept,
     });
     let mut tls = rustls::ServerConfig::builder_with_provider(Arc::clone(provider))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(vec![identity.certificate().clone()], identity.private_key())?;
-    tls.alpn_protocols = vec![if pairing {
-        PAIR_ALPN.to_vec()
-    } else {
-        sync_alpn()
-    }];
+    tls.alpn_protocols = vec![alpn];
     // No session resumption: a resumed session skips certificate verification, which would let
     // a since-unpaired device back in.
     tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
