@@ -363,7 +363,7 @@ mod tests {
         #[test]
         fn hostile_lengths_are_refused(
             valid in messages(),
-            len in (MAX_MESSAGE_BYTES as u32 + 1)..=u32::MAX,
+            len in (u32::try_from(MAX_MESSAGE_BYTES).unwrap() + 1)..=u32::MAX,
             split in 0usize..=4,
         ) {
             let mut stream: Vec<u8> = valid.iter().flat_map(|message| encode_frame(message).unwrap()).collect();

@@ -1,5 +1,10 @@
 //! The in-memory twin through the `Transport` trait, on tokio's paused clock: the same contract
 //! as QUIC (events, ordered one-way messages, correlated responses, timeouts) under each fault.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test fails by panicking"
+)]
 
 use std::time::Duration;
 

@@ -1,6 +1,11 @@
 //! The QUIC transport over real sockets on 127.0.0.1: pairing, refusals, request/response under
 //! concurrency, reconnects, stale detection, and hostile input. Every wait is on an event, with a
 //! timeout only as an upper bound.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test fails by panicking"
+)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -425,7 +425,10 @@ mod tests {
         // 1400 expected; the bounds are 8 standard deviations wide, so a correct model never
         // fails them, while a loss of 0 or 1 would.
         assert!((1240..=1560).contains(&delivered), "{delivered}");
-        assert_eq!(network.stats().lost as usize, 2000 - delivered);
+        assert_eq!(
+            usize::try_from(network.stats().lost).unwrap(),
+            2000 - delivered
+        );
     }
 
     #[test]
@@ -441,7 +444,7 @@ mod tests {
             },
         );
         let trace = run(&mut network, 1000);
-        let copies = network.stats().duplicated as usize;
+        let copies = usize::try_from(network.stats().duplicated).unwrap();
         assert!(copies > 400 && copies < 600, "{copies}");
         assert_eq!(trace.len(), 1000 + copies);
         let mut payloads: Vec<u32> = trace.iter().map(|(payload, _)| *payload).collect();
