@@ -27,9 +27,10 @@
 //! # Invariants
 //! - Only paired certificates complete a sync handshake (ALPN `lsync/1`); an unknown
 //!   certificate is refused during the TLS handshake and counted
-//!   ([`QuicTransport::refused_handshakes`]). While an invitation is open, an unknown certificate
-//!   may complete a handshake on the pairing ALPN (`lsync-pair/1`) only, whose connection carries
-//!   one `PairRequest` and nothing else.
+//!   ([`QuicTransport::refused_handshakes`]). Unknown certificates complete a handshake only on
+//!   the separate pairing endpoint (ALPN `lsync-pair/1`), which accepts connections only while
+//!   an invitation is remembered, and whose connection carries one `PairRequest` and nothing
+//!   else.
 //! - The first message on every sync connection is a `Hello` in each direction; a wrong library,
 //!   a device id that does not match the certificate, or anything else first closes the
 //!   connection with a logged reason.

@@ -189,6 +189,11 @@ impl Hub {
 /// dropped. Control operations are async because they emit `Connected`/`Disconnected` events
 /// and wait if a device's channel is full: do not call them from the task that drains those
 /// events.
+///
+/// Connectivity follows the model only: two devices of one library are connected unless
+/// partitioned or shut down (a partition is reported as `Disconnected(Stale)`, as a silent peer
+/// is over QUIC); loss alone never disconnects. One driver delivers for every device, so a
+/// device whose events channel is full holds up deliveries to all (back-pressure, never drops).
 #[derive(Clone)]
 pub struct MemoryHub {
     hub: Arc<Hub>,
