@@ -16,7 +16,10 @@ struct Benchmark {
     target: &'static str,
 }
 
-const BENCHMARKS: &[Benchmark] = &[Benchmark { name: "hlc", package: "lsync-hlc", target: "hlc" }];
+const BENCHMARKS: &[Benchmark] = &[
+    Benchmark { name: "hlc", package: "lsync-hlc", target: "hlc" },
+    Benchmark { name: "transport", package: "lsync-transport", target: "transport" },
+];
 
 pub(crate) fn run(args: &[String]) -> Result<(), String> {
     let mut quick = false;

@@ -26,7 +26,7 @@ usage: cargo xtask <task> [options]
 tasks:
   ci                          fmt check, clippy -D warnings, tests, docs, cargo deny
   bench [NAME...] [--quick] [--json]
-                              run benchmarks (names: hlc); --quick scales them down,
+                              run benchmarks (names: hlc, transport); --quick scales them down,
                               --json prints one JSON object on the last line
 ";
 

@@ -40,6 +40,34 @@ mod tests {
                 .collect();
             assert!(found.is_empty(), "{package} must not depend on {found:?}");
         }
+        only_transport_knows_quic_and_tls();
+    }
+
+    /// Only the transport (and the node, which composes it) may name QUIC or TLS crates as their
+    /// own dependencies: everything else talks to peers through `lsync_transport::Transport`.
+    fn only_transport_knows_quic_and_tls() {
+        let network = ["quinn", "rustls", "rcgen"];
+        let allowed = ["lsync-transport", "lsync-node"];
+        let crates = workspace_root().join("crates");
+        for entry in fs::read_dir(&crates).expect("crates/ exists") {
+            let manifest = entry.expect("readable").path().join("Cargo.toml");
+            let text = fs::read_to_string(&manifest)
+                .unwrap_or_else(|error| panic!("{}: {error}", manifest.display()));
+            let package = text
+                .lines()
+                .find_map(|line| line.strip_prefix("name = "))
+                .map(|name| name.trim_matches('"').to_owned())
+                .unwrap_or_default();
+            if allowed.contains(&package.as_str()) {
+                continue;
+            }
+            let named: Vec<&str> = text
+                .lines()
+                .filter_map(|line| line.split(['=', '.', ' ']).next())
+                .filter(|key| network.contains(key))
+                .collect();
+            assert!(named.is_empty(), "{package} depends on {named:?}; only lsync-transport may");
+        }
     }
 
     /// Every crate opens with a `//!` doc stating its model and invariants.
