@@ -31,9 +31,17 @@ mod tests {
     #[test]
     fn crate_boundaries_hold() {
         let io_and_runtime = ["tokio", "sqlx", "quinn", "rustls", "actix", "libsqlite3-sys"];
-        for (package, forbidden) in
-            [("lsync-hlc", &io_and_runtime[..]), ("lsync-protocol", &io_and_runtime[..])]
-        {
+        // The storage crates know SQLite (and so sqlx's runtime), but not the network or actors.
+        let network_and_actors = ["quinn", "rustls", "actix", "lsync-transport"];
+        for (package, forbidden) in [
+            ("lsync-hlc", &io_and_runtime[..]),
+            ("lsync-protocol", &io_and_runtime[..]),
+            ("lsync-store", &network_and_actors[..]),
+            ("lsync-watermark", &network_and_actors[..]),
+            ("lsync-peer-log", &network_and_actors[..]),
+            ("lsync-shared-sync", &network_and_actors[..]),
+            ("lsync-state-sync", &network_and_actors[..]),
+        ] {
             let found: Vec<_> = dependencies(package)
                 .into_iter()
                 .filter(|dependency| forbidden.contains(&dependency.as_str()))

@@ -59,6 +59,16 @@ pub enum SharedError {
         /// The record.
         id: Uuid,
     },
+    /// Receiving a batch would leave more records waiting for a referenced row than allowed.
+    #[error(
+        "{parked} shared records would wait for rows that have not arrived, more than the limit of {max}"
+    )]
+    ParkedOverflow {
+        /// Records that would be parked.
+        parked: u64,
+        /// The limit.
+        max: u64,
+    },
     /// An update or delete of a record that does not exist.
     #[error("{model} {id} does not exist")]
     NotFound {

@@ -70,13 +70,20 @@ pub struct Received {
 /// the shared tables, and advances this device's watermarks and the clock's resume point.
 /// Invalid changes are logged — they are part of their origin's sequence, and skipping them
 /// would stall the watermark — but never applied, and reported.
+///
+/// At most `max_parked` records may wait for a referenced row: a batch that would park more
+/// fails with [`SharedError::ParkedOverflow`], so the caller's transaction rolls back, nothing of
+/// the batch is kept or acknowledged, and the sender still holds it to send again later. Parked
+/// records are durable rows, not memory; the bound keeps a peer sending dangling references from
+/// growing them without limit.
 pub async fn receive<C: Clock>(
     conn: &mut SqliteConnection,
     registry: &Registry,
     clock: &HlcGenerator<C>,
     changes: &[SharedChange],
+    max_parked: u64,
     now_ms: u64,
-) -> Result<Received, StoreError> {
+) -> Result<Received, SharedError> {
     let mut progress = load_shared_progress(conn).await?;
     let fresh = lsync_peer_log::sql::append_new(conn, changes, &progress, now_ms).await?;
     let mut received = Received { fresh: fresh.len(), ..Received::default() };
@@ -102,6 +109,12 @@ pub async fn receive<C: Clock>(
         &mut progress,
     )
     .await?;
+    if !received.projection.parked.is_empty() {
+        let parked = parked_count(conn).await?;
+        if parked > max_parked {
+            return Err(SharedError::ParkedOverflow { parked, max: max_parked });
+        }
+    }
     if !fresh.is_empty() {
         store_clock(conn, clock.last()).await?;
     }

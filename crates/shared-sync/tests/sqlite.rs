@@ -53,7 +53,7 @@ impl Device {
     async fn receive(&self, changes: &[SharedChange]) -> lsync_shared_sync::sql::Received {
         let registry = self.db.registry().clone();
         self.db
-            .write(async |conn| receive(conn, &registry, &self.clock, changes, 0).await)
+            .write(async |conn| receive(conn, &registry, &self.clock, changes, 1_000, 0).await)
             .await
             .unwrap()
     }
@@ -265,6 +265,27 @@ async fn a_change_whose_target_has_not_arrived_is_parked_then_shown() {
     b.add_entry(entry).await;
     assert_eq!(b.parked().await, 0);
     assert_eq!(b.tables().await["tag_assignments"], a.tables().await["tag_assignments"]);
+}
+
+#[tokio::test]
+async fn parking_is_bounded_and_a_refused_batch_leaves_nothing_behind() {
+    let (a, b) = (Device::new(1).await, Device::new(2).await);
+    let tag_id = Uuid::now_v7();
+    let mut assignments = Vec::new();
+    for _ in 0..3 {
+        let entry = Uuid::now_v7();
+        a.add_entry(entry).await;
+        assignments.push(assignment(tag_id, entry));
+    }
+    a.write(vec![tag(tag_id, "work")]).await.unwrap();
+    let changes = a.write(assignments).await.unwrap();
+    let registry = b.db.registry().clone();
+    let result =
+        b.db.write(async |conn| receive(conn, &registry, &b.clock, &changes, 2, 0).await).await;
+    assert!(matches!(result, Err(SharedError::ParkedOverflow { parked: 3, max: 2 })));
+    assert_eq!(b.parked().await, 0);
+    let logged = b.db.write(async |conn| lsync_peer_log::sql::len(conn).await).await.unwrap();
+    assert_eq!(logged, 0, "the refused batch was rolled back, to be sent again");
 }
 
 #[tokio::test]
