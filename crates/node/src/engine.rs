@@ -1,0 +1,1001 @@
+//! The actors: a supervisor owning a `PeerActor` per remote device, a `RetryActor` and a
+//! `PrunerActor`, all on one dedicated thread running an actix system. Every actor is a thin
+//! shell: decisions live in [`crate::core`] and in the storage crates, IO in [`crate::sync`].
+//!
+//! Message flow:
+//! - the library hands local writes to the supervisor ([`LocalState`], [`LocalShared`]); the
+//!   supervisor batches them ([`Batcher`]) and, when a window closes, sends each batch to every
+//!   online peer's actor ([`Push`]);
+//! - a pump task forwards every [`TransportEvent`] to the supervisor, which routes it to the
+//!   peer's actor ([`FromPeer`]);
+//! - a peer actor applies what its peer sent, in order, one transaction per batch, and
+//!   acknowledges; it answers requests; on connect (and when heartbeat watermarks show it is
+//!   behind) it catches up;
+//! - after each send a peer actor registers the message with the retry actor, which re-sends
+//!   through the supervisor what was not acknowledged in time, with backoff, and forgets what was;
+//! - acknowledgements wake the pruner, which also runs on an interval.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use lsync_hlc::{DeviceId, HlcTime};
+use lsync_protocol::{Message as WireMessage, SharedBatch, SharedChange, StateBatch, StateRow};
+use lsync_transport::{DisconnectReason, Transport, TransportEvent};
+use tokio::sync::mpsc;
+
+use crate::core::batcher::{Batcher, Flush};
+use crate::core::retry::{Coverage, RetryConfig, RetryQueue};
+use crate::events::Event;
+use crate::library::{BoxFuture, Engine, EngineStatus, LibraryInner};
+use crate::sync;
+
+/// Starts the engine thread and its actors; returns the handle the library talks to.
+pub(crate) async fn start<T: Transport>(
+    inner: Arc<LibraryInner>,
+    transport: T,
+    events: mpsc::Receiver<TransportEvent>,
+) -> Box<dyn Engine> {
+    let (ready, ready_rx) = tokio::sync::oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name("lsync-engine".into())
+        .spawn(move || {
+            let system = System::new();
+            system.block_on(async move {
+                let supervisor = Supervisor::new(inner, Arc::new(transport)).start();
+                actix::spawn(pump(events, supervisor.clone()));
+                let _ = ready.send((supervisor, System::current()));
+            });
+            if let Err(error) = system.run() {
+                tracing::error!(%error, "the engine thread stopped with an error");
+            }
+        });
+    match thread {
+        Ok(thread) => match ready_rx.await {
+            Ok((supervisor, system)) => {
+                Box::new(EngineHandle { supervisor, system, thread: std::sync::Mutex::new(Some(thread)) })
+            }
+            Err(_) => Box::new(DeadEngine),
+        },
+        Err(error) => {
+            tracing::error!(%error, "cannot start the engine thread");
+            Box::new(DeadEngine)
+        }
+    }
+}
+
+/// Forwards transport events to the supervisor, waiting when its mailbox is full (so a flood of
+/// incoming batches slows the transport down instead of growing memory).
+async fn pump<T: Transport>(mut events: mpsc::Receiver<TransportEvent>, supervisor: Addr<Supervisor<T>>) {
+    while let Some(event) = events.recv().await {
+        if supervisor.send(FromTransport(event)).await.is_err() {
+            break;
+        }
+    }
+}
+
+struct EngineHandle<T: Transport> {
+    supervisor: Addr<Supervisor<T>>,
+    system: System,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl<T: Transport> Engine for EngineHandle<T> {
+    fn local_state(&self, model: String, since: Option<HlcTime>, rows: Vec<StateRow>) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let _ = self.supervisor.send(LocalState { model, since, rows }).await;
+        })
+    }
+
+    fn local_shared(&self, changes: Vec<SharedChange>) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let _ = self.supervisor.send(LocalShared { changes }).await;
+        })
+    }
+
+    fn set_enabled(&self, enabled: bool) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let _ = self.supervisor.send(SetEnabled(enabled)).await;
+        })
+    }
+
+    fn status(&self) -> BoxFuture<'_, EngineStatus> {
+        Box::pin(async move { self.supervisor.send(GetStatus).await.unwrap_or_default() })
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let _ = self.supervisor.send(Shutdown).await;
+            self.system.stop();
+            let thread = self.thread.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+            if let Some(thread) = thread {
+                let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            }
+        })
+    }
+}
+
+/// Stands in when the engine thread could not start: sync does nothing, writes still commit.
+struct DeadEngine;
+
+impl Engine for DeadEngine {
+    fn local_state(&self, _: String, _: Option<HlcTime>, _: Vec<StateRow>) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+    fn local_shared(&self, _: Vec<SharedChange>) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+    fn set_enabled(&self, _: bool) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+    fn status(&self) -> BoxFuture<'_, EngineStatus> {
+        Box::pin(async { EngineStatus::default() })
+    }
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Messages
+
+/// Library → supervisor: local device-owned rows were committed.
+struct LocalState {
+    model: String,
+    since: Option<HlcTime>,
+    rows: Vec<StateRow>,
+}
+impl Message for LocalState {
+    type Result = ();
+}
+
+/// Library → supervisor: local shared changes were committed.
+struct LocalShared {
+    changes: Vec<SharedChange>,
+}
+impl Message for LocalShared {
+    type Result = ();
+}
+
+/// Library → supervisor: sync switched on or off.
+struct SetEnabled(bool);
+impl Message for SetEnabled {
+    type Result = ();
+}
+
+/// Library → supervisor: report peers and queues.
+struct GetStatus;
+impl Message for GetStatus {
+    type Result = EngineStatus;
+}
+
+/// Library → supervisor: flush, stop children and the transport.
+struct Shutdown;
+impl Message for Shutdown {
+    type Result = ();
+}
+
+/// Pump → supervisor: something happened on the network.
+struct FromTransport(TransportEvent);
+impl Message for FromTransport {
+    type Result = ();
+}
+
+/// Supervisor → peer actor: a transport event about this peer.
+struct FromPeer(TransportEvent);
+impl Message for FromPeer {
+    type Result = ();
+}
+
+/// Supervisor (or retry actor, through the supervisor) → peer actor: send this to the peer and
+/// register it for acknowledgement.
+struct Push {
+    message: WireMessage,
+    covers: Coverage,
+}
+impl Message for Push {
+    type Result = ();
+}
+
+/// Retry actor → supervisor: re-send to `peer`.
+struct Resend {
+    peer: DeviceId,
+    message: WireMessage,
+    covers: Coverage,
+}
+impl Message for Resend {
+    type Result = ();
+}
+
+/// Peer actor → retry actor: sent (or failed to send) a message that awaits acknowledgement.
+struct Sent {
+    peer: DeviceId,
+    message: WireMessage,
+    covers: Coverage,
+    failed: bool,
+}
+impl Message for Sent {
+    type Result = ();
+}
+
+/// Peer actor → retry actor (and pruner): the peer acknowledged.
+struct Acked {
+    peer: DeviceId,
+    ack: lsync_protocol::Ack,
+}
+impl Message for Acked {
+    type Result = ();
+}
+
+/// Peer actor → retry actor: the peer went offline; catch-up will take over.
+struct PeerGone(DeviceId);
+impl Message for PeerGone {
+    type Result = ();
+}
+
+/// Supervisor → retry actor: how many messages wait.
+struct RetryLen;
+impl Message for RetryLen {
+    type Result = usize;
+}
+
+/// Anyone → pruner: acks moved; prune soon.
+struct PruneSoon;
+impl Message for PruneSoon {
+    type Result = ();
+}
+
+/// Peer actor → supervisor: the peer's online state and round trip, for status.
+struct PeerState {
+    peer: DeviceId,
+    online: bool,
+    rtt_us: Option<u64>,
+}
+impl Message for PeerState {
+    type Result = ();
+}
+
+/// Child → supervisor: stop with a failure (restarted with backoff).
+struct ChildFailed {
+    child: &'static str,
+    error: String,
+}
+impl Message for ChildFailed {
+    type Result = ();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Supervisor
+
+/// Owns the children, batches local writes, routes transport events, orders shutdown.
+struct Supervisor<T: Transport> {
+    inner: Arc<LibraryInner>,
+    transport: Arc<T>,
+    peers: HashMap<DeviceId, Addr<PeerActor<T>>>,
+    online: HashMap<DeviceId, Option<u64>>,
+    retry: Option<Addr<RetryActor<T>>>,
+    pruner: Option<Addr<PrunerActor>>,
+    batcher: Batcher,
+    flush_timer: Option<SpawnHandle>,
+    enabled: bool,
+    failures: u32,
+}
+
+impl<T: Transport> Supervisor<T> {
+    fn new(inner: Arc<LibraryInner>, transport: Arc<T>) -> Self {
+        let config = &inner.config;
+        let batcher = Batcher::new(config.batch_window, config.max_batch_rows);
+        let enabled = inner.enabled.load(std::sync::atomic::Ordering::Acquire);
+        Self {
+            inner,
+            transport,
+            peers: HashMap::new(),
+            online: HashMap::new(),
+            retry: None,
+            pruner: None,
+            batcher,
+            flush_timer: None,
+            enabled,
+            failures: 0,
+        }
+    }
+
+    fn peer(&mut self, peer: DeviceId, ctx: &mut Context<Self>) -> Addr<PeerActor<T>> {
+        let supervisor = ctx.address();
+        let retry = self.retry.clone();
+        let pruner = self.pruner.clone();
+        let (inner, transport) = (self.inner.clone(), self.transport.clone());
+        self.peers
+            .entry(peer)
+            .or_insert_with(|| {
+                PeerActor { peer, inner, transport, supervisor, retry, pruner, online: false, catching_up: false }
+                    .start()
+            })
+            .clone()
+    }
+
+    /// Schedules the next flush at the batcher's earliest deadline.
+    fn schedule_flush(&mut self, ctx: &mut Context<Self>) {
+        if let Some(handle) = self.flush_timer.take() {
+            ctx.cancel_future(handle);
+        }
+        if let Some(deadline) = self.batcher.next_deadline() {
+            let delay = deadline.saturating_duration_since(Instant::now());
+            self.flush_timer = Some(ctx.run_later(delay, |supervisor, ctx| {
+                supervisor.flush_timer = None;
+                let flushes = supervisor.batcher.poll(Instant::now());
+                supervisor.broadcast(flushes);
+                supervisor.schedule_flush(ctx);
+            }));
+        }
+    }
+
+    /// Sends each flushed batch to every online peer.
+    fn broadcast(&mut self, flushes: Vec<Flush>) {
+        let device = self.inner.identity().device;
+        for flush in flushes {
+            let (message, covers, rows) = match flush {
+                Flush::State { model, since, rows } => {
+                    let Some(newest) = rows.iter().map(|row| row.version).max() else { continue };
+                    let columns = self.inner.registry().model(&model).map(|m| m.column_names()).unwrap_or_default();
+                    let count = rows.len();
+                    let covers = Coverage::State { owner: device, model: model.clone(), version: newest };
+                    let batch = StateBatch { owner: device, model, columns, rows, since };
+                    (WireMessage::StateBatch(batch), covers, count)
+                }
+                Flush::Shared { changes } => {
+                    let batch = SharedBatch { changes };
+                    let Some(mark) = sync::shared_coverage(&batch) else { continue };
+                    let count = batch.changes.len();
+                    (WireMessage::SharedBatch(batch), Coverage::Shared { origin: mark.origin, seq: mark.seq }, count)
+                }
+            };
+            metrics::histogram!("lsync_batch_rows").record(rows as f64);
+            for (peer, addr) in &self.peers {
+                if self.online.contains_key(peer) {
+                    push(addr, *peer, Push { message: message.clone(), covers: covers.clone() });
+                }
+            }
+        }
+    }
+
+    fn start_children(&mut self, ctx: &mut Context<Self>) {
+        let config = &self.inner.config;
+        let retry_config = RetryConfig {
+            ack_timeout: config.ack_timeout,
+            base: config.retry_base,
+            max: config.retry_max,
+            max_attempts: config.retry_max_attempts,
+            capacity: config.retry_capacity,
+        };
+        let seed = u64::from_le_bytes(self.inner.identity().device.as_bytes()[..8].try_into().unwrap_or([0; 8]));
+        self.retry = Some(
+            RetryActor { queue: RetryQueue::new(retry_config, seed), supervisor: ctx.address(), timer: None }.start(),
+        );
+        self.pruner =
+            Some(PrunerActor { inner: self.inner.clone(), supervisor: ctx.address().recipient(), pending: false }.start());
+    }
+}
+
+impl<T: Transport> Actor for Supervisor<T> {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Bounded mailbox: writers and the transport pump wait when the engine is busy.
+        ctx.set_mailbox_capacity(64);
+        self.start_children(ctx);
+        // Keep the watermarks heartbeats carry fresh (local writes move them too), twice per
+        // heartbeat interval so a heartbeat never carries a snapshot older than that.
+        let every = (self.inner.config.heartbeat_interval / 2).max(Duration::from_millis(100));
+        let refresh = |supervisor: &mut Self, ctx: &mut Context<Self>| {
+            let inner = supervisor.inner.clone();
+            ctx.spawn(async move { let _ = sync::own_watermarks(&inner).await; }.into_actor(supervisor));
+        };
+        refresh(self, ctx);
+        ctx.run_interval(every, refresh);
+    }
+}
+
+impl<T: Transport> Handler<LocalState> for Supervisor<T> {
+    type Result = ();
+    fn handle(&mut self, message: LocalState, ctx: &mut Self::Context) {
+        self.batcher.push_state(&message.model, message.since, message.rows, Instant::now());
+        self.schedule_flush(ctx);
+    }
+}
+
+impl<T: Transport> Handler<LocalShared> for Supervisor<T> {
+    type Result = ();
+    fn handle(&mut self, message: LocalShared, ctx: &mut Self::Context) {
+        self.batcher.push_shared(message.changes, Instant::now());
+        self.schedule_flush(ctx);
+    }
+}
+
+impl<T: Transport> Handler<SetEnabled> for Supervisor<T> {
+    type Result = ();
+    fn handle(&mut self, SetEnabled(enabled): SetEnabled, ctx: &mut Self::Context) {
+        if self.enabled == enabled {
+            return;
+        }
+        self.enabled = enabled;
+        if enabled {
+            // Whatever was written meanwhile is in the log and the tables: each online peer
+            // catches up on both sides (each side pulls what it lacks).
+            for peer in self.online.keys().copied().collect::<Vec<_>>() {
+                self.peer(peer, ctx).do_send(CatchUpNow);
+            }
+        } else {
+            // Batches pending now would be sent while disabled: drop them from memory; the
+            // writes are committed and reach peers through catch-up once sync is on again.
+            let _ = self.batcher.flush_all();
+        }
+    }
+}
+
+impl<T: Transport> Handler<GetStatus> for Supervisor<T> {
+    type Result = ResponseActFuture<Self, EngineStatus>;
+    fn handle(&mut self, _: GetStatus, _: &mut Self::Context) -> Self::Result {
+        let online: Vec<(DeviceId, Option<u64>)> = self.online.iter().map(|(peer, rtt)| (*peer, *rtt)).collect();
+        let pending = self.batcher.pending_rows();
+        let retry = self.retry.clone();
+        Box::pin(
+            async move {
+                let retry_queue = match retry {
+                    Some(retry) => retry.send(RetryLen).await.unwrap_or(0),
+                    None => 0,
+                };
+                EngineStatus { online, retry_queue, pending_batch_rows: pending }
+            }
+            .into_actor(self),
+        )
+    }
+}
+
+impl<T: Transport> Handler<FromTransport> for Supervisor<T> {
+    type Result = ();
+    fn handle(&mut self, FromTransport(event): FromTransport, ctx: &mut Self::Context) {
+        let peer = match &event {
+            TransportEvent::Connected { peer, .. }
+            | TransportEvent::Disconnected { peer, .. }
+            | TransportEvent::Message { peer, .. }
+            | TransportEvent::Watermarks { peer, .. } => *peer,
+            TransportEvent::Request(request) => request.peer,
+            TransportEvent::Paired(paired) => paired.device,
+        };
+        if let TransportEvent::Connected { .. } = &event {
+            self.online.entry(peer).or_insert(None);
+            // A peer that comes online must not wait for the window to get what is pending.
+            let flushes = self.batcher.flush_all();
+            if self.enabled {
+                self.broadcast(flushes);
+            }
+        }
+        if let TransportEvent::Disconnected { reason, .. } = &event
+            && !matches!(reason, DisconnectReason::Replaced)
+        {
+            self.online.remove(&peer);
+            if let Some(retry) = &self.retry {
+                retry.do_send(PeerGone(peer));
+            }
+        }
+        if !self.enabled && !matches!(event, TransportEvent::Connected { .. } | TransportEvent::Disconnected { .. } | TransportEvent::Paired(_)) {
+            // Disabled: answer requests with Busy; drop incoming batches unapplied and unacked, so
+            // their senders keep them and catch-up brings them later.
+            if let TransportEvent::Request(request) = event {
+                actix::spawn(async move {
+                    let _ = request
+                        .responder
+                        .respond(WireMessage::Error(lsync_protocol::ErrorMessage {
+                            code: lsync_protocol::ErrorCode::Busy,
+                            message: "sync is disabled on this device".into(),
+                        }))
+                        .await;
+                });
+            }
+            return;
+        }
+        // Wait until the peer's actor took the event into its (bounded) mailbox: events of one
+        // peer stay in order, and a busy peer slows the transport down instead of queueing
+        // without bound.
+        let addr = self.peer(peer, ctx);
+        ctx.wait(addr.send(FromPeer(event)).into_actor(self).map(|_, _, _| ()));
+    }
+}
+
+/// Hands a batch to a peer's actor without waiting. A peer whose mailbox is full is busy
+/// applying; the batch is not queued for it — counted, and caught up by watermark at its next
+/// heartbeat.
+fn push<T: Transport>(addr: &Addr<PeerActor<T>>, peer: DeviceId, message: Push) {
+    if addr.try_send(message).is_err() {
+        metrics::counter!("lsync_push_skipped_total").increment(1);
+        tracing::debug!(%peer, "peer actor busy; the batch will reach it by catch-up");
+    }
+}
+
+impl<T: Transport> Handler<Resend> for Supervisor<T> {
+    type Result = ();
+    fn handle(&mut self, resend: Resend, _: &mut Self::Context) {
+        metrics::counter!("lsync_retries_total").increment(1);
+        self.inner.counters.retries.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        if let (Some(addr), true) = (self.peers.get(&resend.peer), self.online.contains_key(&resend.peer)) {
+            push(addr, resend.peer, Push { message: resend.message, covers: resend.covers });
+        }
+    }
+}
+
+impl<T: Transport> Handler<PeerState> for Supervisor<T> {
+    type Result = ();
+    fn handle(&mut self, state: PeerState, _: &mut Self::Context) {
+        if state.online {
+            self.online.insert(state.peer, state.rtt_us);
+            if let Some(rtt) = state.rtt_us {
+                metrics::histogram!("lsync_peer_rtt_seconds").record(rtt as f64 / 1e6);
+            }
+        } else {
+            self.online.remove(&state.peer);
+        }
+        metrics::gauge!("lsync_peers_online").set(self.online.len() as f64);
+    }
+}
+
+impl<T: Transport> Handler<ChildFailed> for Supervisor<T> {
+    type Result = ();
+    fn handle(&mut self, failure: ChildFailed, ctx: &mut Self::Context) {
+        self.failures += 1;
+        metrics::counter!("lsync_actor_restarts_total", "actor" => failure.child).increment(1);
+        tracing::error!(child = failure.child, error = %failure.error, failures = self.failures, "restarting a failed actor");
+        self.inner.emit(Event::Error {
+            message: format!("{} failed ({} failures so far): {}", failure.child, self.failures, failure.error),
+        });
+        // Exponential backoff, capped at a minute, so a persistent fault does not spin.
+        let delay = Duration::from_millis(100u64.saturating_mul(1 << self.failures.min(10))).min(Duration::from_secs(60));
+        ctx.run_later(delay, |supervisor, ctx| {
+            if supervisor.pruner.as_ref().is_none_or(|pruner| !pruner.connected()) {
+                supervisor.pruner = Some(
+                    PrunerActor { inner: supervisor.inner.clone(), supervisor: ctx.address().recipient(), pending: false }
+                        .start(),
+                );
+            }
+        });
+    }
+}
+
+impl<T: Transport> Handler<Shutdown> for Supervisor<T> {
+    type Result = ResponseActFuture<Self, ()>;
+    fn handle(&mut self, _: Shutdown, _: &mut Self::Context) -> Self::Result {
+        // Order: stop intake (the library already refuses writes), flush what is pending to the
+        // connected peers, let the sends drain, then close the transport.
+        let flushes = self.batcher.flush_all();
+        if self.enabled {
+            self.broadcast(flushes);
+        }
+        let peers: Vec<Addr<PeerActor<T>>> = self.peers.values().cloned().collect();
+        let transport = self.transport.clone();
+        Box::pin(
+            async move {
+                for peer in peers {
+                    // A no-op message queued behind the pushes: when it is handled, they were sent.
+                    let _ = peer.send(Drain).await;
+                }
+                let report = transport.shutdown().await;
+                tracing::info!(?report, "transport closed");
+            }
+            .into_actor(self),
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peer actor
+
+/// Supervisor → peer actor: exchange watermarks and pull what this device lacks (sync was
+/// switched back on).
+struct CatchUpNow;
+impl Message for CatchUpNow {
+    type Result = ();
+}
+
+/// Supervisor → peer actor: answered once every message queued before it was handled.
+struct Drain;
+impl Message for Drain {
+    type Result = ();
+}
+
+/// One remote device: applies what it sends (in order), answers its requests, sends it batches,
+/// catches up from it.
+struct PeerActor<T: Transport> {
+    peer: DeviceId,
+    inner: Arc<LibraryInner>,
+    transport: Arc<T>,
+    supervisor: Addr<Supervisor<T>>,
+    retry: Option<Addr<RetryActor<T>>>,
+    pruner: Option<Addr<PrunerActor>>,
+    online: bool,
+    catching_up: bool,
+}
+
+impl<T: Transport> Actor for PeerActor<T> {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(64);
+    }
+}
+
+impl<T: Transport> PeerActor<T> {
+    /// Exchanges watermarks with the peer and pulls what this device lacks. Runs in the actor's
+    /// context with `wait`, so batches from this peer are applied after the catch-up, in order.
+    fn catch_up(&mut self, ctx: &mut Context<Self>, theirs: Option<lsync_protocol::Watermarks>) {
+        if self.catching_up {
+            return;
+        }
+        self.catching_up = true;
+        let (inner, transport, peer) = (self.inner.clone(), self.transport.clone(), self.peer);
+        let timeout = inner.config.request_timeout;
+        let work = async move {
+            let theirs = match theirs {
+                Some(theirs) => theirs,
+                None => {
+                    let mine = sync::own_watermarks(&inner).await?;
+                    match transport.request(peer, lsync_protocol::Message::WatermarksRequest(mine), timeout).await? {
+                        lsync_protocol::Message::WatermarksResponse(theirs) => theirs,
+                        _ => return Err(sync::CatchUpError::Unexpected("answer to WatermarksRequest")),
+                    }
+                }
+            };
+            sync::record_ack(&inner, peer, &sync::ack_of(&theirs)).await?;
+            let pulled = sync::catch_up(&inner, &*transport, peer, &theirs).await?;
+            if pulled {
+                let mine = sync::own_watermarks(&inner).await?;
+                let _ = transport.send(peer, lsync_protocol::Message::Ack(sync::ack_of(&mine))).await;
+            }
+            Ok::<_, sync::CatchUpError>(())
+        };
+        ctx.wait(work.into_actor(self).map(|result, actor, _| {
+            actor.catching_up = false;
+            match result {
+                Ok(()) => {
+                    if let Some(pruner) = &actor.pruner {
+                        pruner.do_send(PruneSoon);
+                    }
+                }
+                Err(error) => {
+                    metrics::counter!("lsync_catch_up_failures_total").increment(1);
+                    tracing::warn!(peer = %actor.peer, %error, "catch-up stopped; it resumes on the next heartbeat or reconnect");
+                }
+            }
+        }));
+    }
+
+    /// Applies a batch from the peer, then acknowledges it; in order, blocking this actor's
+    /// mailbox until done.
+    fn apply(&mut self, ctx: &mut Context<Self>, message: lsync_protocol::Message) {
+        let (inner, transport, peer) = (self.inner.clone(), self.transport.clone(), self.peer);
+        let work = async move {
+            match message {
+                lsync_protocol::Message::StateBatch(batch) => sync::apply_state_batch(&inner, peer, batch).await?,
+                lsync_protocol::Message::SharedBatch(batch) => sync::apply_shared_changes(&inner, peer, batch).await?,
+                _ => return Ok(()),
+            }
+            let mine = sync::own_watermarks(&inner).await?;
+            let _ = transport.send(peer, lsync_protocol::Message::Ack(sync::ack_of(&mine))).await;
+            Ok::<_, crate::library::LibraryError>(())
+        };
+        ctx.wait(work.into_actor(self).map(|result, actor, _| {
+            if let Err(error) = result {
+                // Not acknowledged: the sender keeps the batch and sends it again (or the gap is
+                // caught up by watermark).
+                metrics::counter!("lsync_apply_failures_total").increment(1);
+                tracing::warn!(peer = %actor.peer, %error, "a batch from the peer was not applied");
+                actor.inner.emit(Event::Error { message: format!("batch from {} not applied: {error}", actor.peer) });
+            }
+        }));
+    }
+}
+
+impl<T: Transport> Handler<FromPeer> for PeerActor<T> {
+    type Result = ();
+    fn handle(&mut self, FromPeer(event): FromPeer, ctx: &mut Self::Context) {
+        match event {
+            TransportEvent::Connected { hello, .. } => {
+                self.online = true;
+                let (inner, peer) = (self.inner.clone(), self.peer);
+                let name = hello.name.clone();
+                let epoch = hello.epoch;
+                ctx.wait(
+                    async move {
+                        let result = inner
+                            .db
+                            .write(async |conn| {
+                                lsync_watermark::sql::add_peer(conn, peer, &name, crate::library::now_ms()).await?;
+                                lsync_watermark::sql::touch_peer(conn, peer, crate::library::now_ms()).await?;
+                                lsync_watermark::sql::note_epoch(conn, peer, epoch).await
+                            })
+                            .await;
+                        if let Err(error) = result {
+                            tracing::warn!(%peer, %error, "cannot record the peer");
+                        }
+                    }
+                    .into_actor(self),
+                );
+                self.supervisor.do_send(PeerState { peer: self.peer, online: true, rtt_us: None });
+                self.inner.emit(Event::PeerOnline { peer: self.peer, name: hello.name });
+                self.catch_up(ctx, None);
+            }
+            TransportEvent::Disconnected { reason, .. } => {
+                if matches!(reason, DisconnectReason::Replaced) {
+                    return;
+                }
+                self.online = false;
+                self.supervisor.do_send(PeerState { peer: self.peer, online: false, rtt_us: None });
+                self.inner.emit(Event::PeerOffline { peer: self.peer, reason: reason.to_string() });
+            }
+            TransportEvent::Message { message: lsync_protocol::Message::Ack(ack), .. } => {
+                let (inner, peer) = (self.inner.clone(), self.peer);
+                if let Some(retry) = &self.retry {
+                    retry.do_send(Acked { peer, ack: ack.clone() });
+                }
+                if let Some(pruner) = &self.pruner {
+                    pruner.do_send(PruneSoon);
+                }
+                ctx.wait(
+                    async move {
+                        if let Err(error) = sync::record_ack(&inner, peer, &ack).await {
+                            tracing::warn!(%peer, %error, "cannot record an acknowledgement");
+                        }
+                    }
+                    .into_actor(self),
+                );
+            }
+            TransportEvent::Message { message, .. } => self.apply(ctx, message),
+            TransportEvent::Request(request) => {
+                let inner = self.inner.clone();
+                // Serving reads only: run beside the mailbox, not in front of it.
+                ctx.spawn(
+                    async move {
+                        let response = sync::serve(&inner, request.message).await;
+                        let _ = request.responder.respond(response).await;
+                    }
+                    .into_actor(self),
+                );
+            }
+            TransportEvent::Watermarks { watermarks, .. } => {
+                let rtt = self
+                    .transport
+                    .connected_peers()
+                    .into_iter()
+                    .find(|info| info.device == self.peer)
+                    .and_then(|info| info.rtt)
+                    .map(|rtt| u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX));
+                self.supervisor.do_send(PeerState { peer: self.peer, online: true, rtt_us: rtt });
+                let (inner, peer) = (self.inner.clone(), self.peer);
+                ctx.spawn(
+                    async move {
+                        let _ = sync::record_ack(&inner, peer, &sync::ack_of(&watermarks)).await;
+                        // Divergence is repaired without waiting for a reconnect.
+                        match sync::behind(&inner, &watermarks).await {
+                            Ok(true) => Some(watermarks),
+                            _ => None,
+                        }
+                    }
+                    .into_actor(self)
+                    .map(|behind, actor, ctx| {
+                        if let Some(pruner) = &actor.pruner {
+                            pruner.do_send(PruneSoon);
+                        }
+                        if let Some(theirs) = behind {
+                            actor.catch_up(ctx, Some(theirs));
+                        }
+                    }),
+                );
+            }
+            TransportEvent::Paired(paired) => {
+                let inner = self.inner.clone();
+                ctx.wait(
+                    async move {
+                        let _ = inner
+                            .db
+                            .write(async |conn| {
+                                lsync_watermark::sql::add_peer(conn, paired.device, &paired.name, crate::library::now_ms()).await
+                            })
+                            .await;
+                    }
+                    .into_actor(self),
+                );
+            }
+        }
+    }
+}
+
+impl<T: Transport> Handler<Push> for PeerActor<T> {
+    type Result = ();
+    fn handle(&mut self, push: Push, ctx: &mut Self::Context) {
+        if !self.online {
+            return;
+        }
+        let (transport, peer, retry) = (self.transport.clone(), self.peer, self.retry.clone());
+        let bytes = lsync_protocol::encode(&push.message).map_or(0, |bytes| bytes.len());
+        self.inner.counters.batches_sent.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        // Sends are awaited in order so the peer receives batches in the order they were cut.
+        ctx.wait(
+            async move {
+                let result = transport.send(peer, push.message.clone()).await;
+                let kind = push.message.name();
+                match &result {
+                    Ok(()) => {
+                        metrics::counter!("lsync_messages_sent_total", "kind" => kind).increment(1);
+                        metrics::counter!("lsync_bytes_sent_total").increment(bytes as u64);
+                    }
+                    Err(error) => tracing::debug!(%peer, %error, "send failed; it will be retried"),
+                }
+                if let Some(retry) = retry {
+                    retry.do_send(Sent { peer, message: push.message, covers: push.covers, failed: result.is_err() });
+                }
+            }
+            .into_actor(self),
+        );
+    }
+}
+
+impl<T: Transport> Handler<CatchUpNow> for PeerActor<T> {
+    type Result = ();
+    fn handle(&mut self, _: CatchUpNow, ctx: &mut Self::Context) {
+        if self.online {
+            self.catch_up(ctx, None);
+        }
+    }
+}
+
+impl<T: Transport> Handler<Drain> for PeerActor<T> {
+    type Result = ();
+    fn handle(&mut self, _: Drain, _: &mut Self::Context) {}
+}
+
+// ---------------------------------------------------------------------------------------------
+// Retry actor
+
+/// Holds sent batches until acknowledged; re-sends what is not, with backoff.
+struct RetryActor<T: Transport> {
+    queue: RetryQueue<WireMessage>,
+    supervisor: Addr<Supervisor<T>>,
+    timer: Option<SpawnHandle>,
+}
+
+impl<T: Transport> RetryActor<T> {
+    fn schedule(&mut self, ctx: &mut Context<Self>) {
+        if let Some(timer) = self.timer.take() {
+            ctx.cancel_future(timer);
+        }
+        metrics::gauge!("lsync_retry_queue").set(self.queue.len() as f64);
+        if let Some(due) = self.queue.next_due() {
+            let delay = due.saturating_duration_since(Instant::now());
+            self.timer = Some(ctx.run_later(delay, |actor, ctx| {
+                actor.timer = None;
+                let due = actor.queue.poll_due(Instant::now());
+                for (_, peer, message) in due.resend {
+                    let covers = actor.queue_coverage(&message);
+                    if let Some(covers) = covers {
+                        actor.supervisor.do_send(Resend { peer, message, covers });
+                    }
+                }
+                if !due.gave_up.is_empty() {
+                    metrics::counter!("lsync_retries_given_up_total").increment(due.gave_up.len() as u64);
+                    tracing::info!(count = due.gave_up.len(), "gave up re-sending; catch-up by watermark takes over");
+                }
+                actor.schedule(ctx);
+            }));
+        }
+    }
+
+    /// What an ack must cover for `message` to count as delivered.
+    fn queue_coverage(&self, message: &WireMessage) -> Option<Coverage> {
+        match message {
+            WireMessage::StateBatch(batch) => batch.rows.iter().map(|row| row.version).max().map(|version| {
+                Coverage::State { owner: batch.owner, model: batch.model.clone(), version }
+            }),
+            WireMessage::SharedBatch(batch) => {
+                sync::shared_coverage(batch).map(|mark| Coverage::Shared { origin: mark.origin, seq: mark.seq })
+            }
+            _ => None,
+        }
+    }
+}
+
+impl<T: Transport> Actor for RetryActor<T> {
+    type Context = Context<Self>;
+}
+
+impl<T: Transport> Handler<Sent> for RetryActor<T> {
+    type Result = ();
+    fn handle(&mut self, sent: Sent, ctx: &mut Self::Context) {
+        let now = Instant::now();
+        match self.queue.sent(sent.peer, sent.message, sent.covers, now) {
+            Ok(id) => {
+                if sent.failed {
+                    self.queue.send_failed(id, now);
+                }
+            }
+            Err(_) => {
+                metrics::counter!("lsync_retry_overflow_total").increment(1);
+                tracing::info!(peer = %sent.peer, "retry queue full; catch-up by watermark takes over");
+            }
+        }
+        self.schedule(ctx);
+    }
+}
+
+impl<T: Transport> Handler<Acked> for RetryActor<T> {
+    type Result = ();
+    fn handle(&mut self, acked: Acked, ctx: &mut Self::Context) {
+        self.queue.acked(acked.peer, &acked.ack);
+        self.schedule(ctx);
+    }
+}
+
+impl<T: Transport> Handler<PeerGone> for RetryActor<T> {
+    type Result = ();
+    fn handle(&mut self, PeerGone(peer): PeerGone, ctx: &mut Self::Context) {
+        self.queue.peer_offline(peer);
+        self.schedule(ctx);
+    }
+}
+
+impl<T: Transport> Handler<RetryLen> for RetryActor<T> {
+    type Result = usize;
+    fn handle(&mut self, _: RetryLen, _: &mut Self::Context) -> usize {
+        self.queue.len()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pruner actor
+
+/// Prunes the peer log and collects tombstones when acks allow, on an interval and soon after
+/// acks arrive (debounced to one run per second).
+struct PrunerActor {
+    inner: Arc<LibraryInner>,
+    supervisor: Recipient<ChildFailed>,
+    pending: bool,
+}
+
+impl PrunerActor {
+    fn run(&mut self, ctx: &mut Context<Self>) {
+        let inner = self.inner.clone();
+        ctx.wait(async move { sync::prune(&inner).await }.into_actor(self).map(|result, actor, ctx| {
+            actor.pending = false;
+            match result {
+                Ok((pruned, collected)) => {
+                    if pruned + collected > 0 {
+                        tracing::debug!(pruned, collected, "pruned");
+                        actor.inner.emit(Event::Pruned { log_entries: pruned, tombstones: collected });
+                    }
+                }
+                Err(error) => {
+                    actor.supervisor.do_send(ChildFailed { child: "pruner", error: error.to_string() });
+                    ctx.stop();
+                }
+            }
+        }));
+    }
+}
+
+impl Actor for PrunerActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let interval = self.inner.config.prune_interval;
+        ctx.run_interval(interval, |actor, ctx| actor.run(ctx));
+    }
+}
+
+impl Handler<PruneSoon> for PrunerActor {
+    type Result = ();
+    fn handle(&mut self, _: PruneSoon, ctx: &mut Self::Context) {
+        if !self.pending {
+            self.pending = true;
+            ctx.run_later(Duration::from_secs(1), |actor, ctx| actor.run(ctx));
+        }
+    }
+}

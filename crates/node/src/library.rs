@@ -1,0 +1,439 @@
+//! The library API: what an app calls.
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use lsync_hlc::{Clock, DeviceId, HlcGenerator, HlcTime, Resume, SystemClock};
+use lsync_protocol::{LibraryId, OriginSeq, SharedChange, StateMark, StateRow, Watermarks};
+use lsync_shared_sync::SharedError;
+use lsync_shared_sync::sql::Edit;
+use lsync_state_sync::StateError;
+use lsync_state_sync::sql::RowEdit;
+use lsync_store::{Database, Identity, Registry, SqliteConnection, StoreError, load_clock};
+use lsync_transport::{Transport, TransportEvent};
+use tokio::sync::{Mutex, mpsc};
+
+use crate::config::SyncConfig;
+use crate::events::{Event, EventBus};
+
+/// A boxed future, for the object-safe engine interface.
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the library needs from a running sync engine, whatever its transport.
+pub(crate) trait Engine: Send + Sync {
+    /// Local device-owned rows of `model` were committed; `since` is this device's mark for the
+    /// model before the write.
+    fn local_state(&self, model: String, since: Option<HlcTime>, rows: Vec<StateRow>) -> BoxFuture<'_, ()>;
+    /// Local shared changes were committed.
+    fn local_shared(&self, changes: Vec<SharedChange>) -> BoxFuture<'_, ()>;
+    /// Sync was switched on or off.
+    fn set_enabled(&self, enabled: bool) -> BoxFuture<'_, ()>;
+    /// The engine's view of peers and queues.
+    fn status(&self) -> BoxFuture<'_, EngineStatus>;
+    /// Flushes, stops the actors and the transport, and waits for them.
+    fn shutdown(&self) -> BoxFuture<'_, ()>;
+}
+
+/// What the running engine knows beyond the database.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineStatus {
+    /// Connected peers with their round-trip time in microseconds, if measured.
+    pub online: Vec<(DeviceId, Option<u64>)>,
+    /// Messages awaiting acknowledgement or retry.
+    pub retry_queue: usize,
+    /// Local rows and changes waiting in the batching window.
+    pub pending_batch_rows: usize,
+}
+
+/// Counters the engine keeps for status (the same figures also go to the metrics facade).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    /// Batches handed to the transport (each peer counted).
+    pub(crate) batches_sent: std::sync::atomic::AtomicU64,
+    /// Batches sent again because no acknowledgement came in time or the send failed.
+    pub(crate) retries: std::sync::atomic::AtomicU64,
+}
+
+/// Whether sync runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncState {
+    /// No transport was given yet (networking comes up later).
+    NotStarted,
+    /// Switched off by configuration: local writes still go to the log.
+    Disabled,
+    /// Running.
+    Running,
+}
+
+/// One paired device, as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// The device.
+    pub device: DeviceId,
+    /// Its name.
+    pub name: String,
+    /// Whether it is connected now.
+    pub online: bool,
+    /// When it was last connected (ms since the epoch).
+    pub last_seen_ms: Option<u64>,
+    /// Last measured round trip, in microseconds.
+    pub rtt_us: Option<u64>,
+    /// What it acknowledged of shared changes.
+    pub acked_shared: Vec<OriginSeq>,
+    /// What it acknowledged of device-owned rows.
+    pub acked_state: Vec<StateMark>,
+    /// How many of this device's own shared changes it has not acknowledged yet.
+    pub lag: u64,
+    /// Whether it fell behind what this device still holds and needs a full resync.
+    pub needs_resync: bool,
+}
+
+/// Everything `status` reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// The library.
+    pub library: LibraryId,
+    /// This device.
+    pub device: DeviceId,
+    /// Whether sync runs.
+    pub sync: SyncState,
+    /// This device's watermarks.
+    pub watermarks: Watermarks,
+    /// Paired devices.
+    pub peers: Vec<PeerStatus>,
+    /// Entries in the peer log.
+    pub log_entries: u64,
+    /// Shared records waiting for a referenced row.
+    pub parked: u64,
+    /// Messages awaiting acknowledgement or retry.
+    pub retry_queue: usize,
+    /// Local rows and changes waiting in the batching window.
+    pub pending_batch_rows: usize,
+    /// How far the clock runs ahead of the wall clock (ms): skew made visible.
+    pub clock_lead_ms: u64,
+    /// Batches handed to the transport since the library opened (each peer counted).
+    pub batches_sent: u64,
+    /// Batches sent again since the library opened.
+    pub retries: u64,
+}
+
+/// What can go wrong using a library.
+#[derive(Debug, thiserror::Error)]
+pub enum LibraryError {
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A device-owned write was refused.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A shared write was refused.
+    #[error(transparent)]
+    Shared(#[from] SharedError),
+    /// The library is closing or closed.
+    #[error("the library is closed")]
+    Closed,
+    /// Sync was already started.
+    #[error("sync is already running")]
+    AlreadyStarted,
+    /// The transport belongs to another device than the library.
+    #[error("the transport is device {transport}, the library is device {library}")]
+    WrongDevice {
+        /// The transport's device.
+        transport: DeviceId,
+        /// The library's device.
+        library: DeviceId,
+    },
+}
+
+pub(crate) struct LibraryInner {
+    pub(crate) db: Database,
+    pub(crate) clock: HlcGenerator<Arc<dyn Clock>>,
+    pub(crate) config: SyncConfig,
+    pub(crate) enabled: AtomicBool,
+    pub(crate) events: EventBus,
+    accepting: AtomicBool,
+    engine: Mutex<Option<Box<dyn Engine>>>,
+    /// The latest watermarks, for heartbeats (which must not wait for the database).
+    pub(crate) snapshot: std::sync::Mutex<Option<Watermarks>>,
+    pub(crate) counters: Counters,
+}
+
+impl LibraryInner {
+    pub(crate) fn registry(&self) -> &Arc<Registry> {
+        self.db.registry()
+    }
+
+    pub(crate) fn identity(&self) -> Identity {
+        self.db.identity()
+    }
+
+    pub(crate) fn emit(&self, event: Event) {
+        self.events.emit(event);
+    }
+}
+
+/// An open library: one device's copy of the synced data, and the sync engine around it.
+///
+/// Writes go through [`Library::write_rows`] (device-owned data) and [`Library::write_shared`]
+/// (shared data): each commits the data, its change record, the new watermark and the clock in
+/// one transaction, then hands the change to the engine for broadcast. Reads go straight to the
+/// database ([`Library::reader`]). Sync starts when a transport is given
+/// ([`Library::start_sync`]), which may be long after opening.
+#[derive(Clone)]
+pub struct Library {
+    inner: Arc<LibraryInner>,
+}
+
+impl Library {
+    /// Creates a new library file at `path` for `device` (a new library, or this device's copy of
+    /// an existing one it joins).
+    pub async fn create(
+        path: &Path,
+        registry: Arc<Registry>,
+        library: LibraryId,
+        device: DeviceId,
+        config: SyncConfig,
+    ) -> Result<Self, LibraryError> {
+        let db = Database::create(path, registry, library, device, &config.store_options()).await?;
+        Self::with_database(db, config, Arc::new(SystemClock)).await
+    }
+
+    /// Opens an existing library file.
+    pub async fn open(path: &Path, registry: Arc<Registry>, config: SyncConfig) -> Result<Self, LibraryError> {
+        Self::open_with_clock(path, registry, config, Arc::new(SystemClock)).await
+    }
+
+    /// Opens an existing library file with a given wall clock (tests and simulations).
+    pub async fn open_with_clock(
+        path: &Path,
+        registry: Arc<Registry>,
+        config: SyncConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, LibraryError> {
+        let db = Database::open(path, registry, &config.store_options()).await?;
+        Self::with_database(db, config, clock).await
+    }
+
+    async fn with_database(db: Database, config: SyncConfig, clock: Arc<dyn Clock>) -> Result<Self, LibraryError> {
+        let last = db.write(async |conn| load_clock(conn).await).await?;
+        let resume = last.map_or(Resume::FirstStart, Resume::After);
+        let generator = HlcGenerator::new(db.identity().device, clock, config.hlc_config(), resume);
+        let inner = LibraryInner {
+            enabled: AtomicBool::new(config.enabled),
+            events: EventBus::new(config.event_capacity),
+            db,
+            clock: generator,
+            config,
+            accepting: AtomicBool::new(true),
+            engine: Mutex::new(None),
+            snapshot: std::sync::Mutex::new(None),
+            counters: Counters::default(),
+        };
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// Library, device and epoch of this copy.
+    pub fn identity(&self) -> Identity {
+        self.inner.identity()
+    }
+
+    /// The model registry.
+    pub fn registry(&self) -> &Arc<Registry> {
+        self.inner.registry()
+    }
+
+    /// The configuration the library was opened with.
+    pub fn config(&self) -> &SyncConfig {
+        &self.inner.config
+    }
+
+    /// Readers for app queries; they see committed data.
+    pub fn reader(&self) -> &sqlx::SqlitePool {
+        self.inner.db.reader()
+    }
+
+    /// Writes this device's own rows of a device-owned model (one row or a million): validated,
+    /// stamped and committed in one transaction, then broadcast in the next batch.
+    pub async fn write_rows(&self, model: &str, edits: Vec<RowEdit>) -> Result<Vec<StateRow>, LibraryError> {
+        self.check_open()?;
+        let inner = &self.inner;
+        let device = inner.identity().device;
+        let registry = inner.registry().clone();
+        let (since, rows) = inner
+            .db
+            .write(async |conn| {
+                let since = lsync_watermark::sql::load_state_progress(conn).await?.get(device, model);
+                let (rows, _) =
+                    lsync_state_sync::sql::write_local(conn, &registry, &inner.clock, model, edits, now_ms()).await?;
+                Ok::<_, LibraryError>((since, rows))
+            })
+            .await?;
+        if let Some(engine) = inner.engine.lock().await.as_ref() {
+            engine.local_state(model.to_owned(), since, rows.clone()).await;
+        }
+        Ok(rows)
+    }
+
+    /// Writes shared data (create, update fields, delete; set add and remove): validated,
+    /// stamped, numbered, logged and committed in one transaction, then broadcast in the next
+    /// batch.
+    pub async fn write_shared(&self, edits: Vec<Edit>) -> Result<Vec<SharedChange>, LibraryError> {
+        self.check_open()?;
+        let inner = &self.inner;
+        let registry = inner.registry().clone();
+        let changes = inner
+            .db
+            .write(async |conn| {
+                let (changes, _) =
+                    lsync_shared_sync::sql::write_local(conn, &registry, &inner.clock, edits, now_ms()).await?;
+                Ok::<_, LibraryError>(changes)
+            })
+            .await?;
+        if let Some(engine) = inner.engine.lock().await.as_ref() {
+            engine.local_shared(changes.clone()).await;
+        }
+        Ok(changes)
+    }
+
+    /// What heartbeats carry: this device's latest watermarks, as last refreshed by the engine
+    /// (after every applied batch and on an interval). Pass it to the transport's options.
+    pub fn watermark_source(&self) -> lsync_transport::WatermarkSource {
+        let inner = self.inner.clone();
+        Arc::new(move || inner.snapshot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
+    }
+
+    /// A new subscription to [`Event`]s.
+    pub fn subscribe(&self) -> mpsc::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    /// Starts sync over `transport`, whose events arrive on `events` (late start: the transport
+    /// may come up long after the library opened). The transport must be this library's device.
+    pub async fn start_sync<T: Transport>(
+        &self,
+        transport: T,
+        events: mpsc::Receiver<TransportEvent>,
+    ) -> Result<(), LibraryError> {
+        self.check_open()?;
+        let device = self.identity().device;
+        if transport.local_device() != device {
+            return Err(LibraryError::WrongDevice { transport: transport.local_device(), library: device });
+        }
+        let mut engine = self.inner.engine.lock().await;
+        if engine.is_some() {
+            return Err(LibraryError::AlreadyStarted);
+        }
+        *engine = Some(crate::engine::start(self.inner.clone(), transport, events).await);
+        Ok(())
+    }
+
+    /// Switches sync on or off at run time. While off, nothing is sent or applied from peers;
+    /// local writes still go to the log and reach peers once sync is on again.
+    pub async fn set_sync_enabled(&self, enabled: bool) {
+        self.inner.enabled.store(enabled, Ordering::Release);
+        if let Some(engine) = self.inner.engine.lock().await.as_ref() {
+            engine.set_enabled(enabled).await;
+        }
+    }
+
+    /// State, peers, watermarks, lag, log size, parked records and queues.
+    pub async fn status(&self) -> Result<Status, LibraryError> {
+        let inner = &self.inner;
+        let identity = inner.identity();
+        let engine = match inner.engine.lock().await.as_ref() {
+            Some(engine) => Some(engine.status().await),
+            None => None,
+        };
+        let enabled = inner.enabled.load(Ordering::Acquire);
+        let (watermarks, peers, acks_shared, acks_state, log_entries, parked) = inner
+            .db
+            .write(async |conn| {
+                Ok::<_, StoreError>((
+                    lsync_watermark::sql::own_watermarks(conn, identity, true).await?,
+                    lsync_watermark::sql::peers(conn).await?,
+                    lsync_watermark::sql::load_shared_acks(conn).await?,
+                    lsync_watermark::sql::load_state_acks(conn).await?,
+                    lsync_peer_log::sql::len(conn).await?,
+                    lsync_shared_sync::sql::parked_count(conn).await?,
+                ))
+            })
+            .await?;
+        let own_seq = watermarks.shared.iter().find(|mark| mark.origin == identity.device).map_or(0, |mark| mark.seq);
+        let online = engine.as_ref().map(|status| status.online.clone()).unwrap_or_default();
+        let peers = peers
+            .into_iter()
+            .map(|peer| {
+                let shared = acks_shared.get(&peer.device).cloned().unwrap_or_default();
+                let rtt = online.iter().find(|(device, _)| *device == peer.device);
+                PeerStatus {
+                    device: peer.device,
+                    name: peer.name,
+                    online: rtt.is_some(),
+                    last_seen_ms: peer.last_seen,
+                    rtt_us: rtt.and_then(|(_, rtt)| *rtt),
+                    lag: own_seq.saturating_sub(shared.get(identity.device)),
+                    acked_shared: shared.to_wire(),
+                    acked_state: acks_state.get(&peer.device).map(|progress| progress.to_wire()).unwrap_or_default(),
+                    needs_resync: peer.needs_resync,
+                }
+            })
+            .collect();
+        Ok(Status {
+            library: identity.library,
+            device: identity.device,
+            sync: match (&engine, enabled) {
+                (_, false) => SyncState::Disabled,
+                (None, true) => SyncState::NotStarted,
+                (Some(_), true) => SyncState::Running,
+            },
+            watermarks,
+            peers,
+            log_entries,
+            parked,
+            retry_queue: engine.as_ref().map_or(0, |status| status.retry_queue),
+            pending_batch_rows: engine.as_ref().map_or(0, |status| status.pending_batch_rows),
+            clock_lead_ms: inner.clock.lead_ms(),
+            batches_sent: inner.counters.batches_sent.load(Ordering::Acquire),
+            retries: inner.counters.retries.load(Ordering::Acquire),
+        })
+    }
+
+    /// Runs `work` in one write transaction of the library database (for app tables and tools;
+    /// synced tables must be written through `write_rows` and `write_shared`).
+    pub async fn with_transaction<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut SqliteConnection) -> Result<T, StoreError>,
+    ) -> Result<T, LibraryError> {
+        self.check_open()?;
+        Ok(self.inner.db.write(work).await?)
+    }
+
+    /// Closes the library: stops accepting writes, flushes pending batches to connected peers,
+    /// stops the actors and the transport, and closes the database — awaited, not fire and
+    /// forget. Every write accepted before `close` is committed.
+    pub async fn close(self) -> Result<(), LibraryError> {
+        self.inner.accepting.store(false, Ordering::Release);
+        if let Some(engine) = self.inner.engine.lock().await.take() {
+            engine.shutdown().await;
+        }
+        match Arc::try_unwrap(self.inner) {
+            Ok(inner) => inner.db.close().await?,
+            // Another handle is still alive (a clone held by the app): the connections close when
+            // the last one goes; the data is committed either way.
+            Err(_) => {}
+        }
+        Ok(())
+    }
+
+    fn check_open(&self) -> Result<(), LibraryError> {
+        if self.inner.accepting.load(Ordering::Acquire) { Ok(()) } else { Err(LibraryError::Closed) }
+    }
+}
+
+/// Wall-clock milliseconds for bookkeeping timestamps (log entry ages, last seen).
+pub(crate) fn now_ms() -> u64 {
+    SystemClock.now_ms()
+}

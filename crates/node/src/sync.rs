@@ -1,0 +1,395 @@
+//! What the actors do with the database and the transport: applying what a peer sent, serving
+//! what a peer asks for, and catching up from a peer. Plain async functions over
+//! [`LibraryInner`] and a [`Transport`]; the actors decide when to call them.
+
+use std::time::{Duration, Instant};
+
+use lsync_hlc::{DeviceId, HlcTime};
+use lsync_protocol::{
+    Ack, BackfillRequest, ErrorCode, ErrorMessage, Message, OriginSeq, SharedBatch,
+    SharedCatchUpRequest, SharedCatchUpResponse, SharedSnapshotPage, SharedSnapshotRequest,
+    StateBatch, StateCatchUpRequest, StateCursor, StateMark, StatePage, Watermarks,
+};
+use lsync_store::StoreError;
+use lsync_transport::{RequestError, Transport};
+use lsync_watermark::{SharedProgress, StateProgress, shared_needs, state_needs};
+
+use crate::events::Event;
+use crate::library::{LibraryError, LibraryInner, now_ms};
+
+/// This device's current watermarks.
+/// Also refreshes the snapshot heartbeats carry.
+pub(crate) async fn own_watermarks(inner: &LibraryInner) -> Result<Watermarks, StoreError> {
+    let identity = inner.identity();
+    let watermarks =
+        inner.db.write(async |conn| lsync_watermark::sql::own_watermarks(conn, identity, true).await).await?;
+    *inner.snapshot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(watermarks.clone());
+    Ok(watermarks)
+}
+
+/// The acknowledgement this device sends: everything it has applied.
+pub(crate) fn ack_of(watermarks: &Watermarks) -> Ack {
+    Ack { shared: watermarks.shared.clone(), state: watermarks.state.clone() }
+}
+
+/// Applies a live batch of device-owned rows from `peer`. The batch raises this device's mark
+/// only if it starts at or below it (the batch's `since`), so a gap is never papered over.
+pub(crate) async fn apply_state_batch(
+    inner: &LibraryInner,
+    peer: DeviceId,
+    batch: StateBatch,
+) -> Result<(), LibraryError> {
+    let registry = inner.registry().clone();
+    let started = Instant::now();
+    let rows = batch.rows.len();
+    let applied = inner
+        .db
+        .write(async |conn| {
+            let mark = lsync_watermark::sql::load_state_progress(conn).await?.get(batch.owner, &batch.model);
+            let complete = batch.since <= mark;
+            let applied = lsync_state_sync::sql::apply_rows(
+                conn,
+                &registry,
+                batch.owner,
+                &batch.model,
+                &batch.columns,
+                batch.rows,
+                complete,
+                now_ms(),
+            )
+            .await?;
+            if complete && let Some(newest) = applied.newest {
+                let mark = StateMark { owner: batch.owner, model: batch.model.clone(), version: newest };
+                lsync_watermark::sql::raise_state_progress(conn, &[mark]).await?;
+            }
+            Ok::<_, LibraryError>(applied)
+        })
+        .await?;
+    record_applied("state", rows, applied.rejected, started);
+    if applied.rejected > 0 {
+        metrics::counter!("lsync_rejected_rows_total", "kind" => "state").increment(applied.rejected as u64);
+    }
+    if !applied.upserted.is_empty() || !applied.deleted.is_empty() {
+        inner.emit(Event::RowsChanged {
+            from: peer,
+            owner: batch.owner,
+            model: batch.model,
+            upserted: applied.upserted,
+            deleted: applied.deleted,
+        });
+    }
+    if !applied.projection.shown.is_empty() || !applied.projection.hidden.is_empty() {
+        inner.emit(Event::SharedChanged { from: peer, shown: applied.projection.shown, hidden: applied.projection.hidden });
+    }
+    Ok(())
+}
+
+/// Applies shared changes from `peer` (a live batch or a catch-up page).
+pub(crate) async fn apply_shared_changes(
+    inner: &LibraryInner,
+    peer: DeviceId,
+    batch: SharedBatch,
+) -> Result<(), LibraryError> {
+    let registry = inner.registry().clone();
+    let started = Instant::now();
+    let count = batch.changes.len();
+    let max_parked = inner.config.max_parked;
+    let received = inner
+        .db
+        .write(async |conn| {
+            lsync_shared_sync::sql::receive(conn, &registry, &inner.clock, &batch.changes, max_parked, now_ms()).await
+        })
+        .await?;
+    record_applied("shared", count, received.rejected.len(), started);
+    if !received.rejected.is_empty() {
+        metrics::counter!("lsync_rejected_rows_total", "kind" => "shared").increment(received.rejected.len() as u64);
+        for rejected in &received.rejected {
+            tracing::warn!(%peer, origin = %rejected.origin, seq = rejected.seq, reason = %rejected.reason, "change not applied");
+        }
+    }
+    if received.skewed > 0 {
+        metrics::counter!("lsync_skewed_changes_total").increment(received.skewed as u64);
+    }
+    let now = lsync_hlc::Clock::now_ms(&lsync_hlc::SystemClock);
+    for change in &batch.changes {
+        let lag_ms = now.saturating_sub(change.time.physical_ms());
+        metrics::histogram!("lsync_replication_lag_seconds").record(lag_ms as f64 / 1_000.0);
+    }
+    let projection = received.projection;
+    if !projection.shown.is_empty() || !projection.hidden.is_empty() {
+        inner.emit(Event::SharedChanged { from: peer, shown: projection.shown, hidden: projection.hidden });
+    }
+    Ok(())
+}
+
+fn record_applied(kind: &'static str, count: usize, rejected: usize, started: Instant) {
+    metrics::counter!("lsync_changes_applied_total", "kind" => kind).increment((count - rejected.min(count)) as u64);
+    metrics::histogram!("lsync_apply_seconds", "kind" => kind).record(started.elapsed().as_secs_f64());
+}
+
+/// Records what `peer` acknowledged (from an `Ack` or its heartbeat watermarks).
+pub(crate) async fn record_ack(inner: &LibraryInner, peer: DeviceId, ack: &Ack) -> Result<(), StoreError> {
+    inner
+        .db
+        .write(async |conn| {
+            lsync_watermark::sql::touch_peer(conn, peer, now_ms()).await?;
+            lsync_watermark::sql::record_acks(conn, peer, &ack.shared, &ack.state).await
+        })
+        .await
+}
+
+/// Answers a request from a peer: watermarks, catch-up pages, backfill pages.
+pub(crate) async fn serve(inner: &LibraryInner, request: Message) -> Message {
+    match serve_inner(inner, request).await {
+        Ok(response) => response,
+        Err(error) => {
+            tracing::warn!(%error, "failed to serve a request");
+            Message::Error(ErrorMessage { code: ErrorCode::Internal, message: error.to_string().chars().take(500).collect() })
+        }
+    }
+}
+
+async fn serve_inner(inner: &LibraryInner, request: Message) -> Result<Message, LibraryError> {
+    let registry = inner.registry().clone();
+    Ok(match request {
+        Message::WatermarksRequest(_) => Message::WatermarksResponse(own_watermarks(inner).await?),
+        Message::SharedCatchUpRequest(SharedCatchUpRequest { after, limit }) => {
+            let after = SharedProgress::from_wire(&after);
+            let answer = inner
+                .db
+                .write(async |conn| {
+                    let own = lsync_watermark::sql::load_shared_progress(conn).await?;
+                    lsync_peer_log::sql::changes_after(conn, &after, &own, limit as usize).await
+                })
+                .await?;
+            Message::SharedCatchUpResponse(SharedCatchUpResponse {
+                changes: answer.changes,
+                complete: answer.complete,
+                pruned: answer.pruned,
+            })
+        }
+        Message::StateCatchUpRequest(StateCatchUpRequest { owner, model, since, after, limit }) => {
+            let (columns, rows, more) = inner
+                .db
+                .write(async |conn| {
+                    lsync_state_sync::sql::rows_since(conn, &registry, owner, &model, since, after, limit).await
+                })
+                .await?;
+            Message::StatePage(StatePage { owner, model, columns, rows, more, estimated_total: 0 })
+        }
+        Message::BackfillRequest(BackfillRequest { owner, model, after, limit }) => {
+            let (columns, rows, more, total) = inner
+                .db
+                .write(async |conn| {
+                    let page = lsync_state_sync::sql::rows_by_key(conn, &registry, owner, &model, after, limit).await?;
+                    let total = lsync_state_sync::sql::count_rows(conn, &registry, owner, &model).await?;
+                    Ok::<_, LibraryError>((page.0, page.1, page.2, total))
+                })
+                .await?;
+            Message::StatePage(StatePage { owner, model, columns, rows, more, estimated_total: total })
+        }
+        Message::SharedSnapshotRequest(SharedSnapshotRequest { model, after, limit }) => {
+            let (records, more) = inner
+                .db
+                .write(async |conn| lsync_shared_sync::sql::snapshot_page(conn, &model, after, limit).await)
+                .await?;
+            Message::SharedSnapshotPage(SharedSnapshotPage { model, records, more, estimated_total: 0 })
+        }
+        other => Message::Error(ErrorMessage {
+            code: ErrorCode::Unsupported,
+            message: format!("{} is not a request this device answers", other.name()),
+        }),
+    })
+}
+
+/// Why a catch-up stopped early.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CatchUpError {
+    /// The local side failed.
+    #[error(transparent)]
+    Local(#[from] LibraryError),
+    /// The request failed (timeout, disconnect, refusal).
+    #[error("request to the peer failed: {0}")]
+    Request(#[from] RequestError),
+    /// The peer answered something else.
+    #[error("unexpected answer {0}")]
+    Unexpected(&'static str),
+}
+
+impl From<StoreError> for CatchUpError {
+    fn from(error: StoreError) -> Self {
+        CatchUpError::Local(error.into())
+    }
+}
+
+/// Pulls from `peer` everything it holds that this device lacks, given the peer's watermarks:
+/// shared changes per origin after this device's watermark, and device-owned rows per (owner,
+/// model) newer than this device's mark, in pages, each page one transaction. Returns whether
+/// anything was pulled. Origins the peer pruned are reported (a snapshot is needed; issue 6).
+pub(crate) async fn catch_up<T: Transport>(
+    inner: &LibraryInner,
+    transport: &T,
+    peer: DeviceId,
+    theirs: &Watermarks,
+) -> Result<bool, CatchUpError> {
+    let timeout = inner.config.request_timeout;
+    let limit = inner.config.page_rows;
+    let mut pulled = false;
+
+    // Shared changes, until this device has all the peer's watermarks cover.
+    let their_shared = SharedProgress::from_wire(&theirs.shared);
+    loop {
+        let mine = load_shared(inner).await?;
+        let needs = shared_needs(&mine, &their_shared);
+        if needs.is_empty() {
+            break;
+        }
+        let request = Message::SharedCatchUpRequest(SharedCatchUpRequest { after: mine.to_wire(), limit });
+        let Message::SharedCatchUpResponse(response) = transport.request(peer, request, timeout).await? else {
+            return Err(CatchUpError::Unexpected("answer to SharedCatchUpRequest"));
+        };
+        for pruned in &response.pruned {
+            metrics::counter!("lsync_catch_up_pruned_total").increment(1);
+            tracing::warn!(%peer, origin = %pruned.origin, first_held = pruned.seq, "peer pruned changes this device lacks");
+        }
+        if response.changes.is_empty() {
+            break;
+        }
+        pulled = true;
+        apply_shared_changes(inner, peer, SharedBatch { changes: response.changes }).await?;
+        if response.complete {
+            break;
+        }
+    }
+
+    // Device-owned rows, per (owner, model) where the peer is ahead.
+    let their_state = StateProgress::from_wire(&theirs.state);
+    let mine = load_state(inner).await?;
+    for need in state_needs(&mine, &their_state) {
+        let target = their_state.get(need.owner, &need.model);
+        let mut after: Option<StateCursor> = None;
+        loop {
+            let request = Message::StateCatchUpRequest(StateCatchUpRequest {
+                owner: need.owner,
+                model: need.model.clone(),
+                since: need.since,
+                after,
+                limit,
+            });
+            let Message::StatePage(page) = transport.request(peer, request, timeout).await? else {
+                return Err(CatchUpError::Unexpected("answer to StateCatchUpRequest"));
+            };
+            after = page.rows.last().map(|row| StateCursor { version: row.version, id: row.id });
+            pulled |= !page.rows.is_empty();
+            apply_state_page(inner, peer, page, need.since, after, target).await?;
+            if after.is_none() {
+                break;
+            }
+        }
+    }
+    Ok(pulled)
+}
+
+/// Applies a catch-up page (rows in version order after the mark) and raises the mark: to just
+/// below the last row's version while more may follow (rows can share a version), and to the
+/// peer's mark once the last page arrived.
+async fn apply_state_page(
+    inner: &LibraryInner,
+    peer: DeviceId,
+    page: StatePage,
+    since: Option<HlcTime>,
+    last: Option<StateCursor>,
+    target: Option<HlcTime>,
+) -> Result<(), LibraryError> {
+    let registry = inner.registry().clone();
+    let more = page.more;
+    let (owner, model) = (page.owner, page.model.clone());
+    let applied = inner
+        .db
+        .write(async |conn| {
+            let mark = lsync_watermark::sql::load_state_progress(conn).await?.get(owner, &model);
+            // The page starts at `since`: it is contiguous with this device's mark if that mark
+            // did not fall below `since` meanwhile (marks never fall).
+            let complete = since <= mark;
+            let applied = lsync_state_sync::sql::apply_rows(
+                conn, &registry, owner, &model, &page.columns, page.rows, complete, now_ms(),
+            )
+            .await?;
+            let raised = match (more, last, target) {
+                (false, _, Some(target)) => Some(target),
+                (true, Some(last), _) if last.version > HlcTime::ZERO => {
+                    Some(HlcTime::from_u64(last.version.as_u64() - 1))
+                }
+                _ => None,
+            };
+            if complete && let Some(version) = raised {
+                let mark = StateMark { owner, model: model.clone(), version };
+                lsync_watermark::sql::raise_state_progress(conn, &[mark]).await?;
+            }
+            Ok::<_, LibraryError>(applied)
+        })
+        .await?;
+    if !applied.upserted.is_empty() || !applied.deleted.is_empty() {
+        inner.emit(Event::RowsChanged { from: peer, owner, model, upserted: applied.upserted, deleted: applied.deleted });
+    }
+    Ok(())
+}
+
+async fn load_shared(inner: &LibraryInner) -> Result<SharedProgress, StoreError> {
+    inner.db.write(async |conn| lsync_watermark::sql::load_shared_progress(conn).await).await
+}
+
+async fn load_state(inner: &LibraryInner) -> Result<StateProgress, StoreError> {
+    inner.db.write(async |conn| lsync_watermark::sql::load_state_progress(conn).await).await
+}
+
+/// Whether `theirs` holds anything this device lacks.
+pub(crate) async fn behind(inner: &LibraryInner, theirs: &Watermarks) -> Result<bool, StoreError> {
+    let shared = load_shared(inner).await?;
+    let state = load_state(inner).await?;
+    Ok(!shared_needs(&shared, &SharedProgress::from_wire(&theirs.shared)).is_empty()
+        || !state_needs(&state, &StateProgress::from_wire(&theirs.state)).is_empty())
+}
+
+/// The origin/sequence an `Ack` must reach for a shared batch to count as delivered.
+pub(crate) fn shared_coverage(batch: &SharedBatch) -> Option<OriginSeq> {
+    batch.changes.iter().map(|change| OriginSeq { origin: change.origin, seq: change.seq }).max_by_key(|mark| mark.seq)
+}
+
+/// Prunes the peer log and collects tombstones as far as every paired device allows.
+pub(crate) async fn prune(inner: &LibraryInner) -> Result<(u64, u64), StoreError> {
+    let retention = inner.config.retention();
+    let tombstone_cutoff = now_ms().saturating_sub(duration_ms(inner.config.tombstone_retention));
+    let log_cutoff = now_ms().saturating_sub(duration_ms(retention.max_age));
+    inner
+        .db
+        .write(async |conn| {
+            let peers = lsync_watermark::sql::peers(conn).await?;
+            let prune_peers: Vec<lsync_peer_log::PrunePeer> = peers
+                .iter()
+                .map(|peer| lsync_peer_log::PrunePeer { device: peer.device, needs_resync: peer.needs_resync })
+                .collect();
+            let logs = lsync_peer_log::sql::origin_logs(conn, log_cutoff).await?;
+            let own = lsync_watermark::sql::load_shared_progress(conn).await?;
+            let acks = lsync_watermark::sql::load_shared_acks(conn).await?;
+            let plan = lsync_peer_log::plan_prune(&logs, &own, &prune_peers, &acks, &retention);
+            let pruned = lsync_peer_log::sql::prune(conn, &plan).await?;
+            let groups = lsync_state_sync::sql::tombstone_groups(conn, tombstone_cutoff).await?;
+            let state_acks = lsync_watermark::sql::load_state_acks(conn).await?;
+            let gc_peers: Vec<(DeviceId, bool)> = peers.iter().map(|peer| (peer.device, peer.needs_resync)).collect();
+            let gc = lsync_state_sync::plan_tombstone_gc(&groups, &gc_peers, &state_acks);
+            let collected = lsync_state_sync::sql::collect_tombstones(conn, &gc).await?;
+            for device in plan.resync.iter().chain(&gc.resync) {
+                tracing::warn!(%device, "retention cap passed: the device needs a full resync");
+                lsync_watermark::sql::set_needs_resync(conn, *device, true).await?;
+            }
+            let left = lsync_peer_log::sql::len(conn).await?;
+            metrics::gauge!("lsync_peer_log_entries").set(left as f64);
+            Ok((pruned, collected))
+        })
+        .await
+}
+
+fn duration_ms(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}

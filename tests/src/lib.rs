@@ -1,0 +1,1 @@
+//! Holds no code: the integration tests live in `it/`.
