@@ -456,6 +456,28 @@ fn invalid_configurations_still_write_without_panicking() {
     }
 }
 
+#[test]
+fn the_configuration_doc_lists_every_key_with_its_default() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/configuration.md");
+    let doc = fs::read_to_string(path).unwrap();
+    let defaults = table(&SyncConfig::default());
+    for key in KEYS {
+        let row = doc
+            .lines()
+            .find(|line| line.starts_with(&format!("| `{}` |", key.name)))
+            .unwrap_or_else(|| panic!("docs/configuration.md has no row for `{}`", key.name));
+        match defaults.get(key.name) {
+            Some(value) => {
+                let shown = format!("`{value}`");
+                assert!(row.contains(&shown), "the row of `{}` does not give {shown}", key.name);
+            }
+            None => assert!(row.contains("unset"), "the row of `{}` does not say unset", key.name),
+        }
+        let variable = format!("LSYNC_{}", key.name.to_ascii_uppercase());
+        assert!(row.contains(&variable), "the row of `{}` does not name {variable}", key.name);
+    }
+}
+
 proptest::proptest! {
     #[test]
     fn arbitrary_text_never_panics(text in "(?s).{0,200}") {
