@@ -16,8 +16,8 @@ use lsync_node::{Event, Library};
 use lsync_protocol::{LibraryId, Message, Value};
 use lsync_store::{dump_tables, reference_registry};
 use lsync_transport::{
-    FilePeerStore, Identity, Invitation, LocalDevice, PeerInfo, PeerStore, QuicOptions, QuicTransport,
-    RequestError, SendError, ShutdownReport, Transport, TransportEvent,
+    FilePeerStore, Identity, Invitation, LocalDevice, PeerInfo, PeerStore, QuicOptions,
+    QuicTransport, RequestError, SendError, ShutdownReport, Transport, TransportEvent,
 };
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -56,10 +56,18 @@ impl Node {
     }
 
     /// A device in `dir`: created there, or reopened from what is there.
-    pub async fn start_in(dir: tempfile::TempDir, library_id: LibraryId, name: &str, config: SyncConfig, create: bool) -> Node {
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        library_id: LibraryId,
+        name: &str,
+        config: SyncConfig,
+        create: bool,
+    ) -> Node {
         let library = open_library(dir.path(), library_id, &config, create).await;
         let transport = start_transport(dir.path(), &library, name, &config).await;
-        Node { name: name.to_owned(), dir, library, transport, events: mpsc::channel(1).1 }.subscribed().await
+        Node { name: name.to_owned(), dir, library, transport, events: mpsc::channel(1).1 }
+            .subscribed()
+            .await
     }
 
     async fn subscribed(mut self) -> Node {
@@ -98,7 +106,12 @@ impl Node {
 }
 
 /// Opens (or creates) a library in `dir` with the reference schema.
-pub async fn open_library(dir: &Path, library: LibraryId, config: &SyncConfig, create: bool) -> Library {
+pub async fn open_library(
+    dir: &Path,
+    library: LibraryId,
+    config: &SyncConfig,
+    create: bool,
+) -> Library {
     let identity = Identity::load_or_create(&dir.join("identity")).unwrap();
     let registry = Arc::new(reference_registry().unwrap());
     let path = dir.join("library.db");
@@ -110,19 +123,33 @@ pub async fn open_library(dir: &Path, library: LibraryId, config: &SyncConfig, c
 }
 
 /// Starts a QUIC transport on loopback for `library` and starts sync over it.
-pub async fn start_transport(dir: &Path, library: &Library, name: &str, config: &SyncConfig) -> QuicTransport {
+pub async fn start_transport(
+    dir: &Path,
+    library: &Library,
+    name: &str,
+    config: &SyncConfig,
+) -> QuicTransport {
     let (transport, events) = quic(dir, library, name, config).await;
     library.start_sync(transport.clone(), events).await.unwrap();
     transport
 }
 
 /// A QUIC transport for `library`, not yet handed to it.
-pub async fn quic(dir: &Path, library: &Library, name: &str, config: &SyncConfig) -> (QuicTransport, mpsc::Receiver<TransportEvent>) {
+pub async fn quic(
+    dir: &Path,
+    library: &Library,
+    name: &str,
+    config: &SyncConfig,
+) -> (QuicTransport, mpsc::Receiver<TransportEvent>) {
     let identity = Identity::load_or_create(&dir.join("identity")).unwrap();
     let store: Arc<dyn PeerStore> = Arc::new(FilePeerStore::open(dir.join("peers")).unwrap());
     QuicTransport::start(QuicOptions {
         identity,
-        local: LocalDevice { library: library.identity().library, name: name.to_owned(), epoch: library.identity().epoch },
+        local: LocalDevice {
+            library: library.identity().library,
+            name: name.to_owned(),
+            epoch: library.identity().epoch,
+        },
         listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
         store,
         config: config.transport_config(),
@@ -144,7 +171,10 @@ pub async fn pair(inviter: &mut Node, joiner: &mut Node) {
 
 /// Waits until `node` reports `peer` online.
 pub async fn online(node: &mut Node, peer: DeviceId) {
-    node.wait_for(|event| matches!(event, Event::PeerOnline { peer: p, .. } if *p == peer).then_some(())).await;
+    node.wait_for(|event| {
+        matches!(event, Event::PeerOnline { peer: p, .. } if *p == peer).then_some(())
+    })
+    .await;
 }
 
 /// Waits until every node holds the same content in every synced table, re-checking after each
@@ -169,15 +199,20 @@ pub async fn converge(nodes: &mut [&mut Node]) -> BTreeMap<String, Vec<Vec<Value
         });
         if tokio::time::timeout_at(deadline, next).await.is_err() {
             let names: Vec<&str> = nodes.iter().map(|node| node.name.as_str()).collect();
-            let counts: Vec<BTreeMap<&String, usize>> =
-                tables.iter().map(|t| t.iter().map(|(name, rows)| (name, rows.len())).collect()).collect();
+            let counts: Vec<BTreeMap<&String, usize>> = tables
+                .iter()
+                .map(|t| t.iter().map(|(name, rows)| (name, rows.len())).collect())
+                .collect();
             panic!("{names:?} did not converge within {WAIT:?}: row counts {counts:?}");
         }
     }
 }
 
 /// Waits for the first event on `node` after which `check` holds, checking first.
-pub async fn eventually<F: Future<Output = bool>>(node: &mut Node, mut check: impl FnMut(Library) -> F) {
+pub async fn eventually<F: Future<Output = bool>>(
+    node: &mut Node,
+    mut check: impl FnMut(Library) -> F,
+) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !check(node.library.clone()).await {
         if tokio::time::timeout_at(deadline, node.events.recv()).await.is_err() {
@@ -204,10 +239,17 @@ impl<T: Transport + Clone> Transport for FlakyTransport<T> {
         self.inner.local_device()
     }
 
-    fn send(&self, peer: DeviceId, message: Message) -> impl Future<Output = Result<(), SendError>> + Send {
+    fn send(
+        &self,
+        peer: DeviceId,
+        message: Message,
+    ) -> impl Future<Output = Result<(), SendError>> + Send {
         let is_batch = matches!(message, Message::StateBatch(_) | Message::SharedBatch(_));
         let fail = is_batch
-            && self.failures.fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| left.checked_sub(1)).is_ok();
+            && self
+                .failures
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| left.checked_sub(1))
+                .is_ok();
         let inner = self.inner.clone();
         async move {
             if fail {
@@ -218,7 +260,12 @@ impl<T: Transport + Clone> Transport for FlakyTransport<T> {
         }
     }
 
-    fn request(&self, peer: DeviceId, message: Message, timeout: Duration) -> impl Future<Output = Result<Message, RequestError>> + Send {
+    fn request(
+        &self,
+        peer: DeviceId,
+        message: Message,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Message, RequestError>> + Send {
         self.inner.request(peer, message, timeout)
     }
 

@@ -39,7 +39,11 @@ async fn concurrent_edits_resolve_by_hlc_and_edits_of_different_fields_both_surv
     pair(&mut a, &mut b).await;
     let id = Uuid::now_v7();
     a.library
-        .write_shared(vec![Edit::Insert { model: "tags".into(), id, fields: fields(&[("name", "work")]) }])
+        .write_shared(vec![Edit::Insert {
+            model: "tags".into(),
+            id,
+            fields: fields(&[("name", "work")]),
+        }])
         .await
         .unwrap();
     converge(&mut [&mut a, &mut b]).await;
@@ -47,7 +51,8 @@ async fn concurrent_edits_resolve_by_hlc_and_edits_of_different_fields_both_surv
     // Different fields of one record, at the same time on both devices: both edits survive.
     let rename = Edit::Update { model: "tags".into(), id, fields: fields(&[("name", "job")]) };
     let recolor = Edit::Update { model: "tags".into(), id, fields: fields(&[("color", "red")]) };
-    let (first, second) = tokio::join!(a.library.write_shared(vec![rename]), b.library.write_shared(vec![recolor]));
+    let (first, second) =
+        tokio::join!(a.library.write_shared(vec![rename]), b.library.write_shared(vec![recolor]));
     first.unwrap();
     second.unwrap();
     let tables = converge(&mut [&mut a, &mut b]).await;
@@ -55,8 +60,16 @@ async fn concurrent_edits_resolve_by_hlc_and_edits_of_different_fields_both_surv
 
     // The same field at the same time: one value wins, the same on both devices.
     let (first, second) = tokio::join!(
-        a.library.write_shared(vec![Edit::Update { model: "tags".into(), id, fields: fields(&[("name", "from a")]) }]),
-        b.library.write_shared(vec![Edit::Update { model: "tags".into(), id, fields: fields(&[("name", "from b")]) }]),
+        a.library.write_shared(vec![Edit::Update {
+            model: "tags".into(),
+            id,
+            fields: fields(&[("name", "from a")])
+        }]),
+        b.library.write_shared(vec![Edit::Update {
+            model: "tags".into(),
+            id,
+            fields: fields(&[("name", "from b")])
+        }]),
     );
     let (from_a, from_b) = (first.unwrap(), second.unwrap());
     let tables = converge(&mut [&mut a, &mut b]).await;
@@ -75,9 +88,15 @@ async fn three_peers_converge() {
     pair(&mut a, &mut b).await;
     pair(&mut a, &mut c).await;
     pair(&mut b, &mut c).await;
-    a.library.write_rows("entries", (0..300).map(|i| entry(&format!("a{i}"))).collect()).await.unwrap();
+    a.library
+        .write_rows("entries", (0..300).map(|i| entry(&format!("a{i}"))).collect())
+        .await
+        .unwrap();
     b.library.write_shared((0..50).map(|i| tag(&format!("b{i}"))).collect()).await.unwrap();
-    c.library.write_rows("entries", (0..300).map(|i| entry(&format!("c{i}"))).collect()).await.unwrap();
+    c.library
+        .write_rows("entries", (0..300).map(|i| entry(&format!("c{i}"))).collect())
+        .await
+        .unwrap();
     let tables = converge(&mut [&mut a, &mut b, &mut c]).await;
     assert_eq!(tables["entries"].len(), 600);
     assert_eq!(tables["tags"].len(), 50);
@@ -95,8 +114,13 @@ async fn a_burst_of_ten_thousand_edits_is_sent_in_far_fewer_messages() {
     // 100 rows, each written 100 times, one write call per edit.
     for round in 0..100 {
         for id in &ids {
-            let RowEdit::Upsert { values, .. } = entry(&format!("round {round}")) else { unreachable!() };
-            a.library.write_rows("entries", vec![RowEdit::Upsert { id: *id, values }]).await.unwrap();
+            let RowEdit::Upsert { values, .. } = entry(&format!("round {round}")) else {
+                unreachable!()
+            };
+            a.library
+                .write_rows("entries", vec![RowEdit::Upsert { id: *id, values }])
+                .await
+                .unwrap();
         }
     }
     let tables = converge(&mut [&mut a, &mut b]).await;
@@ -134,7 +158,13 @@ async fn a_dropped_send_is_retried_until_acknowledged() {
     let failures = Arc::new(AtomicUsize::new(3));
     let flaky = FlakyTransport { inner: transport.clone(), failures: failures.clone() };
     a_library.start_sync(flaky, events).await.unwrap();
-    let mut a = Node { name: "a".into(), dir, events: a_library.subscribe(), library: a_library, transport };
+    let mut a = Node {
+        name: "a".into(),
+        dir,
+        events: a_library.subscribe(),
+        library: a_library,
+        transport,
+    };
     let mut b = Node::start(library, "b").await;
     pair(&mut a, &mut b).await;
     a.library.write_rows("entries", vec![entry("first")]).await.unwrap();
@@ -169,16 +199,25 @@ async fn closing_right_after_writing_loses_nothing() {
     let library = new_library();
     let (mut a, mut b) = (Node::start(library, "a").await, Node::start(library, "b").await);
     pair(&mut a, &mut b).await;
-    a.library.write_rows("entries", (0..500).map(|i| entry(&format!("f{i}"))).collect()).await.unwrap();
+    a.library
+        .write_rows("entries", (0..500).map(|i| entry(&format!("f{i}"))).collect())
+        .await
+        .unwrap();
     a.library.write_shared(vec![tag("last")]).await.unwrap();
     let expected = a.tables().await;
     let a_id = a.device();
     // Close at once: pending batches are flushed to b before the transport closes.
     let dir = a.close().await;
-    b.wait_for(|event| matches!(event, Event::PeerOffline { peer, .. } if *peer == a_id).then_some(())).await;
+    b.wait_for(|event| {
+        matches!(event, Event::PeerOffline { peer, .. } if *peer == a_id).then_some(())
+    })
+    .await;
     let mut tables = b.tables().await;
     while tables != expected {
-        b.wait_for(|event| matches!(event, Event::RowsChanged { .. } | Event::SharedChanged { .. }).then_some(())).await;
+        b.wait_for(|event| {
+            matches!(event, Event::RowsChanged { .. } | Event::SharedChanged { .. }).then_some(())
+        })
+        .await;
         tables = b.tables().await;
     }
     // And a reopened a still has every accepted write.
