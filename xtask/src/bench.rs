@@ -19,6 +19,7 @@ struct Benchmark {
 const BENCHMARKS: &[Benchmark] = &[
     Benchmark { name: "hlc", package: "lsync-hlc", target: "hlc" },
     Benchmark { name: "transport", package: "lsync-transport", target: "transport" },
+    Benchmark { name: "bulk", package: "lsync-state-sync", target: "bulk" },
 ];
 
 pub(crate) fn run(args: &[String]) -> Result<(), String> {

@@ -26,8 +26,8 @@ usage: cargo xtask <task> [options]
 tasks:
   ci                          fmt check, clippy -D warnings, tests, docs, cargo deny
   bench [NAME...] [--quick] [--json]
-                              run benchmarks (names: hlc, transport); --quick scales them down,
-                              --json prints one JSON object on the last line
+                              run benchmarks (names: hlc, transport, bulk); --quick scales
+                              them down, --json prints one JSON object on the last line
 ";
 
 fn main() -> ExitCode {

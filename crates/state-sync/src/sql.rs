@@ -1,6 +1,6 @@
 //! Device-owned rows on SQLite, inside the caller's transaction.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 
 use lsync_hlc::{Clock, DeviceId, HlcGenerator, HlcTime};
 use lsync_protocol::{StateCursor, StateMark, StateOp, StateRow, Value};
@@ -97,10 +97,15 @@ pub async fn apply_rows(
     let mut deletes: Vec<(Uuid, HlcTime, bool)> = Vec::new();
     for row in coalesce(rows) {
         match row.op {
-            StateOp::Upsert(values) => {
+            StateOp::Upsert(mut values) => {
+                // Moved, not cloned: each batch column maps to at most one model column.
                 let values: Vec<Value> = map
                     .iter()
-                    .map(|index| index.and_then(|i| values.get(i).cloned()).unwrap_or(Value::Null))
+                    .map(|index| {
+                        index
+                            .and_then(|i| values.get_mut(i))
+                            .map_or(Value::Null, |value| std::mem::replace(value, Value::Null))
+                    })
                     .collect();
                 if model.check_values(&values).is_ok() {
                     upserts.push((row.id, row.version, values));
@@ -173,18 +178,11 @@ pub async fn apply_rows(
         }
     }
 
-    // 4. Upsert: the WHERE clause keeps newer-wins and owner-only inside SQLite, and RETURNING
-    // says which rows were written.
-    let written = upsert(conn, model, owner, &upserts).await?;
-    if written.len() < upserts.len() {
-        let written_set: BTreeSet<Uuid> = written.iter().copied().collect();
-        let skipped: Vec<Uuid> =
-            upserts.iter().map(|(id, ..)| *id).filter(|id| !written_set.contains(id)).collect();
-        let foreign = count_foreign(conn, model_name, owner, &skipped).await?;
-        applied.rejected += foreign;
-        applied.stale += skipped.len() - foreign;
-    }
-    applied.upserted = written;
+    // 4. Upsert the rows newer than what is held, and only the owner's.
+    let upserted = upsert(conn, model, owner, upserts).await?;
+    applied.rejected += upserted.foreign;
+    applied.stale += upserted.stale;
+    applied.upserted = upserted.written;
 
     // 5. Rows a subtree tombstone covers are dead: remember them (so later ancestor walks pass
     // through them) and remove what is held of them and below them.
@@ -533,25 +531,55 @@ fn read_values(
         .collect()
 }
 
+/// What [`upsert`] did.
+struct Upserted {
+    /// Rows written, in the order given.
+    written: Vec<Uuid>,
+    /// Rows not newer than the held version.
+    stale: usize,
+    /// Rows held as another device's.
+    foreign: usize,
+}
+
+/// Writes the rows that replace what is held: new rows, and newer versions of `owner`'s rows.
+/// Which ones is decided here ([`decide`] on the held owner and version, read first); the
+/// statement's WHERE clause says the same inside SQLite. Reading first instead of `RETURNING id`
+/// matters for bulk inserts: only rows already held come back, while `RETURNING` sends every
+/// written id through sqlx's worker thread one row at a time, which made inserting a million new
+/// rows 1.4 to 1.7 times slower (docs/benchmarks.md, "Bulk insert").
 async fn upsert(
     conn: &mut SqliteConnection,
     model: &ModelDef,
     owner: DeviceId,
-    rows: &[(Uuid, HlcTime, Vec<Value>)],
-) -> Result<Vec<Uuid>, StateError> {
+    rows: Vec<(Uuid, HlcTime, Vec<Value>)>,
+) -> Result<Upserted, StateError> {
+    let ids: Vec<Uuid> = rows.iter().map(|(id, ..)| *id).collect();
+    let held = held_versions(conn, &model.name, &ids).await?;
+    let mut upserted = Upserted { written: Vec::with_capacity(rows.len()), stale: 0, foreign: 0 };
+    let mut to_write = Vec::with_capacity(rows.len());
+    for (id, version, values) in rows {
+        let current = held.get(&id).map_or(Current::Absent, |&(held_by, held)| Current::Row {
+            owner: held_by,
+            version: held,
+        });
+        match decide(current, owner, version) {
+            Decision::Apply => to_write.push((id, version, values)),
+            Decision::Stale => upserted.stale += 1,
+            Decision::WrongOwner { .. } => upserted.foreign += 1,
+        }
+    }
+
     let columns: Vec<String> = model.columns.iter().map(|column| ident(&column.name)).collect();
     let table = ident(&model.name);
     let updates: String =
         columns.iter().map(|column| format!(", {column} = excluded.{column}")).collect();
     let per_row = columns.len() + 3;
     let separator = if columns.is_empty() { "" } else { ", " };
-    let mut written = Vec::with_capacity(rows.len());
-    for chunk in rows.chunks(rows_per_statement(per_row)) {
+    for chunk in to_write.chunks(rows_per_statement(per_row)) {
         let sql = format!(
             "INSERT INTO {table} (id, owner, version{separator}{cols}) VALUES {values}
              ON CONFLICT (id) DO UPDATE SET version = excluded.version{updates}
-             WHERE excluded.version > {table}.version AND {table}.owner = excluded.owner
-             RETURNING id",
+             WHERE excluded.version > {table}.version AND {table}.owner = excluded.owner",
             cols = columns.join(", "),
             values = placeholders(chunk.len(), per_row),
         );
@@ -565,33 +593,42 @@ async fn upsert(
                 query = bind_value(query, value);
             }
         }
-        for row in query.fetch_all(&mut *conn).await? {
-            written.push(read_uuid(&row, 0)?);
-        }
+        let changed = query.execute(&mut *conn).await?.rows_affected();
+        debug_assert_eq!(
+            changed,
+            chunk.len() as u64,
+            "the statement writes exactly the rows decided on"
+        );
+        upserted.written.extend(chunk.iter().map(|(id, ..)| *id));
     }
-    Ok(written)
+    Ok(upserted)
 }
 
-async fn count_foreign(
+/// The held rows among `ids`: owner and version by id (absent ids are left out).
+async fn held_versions(
     conn: &mut SqliteConnection,
     model: &str,
-    owner: DeviceId,
     ids: &[Uuid],
-) -> Result<usize, StoreError> {
-    let mut count = 0;
-    for chunk in ids.chunks(rows_per_statement(1) - 1) {
+) -> Result<HashMap<Uuid, (DeviceId, HlcTime)>, StoreError> {
+    let mut held = HashMap::new();
+    for chunk in ids.chunks(rows_per_statement(1)) {
         let sql = format!(
-            "SELECT count(*) FROM {} WHERE owner != ? AND id IN ({})",
+            "SELECT id, owner, version FROM {} WHERE id IN ({})",
             ident(model),
             vec!["?"; chunk.len()].join(", ")
         );
-        let mut query = sqlx::query_scalar::<_, i64>(&sql).bind(owner.as_bytes().as_slice());
+        let mut query = sqlx::query(&sql);
         for id in chunk {
             query = query.bind(id.as_bytes().as_slice());
         }
-        count += usize::try_from(query.fetch_one(&mut *conn).await?).unwrap_or(0);
+        for row in query.fetch_all(&mut *conn).await? {
+            held.insert(
+                read_uuid(&row, 0)?,
+                (DeviceId(read_uuid(&row, 1)?), time_from_sql(row.try_get(2)?)?),
+            );
+        }
     }
-    Ok(count)
+    Ok(held)
 }
 
 async fn first_foreign(
