@@ -38,24 +38,24 @@ pub(crate) async fn start<T: Transport>(
     events: mpsc::Receiver<TransportEvent>,
 ) -> Box<dyn Engine> {
     let (ready, ready_rx) = tokio::sync::oneshot::channel();
-    let thread = std::thread::Builder::new()
-        .name("lsync-engine".into())
-        .spawn(move || {
-            let system = System::new();
-            system.block_on(async move {
-                let supervisor = Supervisor::new(inner, Arc::new(transport)).start();
-                actix::spawn(pump(events, supervisor.clone()));
-                let _ = ready.send((supervisor, System::current()));
-            });
-            if let Err(error) = system.run() {
-                tracing::error!(%error, "the engine thread stopped with an error");
-            }
+    let thread = std::thread::Builder::new().name("lsync-engine".into()).spawn(move || {
+        let system = System::new();
+        system.block_on(async move {
+            let supervisor = Supervisor::new(inner, Arc::new(transport)).start();
+            actix::spawn(pump(events, supervisor.clone()));
+            let _ = ready.send((supervisor, System::current()));
         });
+        if let Err(error) = system.run() {
+            tracing::error!(%error, "the engine thread stopped with an error");
+        }
+    });
     match thread {
         Ok(thread) => match ready_rx.await {
-            Ok((supervisor, system)) => {
-                Box::new(EngineHandle { supervisor, system, thread: std::sync::Mutex::new(Some(thread)) })
-            }
+            Ok((supervisor, system)) => Box::new(EngineHandle {
+                supervisor,
+                system,
+                thread: std::sync::Mutex::new(Some(thread)),
+            }),
             Err(_) => Box::new(DeadEngine),
         },
         Err(error) => {
@@ -67,7 +67,10 @@ pub(crate) async fn start<T: Transport>(
 
 /// Forwards transport events to the supervisor, waiting when its mailbox is full (so a flood of
 /// incoming batches slows the transport down instead of growing memory).
-async fn pump<T: Transport>(mut events: mpsc::Receiver<TransportEvent>, supervisor: Addr<Supervisor<T>>) {
+async fn pump<T: Transport>(
+    mut events: mpsc::Receiver<TransportEvent>,
+    supervisor: Addr<Supervisor<T>>,
+) {
     while let Some(event) = events.recv().await {
         if supervisor.send(FromTransport(event)).await.is_err() {
             break;
@@ -82,7 +85,12 @@ struct EngineHandle<T: Transport> {
 }
 
 impl<T: Transport> Engine for EngineHandle<T> {
-    fn local_state(&self, model: String, since: Option<HlcTime>, rows: Vec<StateRow>) -> BoxFuture<'_, ()> {
+    fn local_state(
+        &self,
+        model: String,
+        since: Option<HlcTime>,
+        rows: Vec<StateRow>,
+    ) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let _ = self.supervisor.send(LocalState { model, since, rows }).await;
         })
@@ -108,7 +116,8 @@ impl<T: Transport> Engine for EngineHandle<T> {
         Box::pin(async move {
             let _ = self.supervisor.send(Shutdown).await;
             self.system.stop();
-            let thread = self.thread.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+            let thread =
+                self.thread.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
             if let Some(thread) = thread {
                 let _ = tokio::task::spawn_blocking(move || thread.join()).await;
             }
@@ -192,7 +201,9 @@ impl Message for FromPeer {
 /// register it for acknowledgement.
 struct Push {
     message: WireMessage,
-    covers: Coverage,
+    /// What an acknowledgement must cover; `None` for a re-send, which the retry actor already
+    /// tracks (with its attempt count).
+    covers: Option<Coverage>,
 }
 impl Message for Push {
     type Result = ();
@@ -202,7 +213,6 @@ impl Message for Push {
 struct Resend {
     peer: DeviceId,
     message: WireMessage,
-    covers: Coverage,
 }
 impl Message for Resend {
     type Result = ();
@@ -213,7 +223,6 @@ struct Sent {
     peer: DeviceId,
     message: WireMessage,
     covers: Coverage,
-    failed: bool,
 }
 impl Message for Sent {
     type Result = ();
@@ -277,7 +286,8 @@ struct Supervisor<T: Transport> {
     retry: Option<Addr<RetryActor<T>>>,
     pruner: Option<Addr<PrunerActor>>,
     batcher: Batcher,
-    flush_timer: Option<SpawnHandle>,
+    /// When the pending flush timer fires, if one is pending.
+    flush_at: Option<Instant>,
     enabled: bool,
     failures: u32,
 }
@@ -295,7 +305,7 @@ impl<T: Transport> Supervisor<T> {
             retry: None,
             pruner: None,
             batcher,
-            flush_timer: None,
+            flush_at: None,
             enabled,
             failures: 0,
         }
@@ -309,26 +319,36 @@ impl<T: Transport> Supervisor<T> {
         self.peers
             .entry(peer)
             .or_insert_with(|| {
-                PeerActor { peer, inner, transport, supervisor, retry, pruner, online: false, catching_up: false }
-                    .start()
+                PeerActor {
+                    peer,
+                    inner,
+                    transport,
+                    supervisor,
+                    retry,
+                    pruner,
+                    online: false,
+                    catching_up: false,
+                    outbound: None,
+                }
+                .start()
             })
             .clone()
     }
 
     /// Schedules the next flush at the batcher's earliest deadline.
     fn schedule_flush(&mut self, ctx: &mut Context<Self>) {
-        if let Some(handle) = self.flush_timer.take() {
-            ctx.cancel_future(handle);
+        let Some(deadline) = self.batcher.next_deadline() else { return };
+        if self.flush_at.is_some_and(|scheduled| scheduled <= deadline) {
+            return;
         }
-        if let Some(deadline) = self.batcher.next_deadline() {
-            let delay = deadline.saturating_duration_since(Instant::now());
-            self.flush_timer = Some(ctx.run_later(delay, |supervisor, ctx| {
-                supervisor.flush_timer = None;
-                let flushes = supervisor.batcher.poll(Instant::now());
-                supervisor.broadcast(flushes);
-                supervisor.schedule_flush(ctx);
-            }));
-        }
+        self.flush_at = Some(deadline);
+        let supervisor = ctx.address();
+        // A plain timer task that messages the supervisor: the flush happens between messages,
+        // like everything else the supervisor does.
+        actix::spawn(async move {
+            tokio::time::sleep_until(deadline.into()).await;
+            supervisor.do_send(FlushDue);
+        });
     }
 
     /// Sends each flushed batch to every online peer.
@@ -338,9 +358,15 @@ impl<T: Transport> Supervisor<T> {
             let (message, covers, rows) = match flush {
                 Flush::State { model, since, rows } => {
                     let Some(newest) = rows.iter().map(|row| row.version).max() else { continue };
-                    let columns = self.inner.registry().model(&model).map(|m| m.column_names()).unwrap_or_default();
+                    let columns = self
+                        .inner
+                        .registry()
+                        .model(&model)
+                        .map(|m| m.column_names())
+                        .unwrap_or_default();
                     let count = rows.len();
-                    let covers = Coverage::State { owner: device, model: model.clone(), version: newest };
+                    let covers =
+                        Coverage::State { owner: device, model: model.clone(), version: newest };
                     let batch = StateBatch { owner: device, model, columns, rows, since };
                     (WireMessage::StateBatch(batch), covers, count)
                 }
@@ -348,13 +374,21 @@ impl<T: Transport> Supervisor<T> {
                     let batch = SharedBatch { changes };
                     let Some(mark) = sync::shared_coverage(&batch) else { continue };
                     let count = batch.changes.len();
-                    (WireMessage::SharedBatch(batch), Coverage::Shared { origin: mark.origin, seq: mark.seq }, count)
+                    (
+                        WireMessage::SharedBatch(batch),
+                        Coverage::Shared { origin: mark.origin, seq: mark.seq },
+                        count,
+                    )
                 }
             };
             metrics::histogram!("lsync_batch_rows").record(rows as f64);
             for (peer, addr) in &self.peers {
                 if self.online.contains_key(peer) {
-                    push(addr, *peer, Push { message: message.clone(), covers: covers.clone() });
+                    push(
+                        addr,
+                        *peer,
+                        Push { message: message.clone(), covers: Some(covers.clone()) },
+                    );
                 }
             }
         }
@@ -369,12 +403,25 @@ impl<T: Transport> Supervisor<T> {
             max_attempts: config.retry_max_attempts,
             capacity: config.retry_capacity,
         };
-        let seed = u64::from_le_bytes(self.inner.identity().device.as_bytes()[..8].try_into().unwrap_or([0; 8]));
-        self.retry = Some(
-            RetryActor { queue: RetryQueue::new(retry_config, seed), supervisor: ctx.address(), timer: None }.start(),
+        let seed = u64::from_le_bytes(
+            self.inner.identity().device.as_bytes()[..8].try_into().unwrap_or([0; 8]),
         );
-        self.pruner =
-            Some(PrunerActor { inner: self.inner.clone(), supervisor: ctx.address().recipient(), pending: false }.start());
+        self.retry = Some(
+            RetryActor {
+                queue: RetryQueue::new(retry_config, seed),
+                supervisor: ctx.address(),
+                timer: None,
+            }
+            .start(),
+        );
+        self.pruner = Some(
+            PrunerActor {
+                inner: self.inner.clone(),
+                supervisor: ctx.address().recipient(),
+                pending: false,
+            }
+            .start(),
+        );
     }
 }
 
@@ -390,7 +437,12 @@ impl<T: Transport> Actor for Supervisor<T> {
         let every = (self.inner.config.heartbeat_interval / 2).max(Duration::from_millis(100));
         let refresh = |supervisor: &mut Self, ctx: &mut Context<Self>| {
             let inner = supervisor.inner.clone();
-            ctx.spawn(async move { let _ = sync::own_watermarks(&inner).await; }.into_actor(supervisor));
+            ctx.spawn(
+                async move {
+                    let _ = sync::own_watermarks(&inner).await;
+                }
+                .into_actor(supervisor),
+            );
         };
         refresh(self, ctx);
         ctx.run_interval(every, refresh);
@@ -401,6 +453,24 @@ impl<T: Transport> Handler<LocalState> for Supervisor<T> {
     type Result = ();
     fn handle(&mut self, message: LocalState, ctx: &mut Self::Context) {
         self.batcher.push_state(&message.model, message.since, message.rows, Instant::now());
+        self.schedule_flush(ctx);
+    }
+}
+
+/// Timer → supervisor: the batching window of a pending batch closed.
+struct FlushDue;
+impl Message for FlushDue {
+    type Result = ();
+}
+
+impl<T: Transport> Handler<FlushDue> for Supervisor<T> {
+    type Result = ();
+    fn handle(&mut self, _: FlushDue, ctx: &mut Self::Context) {
+        self.flush_at = None;
+        let flushes = self.batcher.poll(Instant::now());
+        if self.enabled {
+            self.broadcast(flushes);
+        }
         self.schedule_flush(ctx);
     }
 }
@@ -437,7 +507,8 @@ impl<T: Transport> Handler<SetEnabled> for Supervisor<T> {
 impl<T: Transport> Handler<GetStatus> for Supervisor<T> {
     type Result = ResponseActFuture<Self, EngineStatus>;
     fn handle(&mut self, _: GetStatus, _: &mut Self::Context) -> Self::Result {
-        let online: Vec<(DeviceId, Option<u64>)> = self.online.iter().map(|(peer, rtt)| (*peer, *rtt)).collect();
+        let online: Vec<(DeviceId, Option<u64>)> =
+            self.online.iter().map(|(peer, rtt)| (*peer, *rtt)).collect();
         let pending = self.batcher.pending_rows();
         let retry = self.retry.clone();
         Box::pin(
@@ -480,27 +551,64 @@ impl<T: Transport> Handler<FromTransport> for Supervisor<T> {
                 retry.do_send(PeerGone(peer));
             }
         }
-        if !self.enabled && !matches!(event, TransportEvent::Connected { .. } | TransportEvent::Disconnected { .. } | TransportEvent::Paired(_)) {
-            // Disabled: answer requests with Busy; drop incoming batches unapplied and unacked, so
-            // their senders keep them and catch-up brings them later.
-            if let TransportEvent::Request(request) = event {
-                actix::spawn(async move {
-                    let _ = request
-                        .responder
-                        .respond(WireMessage::Error(lsync_protocol::ErrorMessage {
-                            code: lsync_protocol::ErrorCode::Busy,
-                            message: "sync is disabled on this device".into(),
-                        }))
-                        .await;
-                });
-            }
+        if let TransportEvent::Request(request) = event {
+            // Requests only read: they are answered beside the actors, never queued behind a
+            // peer actor that is itself waiting for an answer from that peer (both sides catch up
+            // at once on connect).
+            let inner = self.inner.clone();
+            let enabled = self.enabled;
+            actix::spawn(async move {
+                let response = if enabled {
+                    sync::serve(&inner, request.message).await
+                } else {
+                    WireMessage::Error(lsync_protocol::ErrorMessage {
+                        code: lsync_protocol::ErrorCode::Busy,
+                        message: "sync is disabled on this device".into(),
+                    })
+                };
+                let _ = request.responder.respond(response).await;
+            });
             return;
         }
-        // Wait until the peer's actor took the event into its (bounded) mailbox: events of one
-        // peer stay in order, and a busy peer slows the transport down instead of queueing
-        // without bound.
+        if !self.enabled
+            && matches!(event, TransportEvent::Message { .. } | TransportEvent::Watermarks { .. })
+        {
+            // Disabled: incoming batches are dropped unapplied and unacknowledged, so their
+            // senders keep them and catch-up brings them once sync is on again.
+            return;
+        }
+        // The supervisor never waits for a peer actor: a peer actor may itself be waiting for an
+        // answer from its peer, whose answer may be waiting for this device to read, and two
+        // devices doing that to each other would wait forever. Connection events always get
+        // through (they are rare); batches, acks and heartbeat watermarks for an actor whose
+        // bounded mailbox is full are dropped and counted: an unacknowledged batch is sent again,
+        // and catch-up by watermark closes any gap.
+        if let TransportEvent::Message { message: WireMessage::Ack(ack), .. } = event {
+            // Acks never queue behind batches: they stop re-sends and drive pruning.
+            if let Some(retry) = &self.retry {
+                retry.do_send(Acked { peer, ack: ack.clone() });
+            }
+            if let Some(pruner) = &self.pruner {
+                pruner.do_send(PruneSoon);
+            }
+            let inner = self.inner.clone();
+            actix::spawn(async move {
+                if let Err(error) = sync::record_ack(&inner, peer, &ack).await {
+                    tracing::warn!(%peer, %error, "cannot record an acknowledgement");
+                }
+            });
+            return;
+        }
         let addr = self.peer(peer, ctx);
-        ctx.wait(addr.send(FromPeer(event)).into_actor(self).map(|_, _, _| ()));
+        match event {
+            TransportEvent::Message { .. } | TransportEvent::Watermarks { .. } => {
+                if addr.try_send(FromPeer(event)).is_err() {
+                    metrics::counter!("lsync_inbound_dropped_total").increment(1);
+                    tracing::debug!(%peer, "peer actor busy; an incoming message was dropped");
+                }
+            }
+            event => addr.do_send(FromPeer(event)),
+        }
     }
 }
 
@@ -519,8 +627,10 @@ impl<T: Transport> Handler<Resend> for Supervisor<T> {
     fn handle(&mut self, resend: Resend, _: &mut Self::Context) {
         metrics::counter!("lsync_retries_total").increment(1);
         self.inner.counters.retries.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        if let (Some(addr), true) = (self.peers.get(&resend.peer), self.online.contains_key(&resend.peer)) {
-            push(addr, resend.peer, Push { message: resend.message, covers: resend.covers });
+        if let (Some(addr), true) =
+            (self.peers.get(&resend.peer), self.online.contains_key(&resend.peer))
+        {
+            push(addr, resend.peer, Push { message: resend.message, covers: None });
         }
     }
 }
@@ -547,15 +657,23 @@ impl<T: Transport> Handler<ChildFailed> for Supervisor<T> {
         metrics::counter!("lsync_actor_restarts_total", "actor" => failure.child).increment(1);
         tracing::error!(child = failure.child, error = %failure.error, failures = self.failures, "restarting a failed actor");
         self.inner.emit(Event::Error {
-            message: format!("{} failed ({} failures so far): {}", failure.child, self.failures, failure.error),
+            message: format!(
+                "{} failed ({} failures so far): {}",
+                failure.child, self.failures, failure.error
+            ),
         });
         // Exponential backoff, capped at a minute, so a persistent fault does not spin.
-        let delay = Duration::from_millis(100u64.saturating_mul(1 << self.failures.min(10))).min(Duration::from_secs(60));
+        let delay = Duration::from_millis(100u64.saturating_mul(1 << self.failures.min(10)))
+            .min(Duration::from_secs(60));
         ctx.run_later(delay, |supervisor, ctx| {
             if supervisor.pruner.as_ref().is_none_or(|pruner| !pruner.connected()) {
                 supervisor.pruner = Some(
-                    PrunerActor { inner: supervisor.inner.clone(), supervisor: ctx.address().recipient(), pending: false }
-                        .start(),
+                    PrunerActor {
+                        inner: supervisor.inner.clone(),
+                        supervisor: ctx.address().recipient(),
+                        pending: false,
+                    }
+                    .start(),
                 );
             }
         });
@@ -597,7 +715,8 @@ impl Message for CatchUpNow {
     type Result = ();
 }
 
-/// Supervisor → peer actor: answered once every message queued before it was handled.
+/// Supervisor → peer actor: answered once every message queued for the peer before it was
+/// handed to the transport.
 struct Drain;
 impl Message for Drain {
     type Result = ();
@@ -614,21 +733,80 @@ struct PeerActor<T: Transport> {
     pruner: Option<Addr<PrunerActor>>,
     online: bool,
     catching_up: bool,
+    outbound: Option<mpsc::Sender<Outbound>>,
 }
+
+/// What a peer actor's sender task takes, in order.
+enum Outbound {
+    /// Send this; with a coverage, register it for acknowledgement.
+    Message(WireMessage, Option<Coverage>),
+    /// Everything queued before this was handed to the transport.
+    Marker(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Messages waiting for the network, per peer. 256 batches of up to `max_batch_rows` rows: a
+/// peer that cannot take that much is not keeping up, and catch-up by watermark serves it better
+/// than a deeper queue.
+const OUTBOUND_CAPACITY: usize = 256;
 
 impl<T: Transport> Actor for PeerActor<T> {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(64);
+        // One sender task per peer, in order. Network sends never run inside the actor: an actor
+        // waiting for a peer to read would stop applying what that peer sends, and two devices
+        // doing that to each other would wait forever.
+        let (outbound, mut queue) = mpsc::channel::<Outbound>(OUTBOUND_CAPACITY);
+        self.outbound = Some(outbound);
+        let (transport, peer, retry) = (self.transport.clone(), self.peer, self.retry.clone());
+        // Its own task, not a future of the actor's context: the actor waits on the database
+        // (and on catch-up requests) without holding up the peer's outgoing messages.
+        actix::spawn(async move {
+            while let Some(item) = queue.recv().await {
+                let (message, covers) = match item {
+                    Outbound::Message(message, covers) => (message, covers),
+                    Outbound::Marker(done) => {
+                        let _ = done.send(());
+                        continue;
+                    }
+                };
+                let bytes = lsync_protocol::encode(&message).map_or(0, |bytes| bytes.len());
+                let kind = message.name();
+                // Registered before sending, so an acknowledgement can never arrive first.
+                // A failed send is simply due again after the acknowledgement timeout.
+                if let (Some(retry), Some(covers)) = (&retry, covers) {
+                    retry.do_send(Sent { peer, message: message.clone(), covers });
+                }
+                match transport.send(peer, message).await {
+                    Ok(()) => {
+                        metrics::counter!("lsync_messages_sent_total", "kind" => kind).increment(1);
+                        metrics::counter!("lsync_bytes_sent_total").increment(bytes as u64);
+                    }
+                    Err(error) => {
+                        tracing::debug!(%peer, %error, "send failed; due again after the ack timeout")
+                    }
+                }
+            }
+        });
     }
 }
 
 impl<T: Transport> PeerActor<T> {
+    /// Queues a message for the peer without waiting. A full queue means the peer is not keeping
+    /// up: the message is counted and left to catch-up (batches) or the next ack (acks).
+    fn queue(&self, message: WireMessage, covers: Option<Coverage>) {
+        let Some(outbound) = &self.outbound else { return };
+        if outbound.try_send(Outbound::Message(message, covers)).is_err() {
+            metrics::counter!("lsync_push_skipped_total").increment(1);
+            tracing::debug!(peer = %self.peer, "outbound queue full; catch-up by watermark takes over");
+        }
+    }
+
     /// Exchanges watermarks with the peer and pulls what this device lacks. Runs in the actor's
     /// context with `wait`, so batches from this peer are applied after the catch-up, in order.
     fn catch_up(&mut self, ctx: &mut Context<Self>, theirs: Option<lsync_protocol::Watermarks>) {
-        if self.catching_up {
+        if self.catching_up || !self.inner.enabled.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
         self.catching_up = true;
@@ -639,24 +817,35 @@ impl<T: Transport> PeerActor<T> {
                 Some(theirs) => theirs,
                 None => {
                     let mine = sync::own_watermarks(&inner).await?;
-                    match transport.request(peer, lsync_protocol::Message::WatermarksRequest(mine), timeout).await? {
+                    match transport
+                        .request(peer, lsync_protocol::Message::WatermarksRequest(mine), timeout)
+                        .await?
+                    {
                         lsync_protocol::Message::WatermarksResponse(theirs) => theirs,
-                        _ => return Err(sync::CatchUpError::Unexpected("answer to WatermarksRequest")),
+                        _ => {
+                            return Err(sync::CatchUpError::Unexpected(
+                                "answer to WatermarksRequest",
+                            ));
+                        }
                     }
                 }
             };
             sync::record_ack(&inner, peer, &sync::ack_of(&theirs)).await?;
             let pulled = sync::catch_up(&inner, &*transport, peer, &theirs).await?;
-            if pulled {
-                let mine = sync::own_watermarks(&inner).await?;
-                let _ = transport.send(peer, lsync_protocol::Message::Ack(sync::ack_of(&mine))).await;
-            }
-            Ok::<_, sync::CatchUpError>(())
+            let ack = if pulled {
+                Some(sync::ack_of(&sync::own_watermarks(&inner).await?))
+            } else {
+                None
+            };
+            Ok::<_, sync::CatchUpError>(ack)
         };
         ctx.wait(work.into_actor(self).map(|result, actor, _| {
             actor.catching_up = false;
             match result {
-                Ok(()) => {
+                Ok(ack) => {
+                    if let Some(ack) = ack {
+                        actor.queue(WireMessage::Ack(ack), None);
+                    }
                     if let Some(pruner) = &actor.pruner {
                         pruner.do_send(PruneSoon);
                     }
@@ -672,24 +861,42 @@ impl<T: Transport> PeerActor<T> {
     /// Applies a batch from the peer, then acknowledges it; in order, blocking this actor's
     /// mailbox until done.
     fn apply(&mut self, ctx: &mut Context<Self>, message: lsync_protocol::Message) {
-        let (inner, transport, peer) = (self.inner.clone(), self.transport.clone(), self.peer);
+        if !self.inner.enabled.load(std::sync::atomic::Ordering::Acquire) {
+            // Switched off after this batch was queued: not applied, not acknowledged.
+            return;
+        }
+        let (inner, peer) = (self.inner.clone(), self.peer);
         let work = async move {
-            match message {
-                lsync_protocol::Message::StateBatch(batch) => sync::apply_state_batch(&inner, peer, batch).await?,
-                lsync_protocol::Message::SharedBatch(batch) => sync::apply_shared_changes(&inner, peer, batch).await?,
-                _ => return Ok(()),
-            }
+            let gap = match message {
+                lsync_protocol::Message::StateBatch(batch) => {
+                    sync::apply_state_batch(&inner, peer, batch).await?
+                }
+                lsync_protocol::Message::SharedBatch(batch) => {
+                    sync::apply_shared_changes(&inner, peer, batch).await?;
+                    false
+                }
+                _ => return Ok(None),
+            };
             let mine = sync::own_watermarks(&inner).await?;
-            let _ = transport.send(peer, lsync_protocol::Message::Ack(sync::ack_of(&mine))).await;
-            Ok::<_, crate::library::LibraryError>(())
+            Ok::<_, crate::library::LibraryError>(Some((sync::ack_of(&mine), gap)))
         };
-        ctx.wait(work.into_actor(self).map(|result, actor, _| {
+        ctx.wait(work.into_actor(self).map(|result, actor, ctx| {
+            if let Ok(Some((ack, gap))) = &result {
+                actor.queue(WireMessage::Ack(ack.clone()), None);
+                if *gap {
+                    // This device missed earlier rows of the batch's owner: close the gap now
+                    // rather than at the next heartbeat.
+                    actor.catch_up(ctx, None);
+                }
+            }
             if let Err(error) = result {
                 // Not acknowledged: the sender keeps the batch and sends it again (or the gap is
                 // caught up by watermark).
                 metrics::counter!("lsync_apply_failures_total").increment(1);
                 tracing::warn!(peer = %actor.peer, %error, "a batch from the peer was not applied");
-                actor.inner.emit(Event::Error { message: format!("batch from {} not applied: {error}", actor.peer) });
+                actor.inner.emit(Event::Error {
+                    message: format!("batch from {} not applied: {error}", actor.peer),
+                });
             }
         }));
     }
@@ -709,8 +916,19 @@ impl<T: Transport> Handler<FromPeer> for PeerActor<T> {
                         let result = inner
                             .db
                             .write(async |conn| {
-                                lsync_watermark::sql::add_peer(conn, peer, &name, crate::library::now_ms()).await?;
-                                lsync_watermark::sql::touch_peer(conn, peer, crate::library::now_ms()).await?;
+                                lsync_watermark::sql::add_peer(
+                                    conn,
+                                    peer,
+                                    &name,
+                                    crate::library::now_ms(),
+                                )
+                                .await?;
+                                lsync_watermark::sql::touch_peer(
+                                    conn,
+                                    peer,
+                                    crate::library::now_ms(),
+                                )
+                                .await?;
                                 lsync_watermark::sql::note_epoch(conn, peer, epoch).await
                             })
                             .await;
@@ -750,16 +968,8 @@ impl<T: Transport> Handler<FromPeer> for PeerActor<T> {
                 );
             }
             TransportEvent::Message { message, .. } => self.apply(ctx, message),
-            TransportEvent::Request(request) => {
-                let inner = self.inner.clone();
-                // Serving reads only: run beside the mailbox, not in front of it.
-                ctx.spawn(
-                    async move {
-                        let response = sync::serve(&inner, request.message).await;
-                        let _ = request.responder.respond(response).await;
-                    }
-                    .into_actor(self),
-                );
+            TransportEvent::Request(_) => {
+                // Answered by the supervisor (see `Handler<FromTransport>`); never routed here.
             }
             TransportEvent::Watermarks { watermarks, .. } => {
                 let rtt = self
@@ -798,7 +1008,13 @@ impl<T: Transport> Handler<FromPeer> for PeerActor<T> {
                         let _ = inner
                             .db
                             .write(async |conn| {
-                                lsync_watermark::sql::add_peer(conn, paired.device, &paired.name, crate::library::now_ms()).await
+                                lsync_watermark::sql::add_peer(
+                                    conn,
+                                    paired.device,
+                                    &paired.name,
+                                    crate::library::now_ms(),
+                                )
+                                .await
                             })
                             .await;
                     }
@@ -811,31 +1027,12 @@ impl<T: Transport> Handler<FromPeer> for PeerActor<T> {
 
 impl<T: Transport> Handler<Push> for PeerActor<T> {
     type Result = ();
-    fn handle(&mut self, push: Push, ctx: &mut Self::Context) {
+    fn handle(&mut self, push: Push, _: &mut Self::Context) {
         if !self.online {
             return;
         }
-        let (transport, peer, retry) = (self.transport.clone(), self.peer, self.retry.clone());
-        let bytes = lsync_protocol::encode(&push.message).map_or(0, |bytes| bytes.len());
         self.inner.counters.batches_sent.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        // Sends are awaited in order so the peer receives batches in the order they were cut.
-        ctx.wait(
-            async move {
-                let result = transport.send(peer, push.message.clone()).await;
-                let kind = push.message.name();
-                match &result {
-                    Ok(()) => {
-                        metrics::counter!("lsync_messages_sent_total", "kind" => kind).increment(1);
-                        metrics::counter!("lsync_bytes_sent_total").increment(bytes as u64);
-                    }
-                    Err(error) => tracing::debug!(%peer, %error, "send failed; it will be retried"),
-                }
-                if let Some(retry) = retry {
-                    retry.do_send(Sent { peer, message: push.message, covers: push.covers, failed: result.is_err() });
-                }
-            }
-            .into_actor(self),
-        );
+        self.queue(push.message, push.covers);
     }
 }
 
@@ -849,8 +1046,17 @@ impl<T: Transport> Handler<CatchUpNow> for PeerActor<T> {
 }
 
 impl<T: Transport> Handler<Drain> for PeerActor<T> {
-    type Result = ();
-    fn handle(&mut self, _: Drain, _: &mut Self::Context) {}
+    type Result = ResponseFuture<()>;
+    fn handle(&mut self, _: Drain, _: &mut Self::Context) -> Self::Result {
+        let outbound = self.outbound.clone();
+        Box::pin(async move {
+            let Some(outbound) = outbound else { return };
+            let (done, flushed) = tokio::sync::oneshot::channel();
+            if outbound.send(Outbound::Marker(done)).await.is_ok() {
+                let _ = flushed.await;
+            }
+        })
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -875,30 +1081,18 @@ impl<T: Transport> RetryActor<T> {
                 actor.timer = None;
                 let due = actor.queue.poll_due(Instant::now());
                 for (_, peer, message) in due.resend {
-                    let covers = actor.queue_coverage(&message);
-                    if let Some(covers) = covers {
-                        actor.supervisor.do_send(Resend { peer, message, covers });
-                    }
+                    actor.supervisor.do_send(Resend { peer, message });
                 }
                 if !due.gave_up.is_empty() {
-                    metrics::counter!("lsync_retries_given_up_total").increment(due.gave_up.len() as u64);
-                    tracing::info!(count = due.gave_up.len(), "gave up re-sending; catch-up by watermark takes over");
+                    metrics::counter!("lsync_retries_given_up_total")
+                        .increment(due.gave_up.len() as u64);
+                    tracing::info!(
+                        count = due.gave_up.len(),
+                        "gave up re-sending; catch-up by watermark takes over"
+                    );
                 }
                 actor.schedule(ctx);
             }));
-        }
-    }
-
-    /// What an ack must cover for `message` to count as delivered.
-    fn queue_coverage(&self, message: &WireMessage) -> Option<Coverage> {
-        match message {
-            WireMessage::StateBatch(batch) => batch.rows.iter().map(|row| row.version).max().map(|version| {
-                Coverage::State { owner: batch.owner, model: batch.model.clone(), version }
-            }),
-            WireMessage::SharedBatch(batch) => {
-                sync::shared_coverage(batch).map(|mark| Coverage::Shared { origin: mark.origin, seq: mark.seq })
-            }
-            _ => None,
         }
     }
 }
@@ -912,11 +1106,7 @@ impl<T: Transport> Handler<Sent> for RetryActor<T> {
     fn handle(&mut self, sent: Sent, ctx: &mut Self::Context) {
         let now = Instant::now();
         match self.queue.sent(sent.peer, sent.message, sent.covers, now) {
-            Ok(id) => {
-                if sent.failed {
-                    self.queue.send_failed(id, now);
-                }
-            }
+            Ok(_) => {}
             Err(_) => {
                 metrics::counter!("lsync_retry_overflow_total").increment(1);
                 tracing::info!(peer = %sent.peer, "retry queue full; catch-up by watermark takes over");
@@ -963,21 +1153,27 @@ struct PrunerActor {
 impl PrunerActor {
     fn run(&mut self, ctx: &mut Context<Self>) {
         let inner = self.inner.clone();
-        ctx.wait(async move { sync::prune(&inner).await }.into_actor(self).map(|result, actor, ctx| {
-            actor.pending = false;
-            match result {
-                Ok((pruned, collected)) => {
-                    if pruned + collected > 0 {
-                        tracing::debug!(pruned, collected, "pruned");
-                        actor.inner.emit(Event::Pruned { log_entries: pruned, tombstones: collected });
+        ctx.wait(async move { sync::prune(&inner).await }.into_actor(self).map(
+            |result, actor, ctx| {
+                actor.pending = false;
+                match result {
+                    Ok((pruned, collected)) => {
+                        if pruned + collected > 0 {
+                            tracing::debug!(pruned, collected, "pruned");
+                            actor
+                                .inner
+                                .emit(Event::Pruned { log_entries: pruned, tombstones: collected });
+                        }
+                    }
+                    Err(error) => {
+                        actor
+                            .supervisor
+                            .do_send(ChildFailed { child: "pruner", error: error.to_string() });
+                        ctx.stop();
                     }
                 }
-                Err(error) => {
-                    actor.supervisor.do_send(ChildFailed { child: "pruner", error: error.to_string() });
-                    ctx.stop();
-                }
-            }
-        }));
+            },
+        ));
     }
 }
 

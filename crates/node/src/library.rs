@@ -26,7 +26,12 @@ pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub(crate) trait Engine: Send + Sync {
     /// Local device-owned rows of `model` were committed; `since` is this device's mark for the
     /// model before the write.
-    fn local_state(&self, model: String, since: Option<HlcTime>, rows: Vec<StateRow>) -> BoxFuture<'_, ()>;
+    fn local_state(
+        &self,
+        model: String,
+        since: Option<HlcTime>,
+        rows: Vec<StateRow>,
+    ) -> BoxFuture<'_, ()>;
     /// Local shared changes were committed.
     fn local_shared(&self, changes: Vec<SharedChange>) -> BoxFuture<'_, ()>;
     /// Sync was switched on or off.
@@ -202,7 +207,11 @@ impl Library {
     }
 
     /// Opens an existing library file.
-    pub async fn open(path: &Path, registry: Arc<Registry>, config: SyncConfig) -> Result<Self, LibraryError> {
+    pub async fn open(
+        path: &Path,
+        registry: Arc<Registry>,
+        config: SyncConfig,
+    ) -> Result<Self, LibraryError> {
         Self::open_with_clock(path, registry, config, Arc::new(SystemClock)).await
     }
 
@@ -217,7 +226,11 @@ impl Library {
         Self::with_database(db, config, clock).await
     }
 
-    async fn with_database(db: Database, config: SyncConfig, clock: Arc<dyn Clock>) -> Result<Self, LibraryError> {
+    async fn with_database(
+        db: Database,
+        config: SyncConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, LibraryError> {
         let last = db.write(async |conn| load_clock(conn).await).await?;
         let resume = last.map_or(Resume::FirstStart, Resume::After);
         let generator = HlcGenerator::new(db.identity().device, clock, config.hlc_config(), resume);
@@ -257,7 +270,11 @@ impl Library {
 
     /// Writes this device's own rows of a device-owned model (one row or a million): validated,
     /// stamped and committed in one transaction, then broadcast in the next batch.
-    pub async fn write_rows(&self, model: &str, edits: Vec<RowEdit>) -> Result<Vec<StateRow>, LibraryError> {
+    pub async fn write_rows(
+        &self,
+        model: &str,
+        edits: Vec<RowEdit>,
+    ) -> Result<Vec<StateRow>, LibraryError> {
         self.check_open()?;
         let inner = &self.inner;
         let device = inner.identity().device;
@@ -265,9 +282,17 @@ impl Library {
         let (since, rows) = inner
             .db
             .write(async |conn| {
-                let since = lsync_watermark::sql::load_state_progress(conn).await?.get(device, model);
-                let (rows, _) =
-                    lsync_state_sync::sql::write_local(conn, &registry, &inner.clock, model, edits, now_ms()).await?;
+                let since =
+                    lsync_watermark::sql::load_state_progress(conn).await?.get(device, model);
+                let (rows, _) = lsync_state_sync::sql::write_local(
+                    conn,
+                    &registry,
+                    &inner.clock,
+                    model,
+                    edits,
+                    now_ms(),
+                )
+                .await?;
                 Ok::<_, LibraryError>((since, rows))
             })
             .await?;
@@ -287,8 +312,14 @@ impl Library {
         let changes = inner
             .db
             .write(async |conn| {
-                let (changes, _) =
-                    lsync_shared_sync::sql::write_local(conn, &registry, &inner.clock, edits, now_ms()).await?;
+                let (changes, _) = lsync_shared_sync::sql::write_local(
+                    conn,
+                    &registry,
+                    &inner.clock,
+                    edits,
+                    now_ms(),
+                )
+                .await?;
                 Ok::<_, LibraryError>(changes)
             })
             .await?;
@@ -302,7 +333,9 @@ impl Library {
     /// (after every applied batch and on an interval). Pass it to the transport's options.
     pub fn watermark_source(&self) -> lsync_transport::WatermarkSource {
         let inner = self.inner.clone();
-        Arc::new(move || inner.snapshot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
+        Arc::new(move || {
+            inner.snapshot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        })
     }
 
     /// A new subscription to [`Event`]s.
@@ -320,7 +353,10 @@ impl Library {
         self.check_open()?;
         let device = self.identity().device;
         if transport.local_device() != device {
-            return Err(LibraryError::WrongDevice { transport: transport.local_device(), library: device });
+            return Err(LibraryError::WrongDevice {
+                transport: transport.local_device(),
+                library: device,
+            });
         }
         let mut engine = self.inner.engine.lock().await;
         if engine.is_some() {
@@ -361,7 +397,11 @@ impl Library {
                 ))
             })
             .await?;
-        let own_seq = watermarks.shared.iter().find(|mark| mark.origin == identity.device).map_or(0, |mark| mark.seq);
+        let own_seq = watermarks
+            .shared
+            .iter()
+            .find(|mark| mark.origin == identity.device)
+            .map_or(0, |mark| mark.seq);
         let online = engine.as_ref().map(|status| status.online.clone()).unwrap_or_default();
         let peers = peers
             .into_iter()
@@ -376,7 +416,10 @@ impl Library {
                     rtt_us: rtt.and_then(|(_, rtt)| *rtt),
                     lag: own_seq.saturating_sub(shared.get(identity.device)),
                     acked_shared: shared.to_wire(),
-                    acked_state: acks_state.get(&peer.device).map(|progress| progress.to_wire()).unwrap_or_default(),
+                    acked_state: acks_state
+                        .get(&peer.device)
+                        .map(|progress| progress.to_wire())
+                        .unwrap_or_default(),
                     needs_resync: peer.needs_resync,
                 }
             })
@@ -419,17 +462,20 @@ impl Library {
         if let Some(engine) = self.inner.engine.lock().await.take() {
             engine.shutdown().await;
         }
-        match Arc::try_unwrap(self.inner) {
-            Ok(inner) => inner.db.close().await?,
-            // Another handle is still alive (a clone held by the app): the connections close when
-            // the last one goes; the data is committed either way.
-            Err(_) => {}
+        // If another handle (a clone the app holds) is still alive, the connections close when the
+        // last one goes; the data is committed either way.
+        if let Ok(inner) = Arc::try_unwrap(self.inner) {
+            inner.db.close().await?;
         }
         Ok(())
     }
 
     fn check_open(&self) -> Result<(), LibraryError> {
-        if self.inner.accepting.load(Ordering::Acquire) { Ok(()) } else { Err(LibraryError::Closed) }
+        if self.inner.accepting.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(LibraryError::Closed)
+        }
     }
 }
 

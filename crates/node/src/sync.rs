@@ -21,9 +21,12 @@ use crate::library::{LibraryError, LibraryInner, now_ms};
 /// Also refreshes the snapshot heartbeats carry.
 pub(crate) async fn own_watermarks(inner: &LibraryInner) -> Result<Watermarks, StoreError> {
     let identity = inner.identity();
-    let watermarks =
-        inner.db.write(async |conn| lsync_watermark::sql::own_watermarks(conn, identity, true).await).await?;
-    *inner.snapshot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(watermarks.clone());
+    let watermarks = inner
+        .db
+        .write(async |conn| lsync_watermark::sql::own_watermarks(conn, identity, true).await)
+        .await?;
+    *inner.snapshot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+        Some(watermarks.clone());
     Ok(watermarks)
 }
 
@@ -34,18 +37,21 @@ pub(crate) fn ack_of(watermarks: &Watermarks) -> Ack {
 
 /// Applies a live batch of device-owned rows from `peer`. The batch raises this device's mark
 /// only if it starts at or below it (the batch's `since`), so a gap is never papered over.
+/// Returns whether there was a gap (the caller catches up to close it).
 pub(crate) async fn apply_state_batch(
     inner: &LibraryInner,
     peer: DeviceId,
     batch: StateBatch,
-) -> Result<(), LibraryError> {
+) -> Result<bool, LibraryError> {
     let registry = inner.registry().clone();
     let started = Instant::now();
     let rows = batch.rows.len();
     let applied = inner
         .db
         .write(async |conn| {
-            let mark = lsync_watermark::sql::load_state_progress(conn).await?.get(batch.owner, &batch.model);
+            let mark = lsync_watermark::sql::load_state_progress(conn)
+                .await?
+                .get(batch.owner, &batch.model);
             let complete = batch.since <= mark;
             let applied = lsync_state_sync::sql::apply_rows(
                 conn,
@@ -59,15 +65,18 @@ pub(crate) async fn apply_state_batch(
             )
             .await?;
             if complete && let Some(newest) = applied.newest {
-                let mark = StateMark { owner: batch.owner, model: batch.model.clone(), version: newest };
+                let mark =
+                    StateMark { owner: batch.owner, model: batch.model.clone(), version: newest };
                 lsync_watermark::sql::raise_state_progress(conn, &[mark]).await?;
             }
-            Ok::<_, LibraryError>(applied)
+            Ok::<_, LibraryError>((applied, !complete))
         })
         .await?;
+    let (applied, gap) = applied;
     record_applied("state", rows, applied.rejected, started);
     if applied.rejected > 0 {
-        metrics::counter!("lsync_rejected_rows_total", "kind" => "state").increment(applied.rejected as u64);
+        metrics::counter!("lsync_rejected_rows_total", "kind" => "state")
+            .increment(applied.rejected as u64);
     }
     if !applied.upserted.is_empty() || !applied.deleted.is_empty() {
         inner.emit(Event::RowsChanged {
@@ -79,9 +88,13 @@ pub(crate) async fn apply_state_batch(
         });
     }
     if !applied.projection.shown.is_empty() || !applied.projection.hidden.is_empty() {
-        inner.emit(Event::SharedChanged { from: peer, shown: applied.projection.shown, hidden: applied.projection.hidden });
+        inner.emit(Event::SharedChanged {
+            from: peer,
+            shown: applied.projection.shown,
+            hidden: applied.projection.hidden,
+        });
     }
-    Ok(())
+    Ok(gap)
 }
 
 /// Applies shared changes from `peer` (a live batch or a catch-up page).
@@ -97,12 +110,21 @@ pub(crate) async fn apply_shared_changes(
     let received = inner
         .db
         .write(async |conn| {
-            lsync_shared_sync::sql::receive(conn, &registry, &inner.clock, &batch.changes, max_parked, now_ms()).await
+            lsync_shared_sync::sql::receive(
+                conn,
+                &registry,
+                &inner.clock,
+                &batch.changes,
+                max_parked,
+                now_ms(),
+            )
+            .await
         })
         .await?;
     record_applied("shared", count, received.rejected.len(), started);
     if !received.rejected.is_empty() {
-        metrics::counter!("lsync_rejected_rows_total", "kind" => "shared").increment(received.rejected.len() as u64);
+        metrics::counter!("lsync_rejected_rows_total", "kind" => "shared")
+            .increment(received.rejected.len() as u64);
         for rejected in &received.rejected {
             tracing::warn!(%peer, origin = %rejected.origin, seq = rejected.seq, reason = %rejected.reason, "change not applied");
         }
@@ -117,18 +139,28 @@ pub(crate) async fn apply_shared_changes(
     }
     let projection = received.projection;
     if !projection.shown.is_empty() || !projection.hidden.is_empty() {
-        inner.emit(Event::SharedChanged { from: peer, shown: projection.shown, hidden: projection.hidden });
+        inner.emit(Event::SharedChanged {
+            from: peer,
+            shown: projection.shown,
+            hidden: projection.hidden,
+        });
     }
     Ok(())
 }
 
 fn record_applied(kind: &'static str, count: usize, rejected: usize, started: Instant) {
-    metrics::counter!("lsync_changes_applied_total", "kind" => kind).increment((count - rejected.min(count)) as u64);
-    metrics::histogram!("lsync_apply_seconds", "kind" => kind).record(started.elapsed().as_secs_f64());
+    metrics::counter!("lsync_changes_applied_total", "kind" => kind)
+        .increment((count - rejected.min(count)) as u64);
+    metrics::histogram!("lsync_apply_seconds", "kind" => kind)
+        .record(started.elapsed().as_secs_f64());
 }
 
 /// Records what `peer` acknowledged (from an `Ack` or its heartbeat watermarks).
-pub(crate) async fn record_ack(inner: &LibraryInner, peer: DeviceId, ack: &Ack) -> Result<(), StoreError> {
+pub(crate) async fn record_ack(
+    inner: &LibraryInner,
+    peer: DeviceId,
+    ack: &Ack,
+) -> Result<(), StoreError> {
     inner
         .db
         .write(async |conn| {
@@ -144,7 +176,10 @@ pub(crate) async fn serve(inner: &LibraryInner, request: Message) -> Message {
         Ok(response) => response,
         Err(error) => {
             tracing::warn!(%error, "failed to serve a request");
-            Message::Error(ErrorMessage { code: ErrorCode::Internal, message: error.to_string().chars().take(500).collect() })
+            Message::Error(ErrorMessage {
+                code: ErrorCode::Internal,
+                message: error.to_string().chars().take(500).collect(),
+            })
         }
     }
 }
@@ -172,7 +207,10 @@ async fn serve_inner(inner: &LibraryInner, request: Message) -> Result<Message, 
             let (columns, rows, more) = inner
                 .db
                 .write(async |conn| {
-                    lsync_state_sync::sql::rows_since(conn, &registry, owner, &model, since, after, limit).await
+                    lsync_state_sync::sql::rows_since(
+                        conn, &registry, owner, &model, since, after, limit,
+                    )
+                    .await
                 })
                 .await?;
             Message::StatePage(StatePage { owner, model, columns, rows, more, estimated_total: 0 })
@@ -181,19 +219,37 @@ async fn serve_inner(inner: &LibraryInner, request: Message) -> Result<Message, 
             let (columns, rows, more, total) = inner
                 .db
                 .write(async |conn| {
-                    let page = lsync_state_sync::sql::rows_by_key(conn, &registry, owner, &model, after, limit).await?;
-                    let total = lsync_state_sync::sql::count_rows(conn, &registry, owner, &model).await?;
+                    let page = lsync_state_sync::sql::rows_by_key(
+                        conn, &registry, owner, &model, after, limit,
+                    )
+                    .await?;
+                    let total =
+                        lsync_state_sync::sql::count_rows(conn, &registry, owner, &model).await?;
                     Ok::<_, LibraryError>((page.0, page.1, page.2, total))
                 })
                 .await?;
-            Message::StatePage(StatePage { owner, model, columns, rows, more, estimated_total: total })
+            Message::StatePage(StatePage {
+                owner,
+                model,
+                columns,
+                rows,
+                more,
+                estimated_total: total,
+            })
         }
         Message::SharedSnapshotRequest(SharedSnapshotRequest { model, after, limit }) => {
             let (records, more) = inner
                 .db
-                .write(async |conn| lsync_shared_sync::sql::snapshot_page(conn, &model, after, limit).await)
+                .write(async |conn| {
+                    lsync_shared_sync::sql::snapshot_page(conn, &model, after, limit).await
+                })
                 .await?;
-            Message::SharedSnapshotPage(SharedSnapshotPage { model, records, more, estimated_total: 0 })
+            Message::SharedSnapshotPage(SharedSnapshotPage {
+                model,
+                records,
+                more,
+                estimated_total: 0,
+            })
         }
         other => Message::Error(ErrorMessage {
             code: ErrorCode::Unsupported,
@@ -244,8 +300,11 @@ pub(crate) async fn catch_up<T: Transport>(
         if needs.is_empty() {
             break;
         }
-        let request = Message::SharedCatchUpRequest(SharedCatchUpRequest { after: mine.to_wire(), limit });
-        let Message::SharedCatchUpResponse(response) = transport.request(peer, request, timeout).await? else {
+        let request =
+            Message::SharedCatchUpRequest(SharedCatchUpRequest { after: mine.to_wire(), limit });
+        let Message::SharedCatchUpResponse(response) =
+            transport.request(peer, request, timeout).await?
+        else {
             return Err(CatchUpError::Unexpected("answer to SharedCatchUpRequest"));
         };
         for pruned in &response.pruned {
@@ -312,11 +371,22 @@ async fn apply_state_page(
             // did not fall below `since` meanwhile (marks never fall).
             let complete = since <= mark;
             let applied = lsync_state_sync::sql::apply_rows(
-                conn, &registry, owner, &model, &page.columns, page.rows, complete, now_ms(),
+                conn,
+                &registry,
+                owner,
+                &model,
+                &page.columns,
+                page.rows,
+                complete,
+                now_ms(),
             )
             .await?;
             let raised = match (more, last, target) {
-                (false, _, Some(target)) => Some(target),
+                // The last page: everything the peer held up to the newest row it sent arrived.
+                (false, Some(last), target) => {
+                    Some(target.map_or(last.version, |target| target.max(last.version)))
+                }
+                (false, None, Some(target)) => Some(target),
                 (true, Some(last), _) if last.version > HlcTime::ZERO => {
                     Some(HlcTime::from_u64(last.version.as_u64() - 1))
                 }
@@ -330,7 +400,13 @@ async fn apply_state_page(
         })
         .await?;
     if !applied.upserted.is_empty() || !applied.deleted.is_empty() {
-        inner.emit(Event::RowsChanged { from: peer, owner, model, upserted: applied.upserted, deleted: applied.deleted });
+        inner.emit(Event::RowsChanged {
+            from: peer,
+            owner,
+            model,
+            upserted: applied.upserted,
+            deleted: applied.deleted,
+        });
     }
     Ok(())
 }
@@ -353,7 +429,11 @@ pub(crate) async fn behind(inner: &LibraryInner, theirs: &Watermarks) -> Result<
 
 /// The origin/sequence an `Ack` must reach for a shared batch to count as delivered.
 pub(crate) fn shared_coverage(batch: &SharedBatch) -> Option<OriginSeq> {
-    batch.changes.iter().map(|change| OriginSeq { origin: change.origin, seq: change.seq }).max_by_key(|mark| mark.seq)
+    batch
+        .changes
+        .iter()
+        .map(|change| OriginSeq { origin: change.origin, seq: change.seq })
+        .max_by_key(|mark| mark.seq)
 }
 
 /// Prunes the peer log and collects tombstones as far as every paired device allows.
@@ -367,7 +447,10 @@ pub(crate) async fn prune(inner: &LibraryInner) -> Result<(u64, u64), StoreError
             let peers = lsync_watermark::sql::peers(conn).await?;
             let prune_peers: Vec<lsync_peer_log::PrunePeer> = peers
                 .iter()
-                .map(|peer| lsync_peer_log::PrunePeer { device: peer.device, needs_resync: peer.needs_resync })
+                .map(|peer| lsync_peer_log::PrunePeer {
+                    device: peer.device,
+                    needs_resync: peer.needs_resync,
+                })
                 .collect();
             let logs = lsync_peer_log::sql::origin_logs(conn, log_cutoff).await?;
             let own = lsync_watermark::sql::load_shared_progress(conn).await?;
@@ -376,7 +459,8 @@ pub(crate) async fn prune(inner: &LibraryInner) -> Result<(u64, u64), StoreError
             let pruned = lsync_peer_log::sql::prune(conn, &plan).await?;
             let groups = lsync_state_sync::sql::tombstone_groups(conn, tombstone_cutoff).await?;
             let state_acks = lsync_watermark::sql::load_state_acks(conn).await?;
-            let gc_peers: Vec<(DeviceId, bool)> = peers.iter().map(|peer| (peer.device, peer.needs_resync)).collect();
+            let gc_peers: Vec<(DeviceId, bool)> =
+                peers.iter().map(|peer| (peer.device, peer.needs_resync)).collect();
             let gc = lsync_state_sync::plan_tombstone_gc(&groups, &gc_peers, &state_acks);
             let collected = lsync_state_sync::sql::collect_tombstones(conn, &gc).await?;
             for device in plan.resync.iter().chain(&gc.resync) {
