@@ -5,8 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use lsync_hlc::DeviceId;
 use lsync_protocol::{OriginSeq, SharedChange, SharedOp, Value};
 use lsync_store::sql::{
-    placeholders, read_uuid, rows_per_statement, seq_from_sql, seq_to_sql, time_from_sql,
-    time_to_sql,
+    read_uuid, rows_per_statement, seq_from_sql, seq_to_sql, time_from_sql, time_to_sql, value_rows,
 };
 use lsync_store::{SqliteConnection, StoreError};
 use lsync_watermark::{SharedProgress, advance_contiguous};
@@ -51,7 +50,7 @@ async fn already_logged(
     for chunk in changes.chunks(rows_per_statement(2)) {
         let sql = format!(
             "SELECT origin, seq FROM sync_peer_log WHERE (origin, seq) IN (VALUES {})",
-            placeholders(chunk.len(), 2)
+            value_rows(chunk.len(), 2)
         );
         let mut query = sqlx::query(&sql);
         for change in chunk {
@@ -73,7 +72,7 @@ async fn insert(
     for chunk in changes.chunks(rows_per_statement(8)) {
         let sql = format!(
             "INSERT OR IGNORE INTO sync_peer_log ({COLUMNS}, logged_at) VALUES {}",
-            placeholders(chunk.len(), 8)
+            value_rows(chunk.len(), 8)
         );
         let encoded: Vec<Option<Vec<u8>>> = chunk
             .iter()

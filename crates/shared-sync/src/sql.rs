@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use lsync_hlc::{Clock, DeviceId, HlcError, HlcGenerator};
 use lsync_protocol::{OriginSeq, SharedChange, SharedOp, SharedRecord, Value};
 use lsync_store::sql::{
-    bind_value, ident, placeholders, read_uuid, rows_per_statement, seq_to_sql,
+    bind_value, ident, in_list, read_uuid, rows_per_statement, seq_to_sql, value_rows,
 };
 use lsync_store::{ModelDef, Ownership, Registry, SqliteConnection, StoreError, store_clock};
 use lsync_watermark::sql::{load_shared_progress, raise_shared_progress};
@@ -508,11 +508,7 @@ async fn present_ids(
 ) -> Result<BTreeSet<Uuid>, StoreError> {
     let mut present = BTreeSet::new();
     for chunk in ids.chunks(rows_per_statement(1)) {
-        let sql = format!(
-            "SELECT id FROM {} WHERE id IN ({})",
-            ident(model),
-            vec!["?"; chunk.len()].join(", ")
-        );
+        let sql = format!("SELECT id FROM {} WHERE id IN ({})", ident(model), in_list(chunk.len()));
         let mut query = sqlx::query(&sql);
         for id in chunk {
             query = query.bind(id.as_bytes().as_slice());
@@ -533,7 +529,7 @@ async fn replace_refs(
     for chunk in ids.chunks(rows_per_statement(1) - 1) {
         let sql = format!(
             "DELETE FROM sync_shared_refs WHERE model = ? AND id IN ({})",
-            vec!["?"; chunk.len()].join(", ")
+            in_list(chunk.len())
         );
         let mut query = sqlx::query(&sql).bind(model);
         for id in chunk {
@@ -544,7 +540,7 @@ async fn replace_refs(
     for chunk in refs.chunks(rows_per_statement(4)) {
         let sql = format!(
             "INSERT OR IGNORE INTO sync_shared_refs (target_model, target_id, model, id) VALUES {}",
-            placeholders(chunk.len(), 4)
+            value_rows(chunk.len(), 4)
         );
         let mut query = sqlx::query(&sql);
         for (id, target, target_id) in chunk {
@@ -568,7 +564,7 @@ async fn dependents_of(
     for chunk in ids.chunks(rows_per_statement(1) - 1) {
         let sql = format!(
             "SELECT model, id FROM sync_shared_refs WHERE target_model = ? AND target_id IN ({})",
-            vec!["?"; chunk.len()].join(", ")
+            in_list(chunk.len())
         );
         let mut query = sqlx::query(&sql).bind(target_model);
         for id in chunk {
@@ -596,7 +592,7 @@ async fn upsert_rows(
             ident(&model.name),
             if columns.is_empty() { "" } else { ", " },
             columns.join(", "),
-            placeholders(chunk.len(), per_row)
+            value_rows(chunk.len(), per_row)
         );
         if updates.is_empty() {
             sql.push_str(" ON CONFLICT (id) DO NOTHING");
@@ -621,11 +617,7 @@ async fn delete_rows(
     ids: &[Uuid],
 ) -> Result<(), StoreError> {
     for chunk in ids.chunks(rows_per_statement(1)) {
-        let sql = format!(
-            "DELETE FROM {} WHERE id IN ({})",
-            ident(model),
-            vec!["?"; chunk.len()].join(", ")
-        );
+        let sql = format!("DELETE FROM {} WHERE id IN ({})", ident(model), in_list(chunk.len()));
         let mut query = sqlx::query(&sql);
         for id in chunk {
             query = query.bind(id.as_bytes().as_slice());
@@ -637,10 +629,8 @@ async fn delete_rows(
 
 async fn unpark(conn: &mut SqliteConnection, model: &str, ids: &[Uuid]) -> Result<(), StoreError> {
     for chunk in ids.chunks(rows_per_statement(1) - 1) {
-        let sql = format!(
-            "DELETE FROM sync_parked WHERE model = ? AND id IN ({})",
-            vec!["?"; chunk.len()].join(", ")
-        );
+        let sql =
+            format!("DELETE FROM sync_parked WHERE model = ? AND id IN ({})", in_list(chunk.len()));
         let mut query = sqlx::query(&sql).bind(model);
         for id in chunk {
             query = query.bind(id.as_bytes().as_slice());
@@ -660,7 +650,7 @@ async fn park_rows(
     for chunk in rows.chunks(rows_per_statement(6)) {
         let sql = format!(
             "INSERT INTO sync_parked (model, id, target_model, target_id, orphaned, parked_at) VALUES {}",
-            placeholders(chunk.len(), 6)
+            value_rows(chunk.len(), 6)
         );
         let mut query = sqlx::query(&sql);
         for (id, target_model, target_id, orphaned) in chunk {
@@ -691,7 +681,7 @@ async fn load_states(
         for chunk in ids.chunks(rows_per_statement(1) - 1) {
             let sql = format!(
                 "SELECT id, state FROM sync_shared_state WHERE model = ? AND id IN ({})",
-                vec!["?"; chunk.len()].join(", ")
+                in_list(chunk.len())
             );
             let mut query = sqlx::query(&sql).bind(model);
             for id in chunk {
@@ -720,7 +710,7 @@ async fn save_states(
         let sql = format!(
             "INSERT INTO sync_shared_state (model, id, state) VALUES {}
              ON CONFLICT (model, id) DO UPDATE SET state = excluded.state",
-            placeholders(chunk.len(), 3)
+            value_rows(chunk.len(), 3)
         );
         let mut query = sqlx::query(&sql);
         for (key, state) in chunk.iter().zip(&encoded) {

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use lsync_hlc::{Clock, DeviceId, HlcConfig, HlcGenerator, Resume, SystemClock};
 use lsync_protocol::{LibraryId, Value};
 use lsync_state_sync::sql::{RowEdit, write_local};
-use lsync_store::sql::placeholders;
+use lsync_store::sql::value_rows;
 use lsync_store::{
     Database, Durability, ENTRY_KIND_DIRECTORY, ENTRY_KIND_FILE, StoreOptions, reference_registry,
 };
@@ -280,7 +280,7 @@ async fn raw_one_per_row(rows: u64, tx_rows: u64) -> Outcome {
     let (db, _dir) = fresh_library(Durability::Full).await;
     let owner = db.identity().device;
     let sql =
-        format!("INSERT INTO entries ({ENTRY_COLUMNS}) VALUES {}", placeholders(1, ENTRY_PARAMS));
+        format!("INSERT INTO entries ({ENTRY_COLUMNS}) VALUES {}", value_rows(1, ENTRY_PARAMS));
     let mut version = 0;
     reset_peak_rss();
     let elapsed = measure(rows, tx_rows, async |batch| {
@@ -306,7 +306,7 @@ async fn raw_multi_row(rows: u64, tx_rows: u64) -> Outcome {
     let (db, _dir) = fresh_library(Durability::Full).await;
     let owner = db.identity().device;
     let statement = |rows| {
-        format!("INSERT INTO entries ({ENTRY_COLUMNS}) VALUES {}", placeholders(rows, ENTRY_PARAMS))
+        format!("INSERT INTO entries ({ENTRY_COLUMNS}) VALUES {}", value_rows(rows, ENTRY_PARAMS))
     };
     let full = statement(BASELINE_STATEMENT_ROWS);
     let mut version = 0;

@@ -6,8 +6,8 @@ use lsync_hlc::{Clock, DeviceId, HlcGenerator, HlcTime};
 use lsync_protocol::{StateCursor, StateMark, StateOp, StateRow, Value};
 use lsync_shared_sync::sql::{Projection, reproject_dependents};
 use lsync_store::sql::{
-    bind_value, ident, placeholders, read_uuid, read_value, rows_per_statement, seq_to_sql,
-    time_from_sql, time_to_sql,
+    bind_value, ident, in_list, read_uuid, read_value, rows_per_statement, seq_to_sql,
+    time_from_sql, time_to_sql, value_rows,
 };
 use lsync_store::{ModelDef, Ownership, Registry, SqliteConnection, StoreError, store_clock};
 use sqlx::Row;
@@ -581,7 +581,7 @@ async fn upsert(
              ON CONFLICT (id) DO UPDATE SET version = excluded.version{updates}
              WHERE excluded.version > {table}.version AND {table}.owner = excluded.owner",
             cols = columns.join(", "),
-            values = placeholders(chunk.len(), per_row),
+            values = value_rows(chunk.len(), per_row),
         );
         let mut query = sqlx::query(&sql);
         for (id, version, values) in chunk {
@@ -615,7 +615,7 @@ async fn held_versions(
         let sql = format!(
             "SELECT id, owner, version FROM {} WHERE id IN ({})",
             ident(model),
-            vec!["?"; chunk.len()].join(", ")
+            in_list(chunk.len())
         );
         let mut query = sqlx::query(&sql);
         for id in chunk {
@@ -643,7 +643,7 @@ async fn first_foreign(
              UNION ALL SELECT id, owner FROM sync_tombstones WHERE model = ? AND owner != ? AND id IN ({ids})
              LIMIT 1",
             table = ident(model),
-            ids = vec!["?"; chunk.len()].join(", ")
+            ids = in_list(chunk.len())
         );
         let mut query = sqlx::query(&sql).bind(owner.as_bytes().as_slice());
         for id in chunk {
@@ -670,7 +670,7 @@ async fn load_tombstones(
     for chunk in ids.chunks(rows_per_statement(1) - 1) {
         let sql = format!(
             "SELECT id, owner, version, kind FROM sync_tombstones WHERE model = ? AND id IN ({})",
-            vec!["?"; chunk.len()].join(", ")
+            in_list(chunk.len())
         );
         let mut query = sqlx::query(&sql).bind(model);
         for id in chunk {
@@ -720,7 +720,7 @@ async fn covering_subtree_versions(
                ON tomb.model = ? AND tomb.id = chain.node AND tomb.kind = {KIND_SUBTREE}
              WHERE tomb.version > chain.start_version AND tomb.version > chain.path_max
              GROUP BY chain.start",
-            values = placeholders(chunk.len(), 3),
+            values = value_rows(chunk.len(), 3),
         );
         let mut query = sqlx::query(&sql);
         for (id, version, parent) in chunk {
@@ -820,7 +820,7 @@ async fn remove_descendants(
              ON CONFLICT (model, id) DO UPDATE SET version = excluded.version, kind = excluded.kind,
                  parent = excluded.parent, deleted_at = excluded.deleted_at
              WHERE excluded.version > version",
-            placeholders(chunk.len(), 7)
+            value_rows(chunk.len(), 7)
         );
         let mut query = sqlx::query(&sql);
         for (id, version, parent) in chunk {
@@ -836,8 +836,7 @@ async fn remove_descendants(
         query.execute(&mut *conn).await?;
     }
     for chunk in removed.chunks(rows_per_statement(1)) {
-        let sql =
-            format!("DELETE FROM {table} WHERE id IN ({})", vec!["?"; chunk.len()].join(", "));
+        let sql = format!("DELETE FROM {table} WHERE id IN ({})", in_list(chunk.len()));
         let mut query = sqlx::query(&sql);
         for id in chunk {
             query = query.bind(id.as_bytes().as_slice());

@@ -25,8 +25,14 @@ pub fn rows_per_statement(params_per_row: usize) -> usize {
     (MAX_VARIABLES / params_per_row.max(1)).clamp(1, MAX_ROWS_PER_STATEMENT)
 }
 
-/// `(?, ?, …)` for one row of `n` parameters, repeated `rows` times, comma-separated.
-pub fn placeholders(rows: usize, n: usize) -> String {
+/// `?, ?, …`: `n` parameters for an `IN (…)` list.
+pub fn in_list(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+/// `(?, ?, …)` for one row of `n` parameters, repeated `rows` times, comma-separated: the
+/// `VALUES` of a multi-row statement.
+pub fn value_rows(rows: usize, n: usize) -> String {
     let one = format!("({})", vec!["?"; n].join(", "));
     vec![one; rows].join(", ")
 }
@@ -97,7 +103,8 @@ mod tests {
         assert_eq!(rows_per_statement(9), MAX_ROWS_PER_STATEMENT);
         assert_eq!(rows_per_statement(200), MAX_VARIABLES / 200);
         assert_eq!(rows_per_statement(0), MAX_ROWS_PER_STATEMENT);
-        assert_eq!(placeholders(2, 3), "(?, ?, ?), (?, ?, ?)");
+        assert_eq!(value_rows(2, 3), "(?, ?, ?), (?, ?, ?)");
+        assert_eq!(in_list(3), "?, ?, ?");
     }
 
     #[test]

@@ -5,8 +5,7 @@ use std::collections::BTreeMap;
 use lsync_hlc::DeviceId;
 use lsync_protocol::{Epoch, OriginSeq, StateMark, Watermarks};
 use lsync_store::sql::{
-    placeholders, read_uuid, rows_per_statement, seq_from_sql, seq_to_sql, time_from_sql,
-    time_to_sql,
+    read_uuid, rows_per_statement, seq_from_sql, seq_to_sql, time_from_sql, time_to_sql, value_rows,
 };
 use lsync_store::{Identity, SqliteConnection, StoreError};
 use sqlx::Row;
@@ -33,7 +32,7 @@ pub async fn raise_shared_progress(
         let sql = format!(
             "INSERT INTO sync_progress_shared (origin, seq) VALUES {}
              ON CONFLICT (origin) DO UPDATE SET seq = max(seq, excluded.seq)",
-            placeholders(chunk.len(), 2)
+            value_rows(chunk.len(), 2)
         );
         let mut query = sqlx::query(&sql);
         for entry in chunk {
@@ -65,7 +64,7 @@ pub async fn raise_state_progress(
         let sql = format!(
             "INSERT INTO sync_progress_state (owner, model, version) VALUES {}
              ON CONFLICT (owner, model) DO UPDATE SET version = max(version, excluded.version)",
-            placeholders(chunk.len(), 3)
+            value_rows(chunk.len(), 3)
         );
         let mut query = sqlx::query(&sql);
         for mark in chunk {
@@ -237,7 +236,7 @@ pub async fn record_acks(
         let sql = format!(
             "INSERT INTO sync_peer_acks_shared (peer, origin, seq) VALUES {}
              ON CONFLICT (peer, origin) DO UPDATE SET seq = max(seq, excluded.seq)",
-            placeholders(chunk.len(), 3)
+            value_rows(chunk.len(), 3)
         );
         let mut query = sqlx::query(&sql);
         for entry in chunk {
@@ -252,7 +251,7 @@ pub async fn record_acks(
         let sql = format!(
             "INSERT INTO sync_peer_acks_state (peer, owner, model, version) VALUES {}
              ON CONFLICT (peer, owner, model) DO UPDATE SET version = max(version, excluded.version)",
-            placeholders(chunk.len(), 4)
+            value_rows(chunk.len(), 4)
         );
         let mut query = sqlx::query(&sql);
         for mark in chunk {
