@@ -25,6 +25,17 @@ use uuid::Uuid;
 /// The longest any test waits for something to happen; reaching it fails the test.
 pub const WAIT: Duration = Duration::from_secs(60);
 
+/// Sends the engine's tracing output to the test's output when `LSYNC_TEST_LOG` is set (a
+/// `RUST_LOG`-style filter, e.g. `LSYNC_TEST_LOG=lsync_node=debug`).
+pub fn init_logging() {
+    if std::env::var_os("LSYNC_TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_env("LSYNC_TEST_LOG"))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// Settings that make tests quick without changing behaviour: short windows and intervals.
 pub fn test_config() -> SyncConfig {
     SyncConfig {
@@ -112,6 +123,7 @@ pub async fn open_library(
     config: &SyncConfig,
     create: bool,
 ) -> Library {
+    init_logging();
     let identity = Identity::load_or_create(&dir.join("identity")).unwrap();
     let registry = Arc::new(reference_registry().unwrap());
     let path = dir.join("library.db");
@@ -159,7 +171,8 @@ pub async fn quic(
     .unwrap()
 }
 
-/// Pairs `joiner` with `inviter` by invitation and waits until each sees the other online.
+/// Pairs `joiner` with `inviter` by invitation and waits until each sees the other online and
+/// has caught up from it.
 pub async fn pair(inviter: &mut Node, joiner: &mut Node) {
     let invitation = inviter.transport.invite(Duration::from_secs(60)).await.unwrap();
     let invitation = Invitation::from_token(&invitation.to_token()).unwrap();
@@ -167,6 +180,16 @@ pub async fn pair(inviter: &mut Node, joiner: &mut Node) {
     let (inviter_id, joiner_id) = (inviter.device(), joiner.device());
     online(inviter, joiner_id).await;
     online(joiner, inviter_id).await;
+    caught_up(inviter, joiner_id).await;
+    caught_up(joiner, inviter_id).await;
+}
+
+/// Waits until `node` finished a catch-up from `peer`.
+pub async fn caught_up(node: &mut Node, peer: DeviceId) {
+    node.wait_for(|event| {
+        matches!(event, Event::CaughtUp { peer: p, .. } if *p == peer).then_some(())
+    })
+    .await;
 }
 
 /// Waits until `node` reports `peer` online.

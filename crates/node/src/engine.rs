@@ -72,6 +72,7 @@ async fn pump<T: Transport>(
     supervisor: Addr<Supervisor<T>>,
 ) {
     while let Some(event) = events.recv().await {
+        tracing::trace!(?event, "pump");
         if supervisor.send(FromTransport(event)).await.is_err() {
             break;
         }
@@ -724,6 +725,12 @@ impl Message for Drain {
 
 /// One remote device: applies what it sends (in order), answers its requests, sends it batches,
 /// catches up from it.
+///
+/// Database work in an actor runs with `ctx.wait`, never `ctx.spawn`. While a waited future is
+/// pending, actix polls neither the mailbox nor spawned futures; a spawned future holding the
+/// database's single writer at that moment would never be polled again, and a waited future
+/// needing the writer would wait for it forever (this happened: a heartbeat's spawned
+/// watermark check took the writer just before a catch-up started).
 struct PeerActor<T: Transport> {
     peer: DeviceId,
     inner: Arc<LibraryInner>,
@@ -810,6 +817,7 @@ impl<T: Transport> PeerActor<T> {
             return;
         }
         self.catching_up = true;
+        tracing::debug!(peer = %self.peer, "catch-up starts");
         let (inner, transport, peer) = (self.inner.clone(), self.transport.clone(), self.peer);
         let timeout = inner.config.request_timeout;
         let work = async move {
@@ -837,12 +845,14 @@ impl<T: Transport> PeerActor<T> {
             } else {
                 None
             };
-            Ok::<_, sync::CatchUpError>(ack)
+            Ok::<_, sync::CatchUpError>((pulled, ack))
         };
         ctx.wait(work.into_actor(self).map(|result, actor, _| {
             actor.catching_up = false;
             match result {
-                Ok(ack) => {
+                Ok((pulled, ack)) => {
+                    tracing::debug!(peer = %actor.peer, pulled, "caught up");
+                    actor.inner.emit(Event::CaughtUp { peer: actor.peer, pulled });
                     if let Some(ack) = ack {
                         actor.queue(WireMessage::Ack(ack), None);
                     }
@@ -866,6 +876,7 @@ impl<T: Transport> PeerActor<T> {
             return;
         }
         let (inner, peer) = (self.inner.clone(), self.peer);
+        tracing::trace!(%peer, "apply starts");
         let work = async move {
             let gap = match message {
                 lsync_protocol::Message::StateBatch(batch) => {
@@ -881,6 +892,7 @@ impl<T: Transport> PeerActor<T> {
             Ok::<_, crate::library::LibraryError>(Some((sync::ack_of(&mine), gap)))
         };
         ctx.wait(work.into_actor(self).map(|result, actor, ctx| {
+            tracing::trace!(peer = %actor.peer, "apply done");
             if let Ok(Some((ack, gap))) = &result {
                 actor.queue(WireMessage::Ack(ack.clone()), None);
                 if *gap {
@@ -981,7 +993,8 @@ impl<T: Transport> Handler<FromPeer> for PeerActor<T> {
                     .map(|rtt| u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX));
                 self.supervisor.do_send(PeerState { peer: self.peer, online: true, rtt_us: rtt });
                 let (inner, peer) = (self.inner.clone(), self.peer);
-                ctx.spawn(
+                // `wait`, never `spawn`: see the note on database work on `PeerActor`.
+                ctx.wait(
                     async move {
                         let _ = sync::record_ack(&inner, peer, &sync::ack_of(&watermarks)).await;
                         // Divergence is repaired without waiting for a reconnect.

@@ -52,6 +52,14 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// This device exchanged watermarks with a peer and pulled everything it lacked from it (on
+    /// connect, when sync is switched back on, or when a heartbeat showed it behind).
+    CaughtUp {
+        /// The peer.
+        peer: DeviceId,
+        /// Whether anything was pulled.
+        pulled: bool,
+    },
     /// Acknowledged history was dropped: peer log entries every peer has, or tombstones every
     /// peer holds.
     Pruned {

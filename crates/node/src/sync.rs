@@ -53,6 +53,7 @@ pub(crate) async fn apply_state_batch(
                 .await?
                 .get(batch.owner, &batch.model);
             let complete = batch.since <= mark;
+            tracing::trace!(%peer, owner = %batch.owner, model = %batch.model, since = ?batch.since, ?mark, rows = batch.rows.len(), complete, "state batch");
             let applied = lsync_state_sync::sql::apply_rows(
                 conn,
                 &registry,
@@ -185,6 +186,7 @@ pub(crate) async fn serve(inner: &LibraryInner, request: Message) -> Message {
 }
 
 async fn serve_inner(inner: &LibraryInner, request: Message) -> Result<Message, LibraryError> {
+    tracing::trace!(request = request.name(), "serving");
     let registry = inner.registry().clone();
     Ok(match request {
         Message::WatermarksRequest(_) => Message::WatermarksResponse(own_watermarks(inner).await?),
@@ -335,6 +337,7 @@ pub(crate) async fn catch_up<T: Transport>(
                 after,
                 limit,
             });
+            tracing::trace!(%peer, ?after, "requesting a state page");
             let Message::StatePage(page) = transport.request(peer, request, timeout).await? else {
                 return Err(CatchUpError::Unexpected("answer to StateCatchUpRequest"));
             };
@@ -423,6 +426,7 @@ async fn load_state(inner: &LibraryInner) -> Result<StateProgress, StoreError> {
 pub(crate) async fn behind(inner: &LibraryInner, theirs: &Watermarks) -> Result<bool, StoreError> {
     let shared = load_shared(inner).await?;
     let state = load_state(inner).await?;
+    tracing::trace!(?state, theirs = ?theirs.state, "behind?");
     Ok(!shared_needs(&shared, &SharedProgress::from_wire(&theirs.shared)).is_empty()
         || !state_needs(&state, &StateProgress::from_wire(&theirs.state)).is_empty())
 }
