@@ -1,0 +1,555 @@
+//! Backfill: how a device with nothing (a new device, or a copy re-created under the same
+//! identity) or with a gap it cannot close from peer logs (changes pruned away, tombstones
+//! collected) gets a complete copy of the library from a peer, resumably.
+//!
+//! # Model
+//! A [`Backfill`] is a state machine over a persisted [`Checkpoint`]:
+//!
+//! ```text
+//!   Uninitialized ──planned──▶ Backfilling ──last page──▶ CatchingUp ──caught up──▶ Ready
+//!         ▲                     │     ▲                                               │
+//!         └──────── resync ─────┼─────┼───────────────────────────────────────────────┘
+//!                               └─────┘ page (checkpoint), peer switch (rebase)
+//!   any phase but Ready ──pause──▶ Paused ──resume──▶ the phase it left
+//! ```
+//!
+//! - **Planning** needs the serving peer's [`Watermarks`]: the plan is one [`Step`] per shared
+//!   model (a snapshot of merged records, by primary key), then one per (owner, device-owned
+//!   model) the peer holds, models in foreign-key order (the registry's order), so a row's parent
+//!   arrives before it. The peer's watermarks at that moment become the checkpoint's `marks`.
+//! - **Pages**: each page of a step is applied together with the new checkpoint in one
+//!   transaction ([`sql::store`]); a restart resumes after the last applied key of the current
+//!   step — never from zero, never skipping rows.
+//! - **Marks**: when a step ends, this device's watermark for what the step covered is raised to
+//!   the checkpoint's marks: everything the serving peer held up to its marks is here (rows
+//!   changed meanwhile are newer than the marks, and catch-up fetches them afterwards). Shared
+//!   progress is raised when the last shared step ends.
+//! - **Peer switch**: if the serving peer goes away, another peer continues from the same
+//!   checkpoint after a *rebase*: the marks become the minimum of both peers' marks, so no
+//!   device's claim covers more than it served.
+//! - **Live changes during a backfill** are not applied: their senders keep them
+//!   (unacknowledged), and the catch-up that follows the last page fetches everything after the
+//!   marks. Nothing is buffered in memory, nothing is dropped.
+//! - **Full resync** of a device that already has data ([`Scope::Everything`] with
+//!   `delete_missing`): rows of the peer's owners that the peer no longer holds are deleted range
+//!   by range ([`PageOutcome::delete_missing`]), because the tombstones that would have said so
+//!   were collected.
+//!
+//! # Call order
+//! 1. [`Backfill::new`] with the persisted checkpoint ([`Checkpoint::ready`] for a device that
+//!    founded its library, [`Checkpoint::uninitialized`] for one that joins).
+//! 2. Loop on [`Backfill::next`]: it says what to do ([`Command`]); do it and report the result
+//!    with [`Backfill::planned`], [`Backfill::page`], [`Backfill::rebased`],
+//!    [`Backfill::caught_up`] or [`Backfill::peer_lost`]; persist [`Backfill::checkpoint`] after
+//!    each of them, in the transaction that applied the page if there was one.
+//! 3. [`Backfill::pause`] / [`Backfill::resume`] when sync is switched off and on;
+//!    [`Backfill::resync`] when a gap cannot be closed from logs.
+//!
+//! Times are milliseconds passed in by the caller; they must not go backwards.
+//!
+//! # Invariants
+//! - The step index and the cursor only move forward within a plan.
+//! - Marks only fall on rebase (to the minimum of the two peers') and are never applied before
+//!   their step ends.
+//! - `Ready` is reached only through `CatchingUp`.
+
+use lsync_hlc::{DeviceId, HlcTime};
+use lsync_protocol::{OriginSeq, StateMark, Watermarks};
+use lsync_watermark::{SharedProgress, StateProgress};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+pub mod sql;
+
+/// Where a device is in getting a complete copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Needs a plan: nothing fetched yet for the current backfill.
+    Uninitialized,
+    /// Fetching pages of the plan.
+    Backfilling,
+    /// Every page applied; fetching what changed meanwhile, by watermark.
+    CatchingUp,
+    /// Complete; live sync applies changes as they come.
+    Ready,
+    /// Sync is switched off while not ready (reported only; the checkpoint keeps the phase).
+    Paused,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Uninitialized => "uninitialized",
+            Phase::Backfilling => "backfilling",
+            Phase::CatchingUp => "catching-up",
+            Phase::Ready => "ready",
+            Phase::Paused => "paused",
+        })
+    }
+}
+
+/// What a backfill fetches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Scope {
+    /// Shared records only: some origin's changes were pruned before this device had them.
+    Shared,
+    /// Everything: a new device, or a full resync.
+    Everything,
+}
+
+/// One part of a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StepKind {
+    /// Merged records of a shared model, by primary key (`SharedSnapshotRequest`).
+    Shared {
+        /// The model.
+        model: String,
+    },
+    /// One owner's rows of a device-owned model, by primary key (`BackfillRequest`).
+    State {
+        /// The owner.
+        owner: DeviceId,
+        /// The model.
+        model: String,
+    },
+}
+
+/// A step and how far it got.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    /// What it fetches.
+    pub kind: StepKind,
+    /// Rows (or records) applied so far.
+    pub done: u64,
+    /// The serving peer's estimate of the step's size (0 until its first page).
+    pub total: u64,
+}
+
+impl Step {
+    /// A name for progress reports: `tags`, or `entries@<owner>`.
+    pub fn name(&self) -> String {
+        match &self.kind {
+            StepKind::Shared { model } => model.clone(),
+            StepKind::State { owner, model } => format!("{model}@{owner}"),
+        }
+    }
+}
+
+/// Everything needed to resume a backfill after a restart. Persisted after every page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The phase (never [`Phase::Paused`]: pausing is not persisted).
+    pub phase: Phase,
+    /// What the current backfill fetches.
+    pub scope: Scope,
+    /// Whether rows the serving peer does not hold are deleted (full resync of existing data).
+    pub delete_missing: bool,
+    /// The plan.
+    pub steps: Vec<Step>,
+    /// The index of the step in progress (`steps.len()` when all are done).
+    pub current: usize,
+    /// The last primary key applied in the current step.
+    pub cursor: Option<Uuid>,
+    /// Shared watermarks to raise to when the shared steps end.
+    pub shared_marks: Vec<OriginSeq>,
+    /// Device-owned watermarks to raise to when each state step ends.
+    pub state_marks: Vec<StateMark>,
+    /// The peer serving the current plan, if one is chosen.
+    pub peer: Option<DeviceId>,
+    /// Backfills completed by this copy (a full resync counts).
+    pub completed: u64,
+}
+
+impl Checkpoint {
+    /// The checkpoint of a copy that is complete: a library's founding device.
+    pub fn ready() -> Self {
+        Self::with_phase(Phase::Ready, Scope::Everything, false)
+    }
+
+    /// The checkpoint of a copy that has nothing yet: a device joining a library.
+    pub fn uninitialized() -> Self {
+        Self::with_phase(Phase::Uninitialized, Scope::Everything, false)
+    }
+
+    fn with_phase(phase: Phase, scope: Scope, delete_missing: bool) -> Self {
+        Self {
+            phase,
+            scope,
+            delete_missing,
+            steps: Vec::new(),
+            current: 0,
+            cursor: None,
+            shared_marks: Vec::new(),
+            state_marks: Vec::new(),
+            peer: None,
+            completed: 0,
+        }
+    }
+}
+
+/// What the caller should do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Nothing: ready, paused, or waiting for a peer.
+    Idle,
+    /// Choose a ready peer ([`choose_peer`]), ask for its watermarks, report them with
+    /// [`Backfill::planned`].
+    Plan,
+    /// The serving peer is gone: ask `peer`'s watermarks and report them with
+    /// [`Backfill::rebased`]. The caller picks `peer` with [`choose_peer`].
+    Rebase,
+    /// Fetch the next page of the current step from `peer`, after `after`.
+    Fetch {
+        /// The serving peer.
+        peer: DeviceId,
+        /// What to fetch.
+        step: StepKind,
+        /// Resume after this key.
+        after: Option<Uuid>,
+    },
+    /// Every page is applied: catch up by watermark from `peer` (and any other peer), then
+    /// report [`Backfill::caught_up`].
+    CatchUp {
+        /// The serving peer.
+        peer: Option<DeviceId>,
+    },
+}
+
+/// What applying a page implies, for the caller's transaction.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PageOutcome {
+    /// Delete this device's rows of the step's (owner, model) whose key lies in this range and is
+    /// not among the page's keys: `(after, through]`, `through = None` meaning "to the end".
+    /// Only for a full resync of a device-owned step.
+    pub delete_missing: Option<(Option<Uuid>, Option<Uuid>)>,
+    /// Raise these shared watermarks (the last shared step ended).
+    pub raise_shared: Vec<OriginSeq>,
+    /// Raise these device-owned watermarks (a state step ended).
+    pub raise_state: Vec<StateMark>,
+    /// The step ended.
+    pub step_done: bool,
+}
+
+/// A peer that could serve a backfill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    /// The peer.
+    pub device: DeviceId,
+    /// Its measured round trip, if known.
+    pub rtt_us: Option<u64>,
+    /// Whether it is online.
+    pub online: bool,
+    /// Whether it announced a complete copy (`Watermarks::ready`), if known.
+    pub ready: Option<bool>,
+    /// Whether a request to it failed during this backfill.
+    pub failed: bool,
+}
+
+/// Picks the peer to backfill from: online, not known to be incomplete, not failed in this
+/// backfill; the one with the shortest measured round trip (unknown counts as slowest); ties by
+/// device id, so the choice is deterministic.
+pub fn choose_peer(candidates: &[Candidate]) -> Option<DeviceId> {
+    candidates
+        .iter()
+        .filter(|candidate| candidate.online && candidate.ready != Some(false) && !candidate.failed)
+        .min_by_key(|candidate| (candidate.rtt_us.unwrap_or(u64::MAX), candidate.device))
+        .map(|candidate| candidate.device)
+}
+
+/// The models a plan covers, in the order to fetch them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Models {
+    /// Shared models (records and memberships).
+    pub shared: Vec<String>,
+    /// Device-owned models, parents before children.
+    pub state: Vec<String>,
+}
+
+/// Progress of the current backfill, for status and events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    /// The phase.
+    pub phase: Phase,
+    /// The serving peer.
+    pub peer: Option<DeviceId>,
+    /// Per step: name, rows done, estimated total.
+    pub steps: Vec<(String, u64, u64)>,
+    /// Rows done over all steps.
+    pub done: u64,
+    /// Estimated rows over all steps (steps not started yet count 0 until their first page).
+    pub total: u64,
+    /// Rows per second since this run of the backfill started (0 before the first page).
+    pub rate: f64,
+    /// Estimated seconds left, when a rate is known.
+    pub eta_secs: Option<f64>,
+}
+
+/// The backfill state machine (see the crate docs for the call order).
+#[derive(Debug, Clone)]
+pub struct Backfill {
+    checkpoint: Checkpoint,
+    paused: bool,
+    /// When this process started fetching, and how many rows were done then (for the rate).
+    run_start: Option<(u64, u64)>,
+    last_now: u64,
+}
+
+impl Backfill {
+    /// A machine resuming from `checkpoint`.
+    pub fn new(checkpoint: Checkpoint) -> Self {
+        Self { checkpoint, paused: false, run_start: None, last_now: 0 }
+    }
+
+    /// The checkpoint to persist.
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.checkpoint
+    }
+
+    /// The phase, [`Phase::Paused`] while paused before being ready.
+    pub fn phase(&self) -> Phase {
+        if self.paused && self.checkpoint.phase != Phase::Ready {
+            Phase::Paused
+        } else {
+            self.checkpoint.phase
+        }
+    }
+
+    /// Whether live changes may be applied (the copy is complete).
+    pub fn is_ready(&self) -> bool {
+        self.checkpoint.phase == Phase::Ready
+    }
+
+    /// What to do now.
+    pub fn next(&self) -> Command {
+        if self.paused {
+            return Command::Idle;
+        }
+        let checkpoint = &self.checkpoint;
+        match checkpoint.phase {
+            Phase::Ready | Phase::Paused => Command::Idle,
+            Phase::Uninitialized => Command::Plan,
+            Phase::CatchingUp => Command::CatchUp { peer: checkpoint.peer },
+            Phase::Backfilling => match (checkpoint.peer, checkpoint.steps.get(checkpoint.current))
+            {
+                (None, _) => Command::Rebase,
+                (Some(peer), Some(step)) => {
+                    Command::Fetch { peer, step: step.kind.clone(), after: checkpoint.cursor }
+                }
+                // Unreachable by construction (the last page moves to CatchingUp); recover.
+                (Some(peer), None) => Command::CatchUp { peer: Some(peer) },
+            },
+        }
+    }
+
+    /// The plan from `peer`'s watermarks: Uninitialized → Backfilling (or straight to
+    /// CatchingUp if there is nothing to fetch).
+    pub fn planned(&mut self, peer: DeviceId, theirs: &Watermarks, models: &Models) {
+        if self.checkpoint.phase != Phase::Uninitialized {
+            return;
+        }
+        let mut steps: Vec<Step> = models
+            .shared
+            .iter()
+            .map(|model| Step {
+                kind: StepKind::Shared { model: model.clone() },
+                done: 0,
+                total: 0,
+            })
+            .collect();
+        if self.checkpoint.scope == Scope::Everything {
+            let marks = StateProgress::from_wire(&theirs.state);
+            for model in &models.state {
+                let owners: Vec<DeviceId> = marks
+                    .iter()
+                    .filter(|(_, mark_model, _)| mark_model == model)
+                    .map(|(owner, _, _)| owner)
+                    .collect();
+                for owner in owners {
+                    steps.push(Step {
+                        kind: StepKind::State { owner, model: model.clone() },
+                        done: 0,
+                        total: 0,
+                    });
+                }
+            }
+        }
+        let checkpoint = &mut self.checkpoint;
+        checkpoint.steps = steps;
+        checkpoint.current = 0;
+        checkpoint.cursor = None;
+        checkpoint.shared_marks = theirs.shared.clone();
+        checkpoint.state_marks = theirs.state.clone();
+        checkpoint.peer = Some(peer);
+        checkpoint.phase =
+            if checkpoint.steps.is_empty() { Phase::CatchingUp } else { Phase::Backfilling };
+    }
+
+    /// A page of the current step was fetched: `keys` are its primary keys in order, `more` says
+    /// whether more follow, `estimated_total` is the peer's estimate for the step. Returns what
+    /// the caller's transaction must do besides applying the rows; then persist the checkpoint.
+    pub fn page(
+        &mut self,
+        keys: &[Uuid],
+        more: bool,
+        estimated_total: u64,
+        now_ms: u64,
+    ) -> PageOutcome {
+        self.observe(now_ms);
+        let mut outcome = PageOutcome::default();
+        if self.checkpoint.phase != Phase::Backfilling {
+            return outcome;
+        }
+        if self.run_start.is_none() {
+            let done = self.checkpoint.steps.iter().map(|step| step.done).sum();
+            self.run_start = Some((now_ms, done));
+        }
+        let checkpoint = &mut self.checkpoint;
+        let Some(step) = checkpoint.steps.get_mut(checkpoint.current) else {
+            return outcome;
+        };
+        step.done += keys.len() as u64;
+        step.total = estimated_total.max(step.done);
+        let after = checkpoint.cursor;
+        let last = keys.last().copied();
+        let through = if more { last.or(after) } else { None };
+        if checkpoint.delete_missing && matches!(step.kind, StepKind::State { .. }) {
+            outcome.delete_missing = Some((after, through));
+        }
+        if more && last.is_some() {
+            checkpoint.cursor = last;
+            return outcome;
+        }
+        // The step ended.
+        outcome.step_done = true;
+        match &step.kind {
+            StepKind::State { owner, model } => {
+                let marks = StateProgress::from_wire(&checkpoint.state_marks);
+                if let Some(version) = marks.get(*owner, model) {
+                    outcome.raise_state.push(StateMark {
+                        owner: *owner,
+                        model: model.clone(),
+                        version,
+                    });
+                }
+            }
+            StepKind::Shared { .. } => {
+                let next_is_shared = checkpoint
+                    .steps
+                    .get(checkpoint.current + 1)
+                    .is_some_and(|next| matches!(next.kind, StepKind::Shared { .. }));
+                if !next_is_shared {
+                    outcome.raise_shared = checkpoint.shared_marks.clone();
+                }
+            }
+        }
+        checkpoint.current += 1;
+        checkpoint.cursor = None;
+        if checkpoint.current >= checkpoint.steps.len() {
+            checkpoint.phase = Phase::CatchingUp;
+        }
+        outcome
+    }
+
+    /// The serving peer failed (went offline, timed out): another one must rebase before
+    /// fetching. In CatchingUp, any peer may finish the catch-up.
+    pub fn peer_lost(&mut self, peer: DeviceId) {
+        if self.checkpoint.peer == Some(peer) {
+            self.checkpoint.peer = None;
+        }
+    }
+
+    /// Continue with `peer`, whose watermarks are `theirs`: the marks become the minimum of the
+    /// old and the new peer's, per origin and per (owner, model); a mark the new peer lacks is
+    /// dropped (nothing is claimed for it).
+    pub fn rebased(&mut self, peer: DeviceId, theirs: &Watermarks) {
+        let checkpoint = &mut self.checkpoint;
+        let their_shared = SharedProgress::from_wire(&theirs.shared);
+        checkpoint.shared_marks = checkpoint
+            .shared_marks
+            .iter()
+            .map(|mark| OriginSeq {
+                origin: mark.origin,
+                seq: mark.seq.min(their_shared.get(mark.origin)),
+            })
+            .filter(|mark| mark.seq > 0)
+            .collect();
+        let their_state = StateProgress::from_wire(&theirs.state);
+        checkpoint.state_marks = checkpoint
+            .state_marks
+            .iter()
+            .filter_map(|mark| {
+                let theirs: HlcTime = their_state.get(mark.owner, &mark.model)?;
+                Some(StateMark {
+                    owner: mark.owner,
+                    model: mark.model.clone(),
+                    version: mark.version.min(theirs),
+                })
+            })
+            .collect();
+        checkpoint.peer = Some(peer);
+    }
+
+    /// The catch-up after the last page finished: CatchingUp → Ready.
+    pub fn caught_up(&mut self) {
+        if self.checkpoint.phase == Phase::CatchingUp {
+            self.checkpoint.phase = Phase::Ready;
+            self.checkpoint.completed += 1;
+            self.checkpoint.steps.clear();
+            self.checkpoint.current = 0;
+            self.checkpoint.cursor = None;
+            self.checkpoint.peer = None;
+            self.run_start = None;
+        }
+    }
+
+    /// Sync switched off: nothing is fetched until [`Backfill::resume`].
+    pub fn pause(&mut self) {
+        self.paused = true;
+    }
+
+    /// Sync switched on again: continue from the checkpoint.
+    pub fn resume(&mut self) {
+        self.paused = false;
+        self.run_start = None;
+    }
+
+    /// A gap that logs cannot close: start over with a new plan of `scope` (a resync while a
+    /// backfill of the same or a larger scope is already underway changes nothing).
+    pub fn resync(&mut self, scope: Scope, delete_missing: bool) {
+        let checkpoint = &mut self.checkpoint;
+        let busy = checkpoint.phase != Phase::Ready;
+        if busy && (checkpoint.scope == Scope::Everything || checkpoint.scope == scope) {
+            checkpoint.delete_missing |= delete_missing && checkpoint.phase == Phase::Uninitialized;
+            return;
+        }
+        let completed = checkpoint.completed;
+        *checkpoint = Checkpoint::with_phase(Phase::Uninitialized, scope, delete_missing);
+        checkpoint.completed = completed;
+        self.run_start = None;
+    }
+
+    /// Progress at `now_ms`.
+    pub fn progress(&self, now_ms: u64) -> Progress {
+        let checkpoint = &self.checkpoint;
+        let steps: Vec<(String, u64, u64)> =
+            checkpoint.steps.iter().map(|step| (step.name(), step.done, step.total)).collect();
+        let done: u64 = steps.iter().map(|(_, done, _)| done).sum();
+        let total: u64 = steps.iter().map(|(_, done, total)| (*total).max(*done)).sum();
+        let (rate, eta_secs) = match self.run_start {
+            Some((start, done_at_start)) if now_ms > start && done > done_at_start => {
+                let rate = (done - done_at_start) as f64 / ((now_ms - start) as f64 / 1000.0);
+                (rate, Some(total.saturating_sub(done) as f64 / rate))
+            }
+            _ => (0.0, None),
+        };
+        Progress { phase: self.phase(), peer: checkpoint.peer, steps, done, total, rate, eta_secs }
+    }
+
+    fn observe(&mut self, now_ms: u64) {
+        debug_assert!(now_ms >= self.last_now, "time went backwards");
+        self.last_now = self.last_now.max(now_ms);
+    }
+}
+
+#[cfg(test)]
+mod tests;

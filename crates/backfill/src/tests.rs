@@ -1,0 +1,314 @@
+use lsync_protocol::{Epoch, LibraryId};
+use proptest::prelude::*;
+
+use super::*;
+
+fn device(byte: u8) -> DeviceId {
+    DeviceId::from_bytes([byte; 16])
+}
+
+fn key(n: u8) -> Uuid {
+    Uuid::from_bytes([n; 16])
+}
+
+fn time(ms: u64) -> HlcTime {
+    HlcTime::from_u64(ms << 16)
+}
+
+fn models() -> Models {
+    Models { shared: vec!["tags".into()], state: vec!["locations".into(), "entries".into()] }
+}
+
+fn watermarks(
+    peer: DeviceId,
+    shared: &[(DeviceId, u64)],
+    state: &[(DeviceId, &str, u64)],
+) -> Watermarks {
+    Watermarks {
+        library: LibraryId(Uuid::from_bytes([9; 16])),
+        device: peer,
+        epoch: Epoch(1),
+        shared: shared
+            .iter()
+            .map(|(origin, seq)| OriginSeq { origin: *origin, seq: *seq })
+            .collect(),
+        state: state
+            .iter()
+            .map(|(owner, model, ms)| StateMark {
+                owner: *owner,
+                model: (*model).into(),
+                version: time(*ms),
+            })
+            .collect(),
+        ready: true,
+    }
+}
+
+/// A joining device planned from peer 1, which holds tags of origin 2 and entries and
+/// locations of owner 2.
+fn planned() -> Backfill {
+    let mut backfill = Backfill::new(Checkpoint::uninitialized());
+    let theirs = watermarks(
+        device(1),
+        &[(device(2), 10)],
+        &[(device(2), "entries", 500), (device(2), "locations", 400)],
+    );
+    backfill.planned(device(1), &theirs, &models());
+    backfill
+}
+
+#[test]
+fn a_founding_copy_is_ready_and_idle() {
+    let backfill = Backfill::new(Checkpoint::ready());
+    assert_eq!(backfill.phase(), Phase::Ready);
+    assert!(backfill.is_ready());
+    assert_eq!(backfill.next(), Command::Idle);
+}
+
+#[test]
+fn uninitialized_asks_for_a_plan() {
+    let backfill = Backfill::new(Checkpoint::uninitialized());
+    assert_eq!(backfill.phase(), Phase::Uninitialized);
+    assert_eq!(backfill.next(), Command::Plan);
+}
+
+#[test]
+fn planning_orders_shared_first_then_models_parents_first() {
+    let backfill = planned();
+    assert_eq!(backfill.phase(), Phase::Backfilling);
+    let names: Vec<String> = backfill.checkpoint().steps.iter().map(Step::name).collect();
+    let owner = device(2);
+    assert_eq!(
+        names,
+        vec!["tags".to_owned(), format!("locations@{owner}"), format!("entries@{owner}")]
+    );
+    assert_eq!(
+        backfill.next(),
+        Command::Fetch {
+            peer: device(1),
+            step: StepKind::Shared { model: "tags".into() },
+            after: None
+        }
+    );
+}
+
+#[test]
+fn planning_with_nothing_to_fetch_goes_straight_to_catching_up() {
+    let mut backfill = Backfill::new(Checkpoint::uninitialized());
+    backfill.planned(device(1), &watermarks(device(1), &[], &[]), &Models::default());
+    assert_eq!(backfill.phase(), Phase::CatchingUp);
+    assert_eq!(backfill.next(), Command::CatchUp { peer: Some(device(1)) });
+}
+
+#[test]
+fn pages_advance_the_cursor_and_marks_rise_only_when_a_step_ends() {
+    let mut backfill = planned();
+    let outcome = backfill.page(&[key(1), key(2)], true, 3, 10);
+    assert!(!outcome.step_done && outcome.raise_shared.is_empty());
+    assert_eq!(backfill.checkpoint().cursor, Some(key(2)));
+    // The last page of the only shared step raises the shared marks.
+    let outcome = backfill.page(&[key(3)], false, 3, 20);
+    assert!(outcome.step_done);
+    assert_eq!(outcome.raise_shared, vec![OriginSeq { origin: device(2), seq: 10 }]);
+    assert_eq!(backfill.checkpoint().current, 1);
+    assert_eq!(backfill.checkpoint().cursor, None);
+    // locations: one empty page ends it and raises its mark.
+    let outcome = backfill.page(&[], false, 0, 30);
+    assert_eq!(
+        outcome.raise_state,
+        vec![StateMark { owner: device(2), model: "locations".into(), version: time(400) }]
+    );
+    // entries: the last step; its end moves to CatchingUp.
+    let outcome = backfill.page(&[key(7)], false, 1, 40);
+    assert_eq!(outcome.raise_state[0].version, time(500));
+    assert_eq!(backfill.phase(), Phase::CatchingUp);
+    backfill.caught_up();
+    assert_eq!(backfill.phase(), Phase::Ready);
+    assert_eq!(backfill.checkpoint().completed, 1);
+    assert_eq!(backfill.next(), Command::Idle);
+}
+
+#[test]
+fn a_restart_resumes_from_the_checkpoint() {
+    let mut backfill = planned();
+    backfill.page(&[key(1), key(2)], true, 10, 10);
+    let stored = backfill.checkpoint().clone();
+    let resumed = Backfill::new(stored);
+    assert_eq!(
+        resumed.next(),
+        Command::Fetch {
+            peer: device(1),
+            step: StepKind::Shared { model: "tags".into() },
+            after: Some(key(2))
+        }
+    );
+    assert_eq!(resumed.progress(10).done, 2);
+}
+
+#[test]
+fn losing_the_serving_peer_requires_a_rebase_to_the_lower_marks() {
+    let mut backfill = planned();
+    backfill.page(&[key(1)], true, 10, 10);
+    backfill.peer_lost(device(1));
+    assert_eq!(backfill.next(), Command::Rebase);
+    // Peer 3 holds less of origin 2 and of entries, and nothing of locations.
+    let theirs = watermarks(device(3), &[(device(2), 7)], &[(device(2), "entries", 450)]);
+    backfill.rebased(device(3), &theirs);
+    assert_eq!(
+        backfill.next(),
+        Command::Fetch {
+            peer: device(3),
+            step: StepKind::Shared { model: "tags".into() },
+            after: Some(key(1))
+        }
+    );
+    let checkpoint = backfill.checkpoint();
+    assert_eq!(checkpoint.shared_marks, vec![OriginSeq { origin: device(2), seq: 7 }]);
+    assert_eq!(
+        checkpoint.state_marks,
+        vec![StateMark { owner: device(2), model: "entries".into(), version: time(450) }]
+    );
+}
+
+#[test]
+fn losing_another_peer_changes_nothing() {
+    let mut backfill = planned();
+    backfill.peer_lost(device(5));
+    assert!(matches!(backfill.next(), Command::Fetch { peer, .. } if peer == device(1)));
+}
+
+#[test]
+fn pausing_stops_fetching_and_resuming_continues() {
+    let mut backfill = planned();
+    backfill.pause();
+    assert_eq!(backfill.phase(), Phase::Paused);
+    assert_eq!(backfill.next(), Command::Idle);
+    assert_eq!(backfill.checkpoint().phase, Phase::Backfilling, "pausing is not persisted");
+    backfill.resume();
+    assert_eq!(backfill.phase(), Phase::Backfilling);
+    assert!(matches!(backfill.next(), Command::Fetch { .. }));
+}
+
+#[test]
+fn a_ready_copy_stays_ready_when_paused() {
+    let mut backfill = Backfill::new(Checkpoint::ready());
+    backfill.pause();
+    assert_eq!(backfill.phase(), Phase::Ready);
+}
+
+#[test]
+fn a_shared_resync_plans_only_shared_models() {
+    let mut backfill = Backfill::new(Checkpoint::ready());
+    backfill.resync(Scope::Shared, false);
+    assert_eq!(backfill.next(), Command::Plan);
+    let theirs = watermarks(device(1), &[(device(2), 10)], &[(device(2), "entries", 500)]);
+    backfill.planned(device(1), &theirs, &models());
+    let names: Vec<String> = backfill.checkpoint().steps.iter().map(Step::name).collect();
+    assert_eq!(names, vec!["tags".to_owned()]);
+}
+
+#[test]
+fn a_full_resync_deletes_what_the_peer_no_longer_holds_range_by_range() {
+    let mut backfill = Backfill::new(Checkpoint::ready());
+    backfill.resync(Scope::Everything, true);
+    let theirs = watermarks(device(1), &[], &[(device(2), "entries", 500)]);
+    backfill.planned(device(1), &theirs, &Models { shared: vec![], state: vec!["entries".into()] });
+    let outcome = backfill.page(&[key(1), key(4)], true, 5, 1);
+    assert_eq!(outcome.delete_missing, Some((None, Some(key(4)))));
+    let outcome = backfill.page(&[key(6)], false, 5, 2);
+    assert_eq!(outcome.delete_missing, Some((Some(key(4)), None)));
+}
+
+#[test]
+fn a_resync_during_a_larger_backfill_changes_nothing() {
+    let mut backfill = planned();
+    backfill.page(&[key(1)], true, 10, 10);
+    let before = backfill.checkpoint().clone();
+    backfill.resync(Scope::Shared, false);
+    assert_eq!(backfill.checkpoint(), &before);
+}
+
+#[test]
+fn progress_reports_rate_and_eta() {
+    let mut backfill = planned();
+    backfill.page(&[key(1)], true, 101, 1_000);
+    backfill.page(&(2..=51).map(key).collect::<Vec<_>>(), true, 101, 2_000);
+    let progress = backfill.progress(2_000);
+    assert_eq!(progress.done, 51);
+    assert_eq!(progress.total, 101);
+    // 51 rows applied in the second since this run's first page arrived; 50 left.
+    assert!((progress.rate - 51.0).abs() < 1e-9, "{}", progress.rate);
+    assert!((progress.eta_secs.unwrap() - 50.0 / 51.0).abs() < 1e-9);
+}
+
+#[test]
+fn the_peer_with_the_shortest_round_trip_serves() {
+    let candidate = |byte, rtt_us, ready| Candidate {
+        device: device(byte),
+        rtt_us,
+        online: true,
+        ready,
+        failed: false,
+    };
+    let candidates = [
+        candidate(1, Some(900), Some(true)),
+        candidate(2, Some(100), Some(false)),
+        candidate(3, Some(300), None),
+        candidate(4, None, Some(true)),
+    ];
+    assert_eq!(choose_peer(&candidates), Some(device(3)), "2 is not ready");
+    let mut failed = candidates;
+    failed[2].failed = true;
+    assert_eq!(choose_peer(&failed), Some(device(1)));
+    let offline: Vec<Candidate> =
+        candidates.iter().map(|c| Candidate { online: false, ..*c }).collect();
+    assert_eq!(choose_peer(&offline), None);
+}
+
+proptest! {
+    /// Whatever the page sizes and restarts, every key is applied exactly once, in order, and
+    /// the machine ends ready with every step's mark raised once.
+    #[test]
+    fn paging_with_restarts_applies_every_key_once(
+        sizes in prop::collection::vec(1usize..5, 1..4),
+        page in 1usize..4,
+        restarts in prop::collection::vec(any::<bool>(), 0..40),
+    ) {
+        let owner = device(2);
+        let state: Vec<(DeviceId, &str, u64)> = vec![(owner, "locations", 10), (owner, "entries", 20)];
+        let theirs = watermarks(device(1), &[(owner, 3)], &state);
+        let mut backfill = Backfill::new(Checkpoint::uninitialized());
+        backfill.planned(device(1), &theirs, &models());
+        // The serving side: per step, its keys.
+        let held: Vec<Vec<Uuid>> = (0..3)
+            .map(|step| (0..sizes[step % sizes.len()]).map(|n| key(u8::try_from(n + 1).unwrap())).collect())
+            .collect();
+        let mut applied: Vec<Vec<Uuid>> = vec![Vec::new(); 3];
+        let mut raised = 0;
+        let mut now = 0;
+        let mut restarts = restarts.into_iter();
+        while let Command::Fetch { step, after, .. } = backfill.next() {
+            let index = backfill.checkpoint().current;
+            let _ = step;
+            let keys: Vec<Uuid> = held[index]
+                .iter()
+                .filter(|key| after.is_none_or(|after| **key > after))
+                .take(page)
+                .copied()
+                .collect();
+            let more = held[index].iter().filter(|key| after.is_none_or(|after| **key > after)).count() > keys.len();
+            now += 1;
+            let outcome = backfill.page(&keys, more, held[index].len() as u64, now);
+            applied[index].extend(&keys);
+            raised += outcome.raise_state.len() + usize::from(!outcome.raise_shared.is_empty());
+            if restarts.next() == Some(true) {
+                backfill = Backfill::new(backfill.checkpoint().clone());
+            }
+        }
+        prop_assert_eq!(backfill.next(), Command::CatchUp { peer: Some(device(1)) });
+        prop_assert_eq!(applied, held);
+        prop_assert_eq!(raised, 3);
+        backfill.caught_up();
+        prop_assert!(backfill.is_ready());
+    }
+}
