@@ -74,7 +74,19 @@ impl Node {
         config: SyncConfig,
         create: bool,
     ) -> Node {
-        let library = open_library(dir.path(), library_id, &config, create).await;
+        let how = if create { How::Create } else { How::Reopen };
+        Node::start_as(dir, library_id, name, config, how).await
+    }
+
+    /// A device in `dir`, its library opened `how`, syncing.
+    pub async fn start_as(
+        dir: tempfile::TempDir,
+        library_id: LibraryId,
+        name: &str,
+        config: SyncConfig,
+        how: How,
+    ) -> Node {
+        let library = open_library_as(dir.path(), library_id, &config, how).await;
         let transport = start_transport(dir.path(), &library, name, &config).await;
         Node { name: name.to_owned(), dir, library, transport, events: mpsc::channel(1).1 }
             .subscribed()
@@ -123,15 +135,39 @@ pub async fn open_library(
     config: &SyncConfig,
     create: bool,
 ) -> Library {
+    let how = if create { How::Create } else { How::Reopen };
+    open_library_as(dir, library, config, how).await
+}
+
+/// How a test device gets its library.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum How {
+    /// The library's first device.
+    Create,
+    /// A new copy of an existing library: it backfills.
+    Join,
+    /// The file already in the folder.
+    Reopen,
+}
+
+/// Opens, creates or joins a library in `dir` with the reference schema.
+pub async fn open_library_as(
+    dir: &Path,
+    library: LibraryId,
+    config: &SyncConfig,
+    how: How,
+) -> Library {
     init_logging();
     let identity = Identity::load_or_create(&dir.join("identity")).unwrap();
     let registry = Arc::new(reference_registry().unwrap());
     let path = dir.join("library.db");
-    if create {
-        Library::create(&path, registry, library, identity.device(), config.clone()).await.unwrap()
-    } else {
-        Library::open(&path, registry, config.clone()).await.unwrap()
+    let config = config.clone();
+    match how {
+        How::Create => Library::create(&path, registry, library, identity.device(), config).await,
+        How::Join => Library::join(&path, registry, library, identity.device(), config).await,
+        How::Reopen => Library::open(&path, registry, config).await,
     }
+    .unwrap()
 }
 
 /// Starts a QUIC transport on loopback for `library` and starts sync over it.
@@ -174,14 +210,48 @@ pub async fn quic(
 /// Pairs `joiner` with `inviter` by invitation and waits until each sees the other online and
 /// has caught up from it.
 pub async fn pair(inviter: &mut Node, joiner: &mut Node) {
+    let (inviter_id, joiner_id) = pair_online(inviter, joiner).await;
+    caught_up(inviter, joiner_id).await;
+    caught_up(joiner, inviter_id).await;
+}
+
+/// Pairs a joining device with `inviter`, and waits until each sees the other online and the
+/// joiner's backfill finished.
+pub async fn pair_joining(inviter: &mut Node, joiner: &mut Node) {
+    pair_online(inviter, joiner).await;
+    backfilled(joiner).await;
+}
+
+/// Pairs by invitation (through its text form) and waits until each sees the other online.
+/// Returns the inviter's and the joiner's ids.
+async fn pair_online(inviter: &mut Node, joiner: &mut Node) -> (DeviceId, DeviceId) {
     let invitation = inviter.transport.invite(Duration::from_secs(60)).await.unwrap();
     let invitation = Invitation::from_token(&invitation.to_token()).unwrap();
     joiner.transport.join(&invitation).await.unwrap();
     let (inviter_id, joiner_id) = (inviter.device(), joiner.device());
     online(inviter, joiner_id).await;
     online(joiner, inviter_id).await;
-    caught_up(inviter, joiner_id).await;
-    caught_up(joiner, inviter_id).await;
+    (inviter_id, joiner_id)
+}
+
+/// Waits until `node`'s backfill finished (its copy is ready).
+pub async fn backfilled(node: &mut Node) -> lsync_node::BackfillProgress {
+    node.wait_for(|event| match event {
+        Event::Backfill(progress) if progress.phase == lsync_node::BackfillPhase::Ready => {
+            Some(progress.clone())
+        }
+        _ => None,
+    })
+    .await
+}
+
+/// Waits until `node`'s backfill applied at least `rows` rows; returns that progress.
+pub async fn backfill_reached(node: &mut Node, rows: u64) -> lsync_node::BackfillProgress {
+    node.wait_for(|event| match event {
+        Event::Backfill(progress) if progress.done >= rows => Some(progress.clone()),
+        _ => None,
+    })
+    .await
 }
 
 /// Waits until `node` finished a catch-up from `peer`.

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "a test fails by panicking")]
 #![allow(unreachable_pub, missing_docs, reason = "test helpers")]
 
+mod catchup;
 mod harness;
 mod lifecycle;
 mod live;

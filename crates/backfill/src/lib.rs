@@ -284,6 +284,22 @@ pub struct Progress {
     pub eta_secs: Option<f64>,
 }
 
+impl Progress {
+    /// The progress of a copy with no backfill underway: [`Phase::Ready`], or
+    /// [`Phase::Uninitialized`] if it waits for one.
+    pub fn idle(ready: bool) -> Self {
+        Self {
+            phase: if ready { Phase::Ready } else { Phase::Uninitialized },
+            peer: None,
+            steps: Vec::new(),
+            done: 0,
+            total: 0,
+            rate: 0.0,
+            eta_secs: None,
+        }
+    }
+}
+
 /// The backfill state machine (see the crate docs for the call order).
 #[derive(Debug, Clone)]
 pub struct Backfill {
@@ -385,7 +401,8 @@ impl Backfill {
     }
 
     /// A page of the current step was fetched: `keys` are its primary keys in order, `more` says
-    /// whether more follow, `estimated_total` is the peer's estimate for the step. Returns what
+    /// whether more follow, `estimated_total` is the peer's estimate for the step (0: no new
+    /// estimate). Returns what
     /// the caller's transaction must do besides applying the rows; then persist the checkpoint.
     pub fn page(
         &mut self,
@@ -408,7 +425,8 @@ impl Backfill {
             return outcome;
         };
         step.done += keys.len() as u64;
-        step.total = estimated_total.max(step.done);
+        // Peers estimate on a step's first page only (counting is not free).
+        step.total = if estimated_total > 0 { estimated_total } else { step.total }.max(step.done);
         let after = checkpoint.cursor;
         let last = keys.last().copied();
         let through = if more { last.or(after) } else { None };
@@ -494,8 +512,7 @@ impl Backfill {
         if self.checkpoint.phase == Phase::CatchingUp {
             self.checkpoint.phase = Phase::Ready;
             self.checkpoint.completed += 1;
-            self.checkpoint.steps.clear();
-            self.checkpoint.current = 0;
+            // The steps stay, as the report of the backfill that finished.
             self.checkpoint.cursor = None;
             self.checkpoint.peer = None;
             self.run_start = None;

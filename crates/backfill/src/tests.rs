@@ -41,6 +41,7 @@ fn watermarks(
             })
             .collect(),
         ready: true,
+        resync: false,
     }
 }
 

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 /// Something the app may want to react to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// Rows of a device-owned model changed because of a peer.
     RowsChanged {
@@ -60,6 +60,8 @@ pub enum Event {
         /// Whether anything was pulled.
         pulled: bool,
     },
+    /// A backfill made progress (after every page), started, or finished (phase `Ready`).
+    Backfill(crate::library::BackfillProgress),
     /// Acknowledged history was dropped: peer log entries every peer has, or tombstones every
     /// peer holds.
     Pruned {

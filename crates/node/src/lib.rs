@@ -50,6 +50,9 @@ mod library;
 mod sync;
 
 pub use events::Event;
-pub use library::{EngineStatus, Library, LibraryError, PeerStatus, Status, SyncState};
+pub use library::{
+    BackfillProgress, EngineStatus, Library, LibraryError, PeerStatus, Status, SyncState,
+};
+pub use lsync_backfill::Phase as BackfillPhase;
 pub use lsync_shared_sync::sql::Edit;
 pub use lsync_state_sync::sql::RowEdit;

@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use lsync_backfill::{Checkpoint, Phase};
 use lsync_hlc::{Clock, DeviceId, HlcGenerator, HlcTime, Resume, SystemClock};
 use lsync_protocol::{LibraryId, OriginSeq, SharedChange, StateMark, StateRow, Watermarks};
 use lsync_shared_sync::SharedError;
@@ -97,7 +98,7 @@ pub struct PeerStatus {
 }
 
 /// Everything `status` reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Status {
     /// The library.
     pub library: LibraryId,
@@ -123,7 +124,12 @@ pub struct Status {
     pub batches_sent: u64,
     /// Batches sent again since the library opened.
     pub retries: u64,
+    /// Whether this copy is complete, and the progress of its backfill if one runs.
+    pub backfill: BackfillProgress,
 }
+
+/// A backfill's progress: phase, rows done and estimated per step, rate, ETA.
+pub type BackfillProgress = lsync_backfill::Progress;
 
 /// What can go wrong using a library.
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +170,12 @@ pub(crate) struct LibraryInner {
     /// The latest watermarks, for heartbeats (which must not wait for the database).
     pub(crate) snapshot: std::sync::Mutex<Option<Watermarks>>,
     pub(crate) counters: Counters,
+    /// Whether this copy is complete (backfill `Ready`): only then are live changes applied and
+    /// does the device offer itself as a backfill source.
+    pub(crate) ready: AtomicBool,
+    /// The backfill's latest progress, for status (`None` once ready and never backfilled in
+    /// this process).
+    pub(crate) backfill: std::sync::Mutex<Option<BackfillProgress>>,
 }
 
 impl LibraryInner {
@@ -177,6 +189,10 @@ impl LibraryInner {
 
     pub(crate) fn emit(&self, event: Event) {
         self.events.emit(event);
+    }
+
+    pub(crate) fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
     }
 }
 
@@ -193,8 +209,8 @@ pub struct Library {
 }
 
 impl Library {
-    /// Creates a new library file at `path` for `device` (a new library, or this device's copy of
-    /// an existing one it joins).
+    /// Creates a new library file at `path` for `device`, the library's first device: its copy
+    /// is complete from the start (it is all there is).
     pub async fn create(
         path: &Path,
         registry: Arc<Registry>,
@@ -202,7 +218,34 @@ impl Library {
         device: DeviceId,
         config: SyncConfig,
     ) -> Result<Self, LibraryError> {
+        Self::create_with(path, registry, library, device, config, Checkpoint::ready()).await
+    }
+
+    /// Creates this device's copy of an existing library at `path`: it starts empty and
+    /// backfills from the first complete peer it meets (resumably, from checkpoints), then
+    /// catches up and applies live changes. Also the way back for a device re-created under
+    /// the same identity.
+    pub async fn join(
+        path: &Path,
+        registry: Arc<Registry>,
+        library: LibraryId,
+        device: DeviceId,
+        config: SyncConfig,
+    ) -> Result<Self, LibraryError> {
+        Self::create_with(path, registry, library, device, config, Checkpoint::uninitialized())
+            .await
+    }
+
+    async fn create_with(
+        path: &Path,
+        registry: Arc<Registry>,
+        library: LibraryId,
+        device: DeviceId,
+        config: SyncConfig,
+        checkpoint: Checkpoint,
+    ) -> Result<Self, LibraryError> {
         let db = Database::create(path, registry, library, device, &config.store_options()).await?;
+        db.write(async |conn| lsync_backfill::sql::store(conn, &checkpoint).await).await?;
         Self::with_database(db, config, Arc::new(SystemClock)).await
     }
 
@@ -231,7 +274,20 @@ impl Library {
         config: SyncConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, LibraryError> {
-        let last = db.write(async |conn| load_clock(conn).await).await?;
+        let (last, checkpoint) = db
+            .write(async |conn| {
+                Ok::<_, StoreError>((
+                    load_clock(conn).await?,
+                    lsync_backfill::sql::load(conn).await?,
+                ))
+            })
+            .await?;
+        // No checkpoint: a copy made before backfill existed, complete by construction.
+        let ready = checkpoint.as_ref().is_none_or(|checkpoint| checkpoint.phase == Phase::Ready);
+        // Status shows where an unfinished backfill stands before sync starts.
+        let progress = checkpoint
+            .filter(|_| !ready)
+            .map(|checkpoint| lsync_backfill::Backfill::new(checkpoint).progress(now_ms()));
         let resume = last.map_or(Resume::FirstStart, Resume::After);
         let generator = HlcGenerator::new(db.identity().device, clock, config.hlc_config(), resume);
         let inner = LibraryInner {
@@ -244,6 +300,8 @@ impl Library {
             engine: Mutex::new(None),
             snapshot: std::sync::Mutex::new(None),
             counters: Counters::default(),
+            ready: AtomicBool::new(ready),
+            backfill: std::sync::Mutex::new(progress),
         };
         Ok(Self { inner: Arc::new(inner) })
     }
@@ -388,7 +446,7 @@ impl Library {
             .db
             .write(async |conn| {
                 Ok::<_, StoreError>((
-                    lsync_watermark::sql::own_watermarks(conn, identity, true).await?,
+                    lsync_watermark::sql::own_watermarks(conn, identity, inner.is_ready()).await?,
                     lsync_watermark::sql::peers(conn).await?,
                     lsync_watermark::sql::load_shared_acks(conn).await?,
                     lsync_watermark::sql::load_state_acks(conn).await?,
@@ -441,6 +499,12 @@ impl Library {
             clock_lead_ms: inner.clock.lead_ms(),
             batches_sent: inner.counters.batches_sent.load(Ordering::Acquire),
             retries: inner.counters.retries.load(Ordering::Acquire),
+            backfill: inner
+                .backfill
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+                .unwrap_or_else(|| BackfillProgress::idle(inner.is_ready())),
         })
     }
 

@@ -10,7 +10,7 @@ use lsync_protocol::{
     SharedCatchUpRequest, SharedCatchUpResponse, SharedSnapshotPage, SharedSnapshotRequest,
     StateBatch, StateCatchUpRequest, StateCursor, StateMark, StatePage, Watermarks,
 };
-use lsync_store::StoreError;
+use lsync_store::{StoreError, store_clock};
 use lsync_transport::{RequestError, Transport};
 use lsync_watermark::{SharedProgress, StateProgress, shared_needs, state_needs};
 
@@ -23,7 +23,9 @@ pub(crate) async fn own_watermarks(inner: &LibraryInner) -> Result<Watermarks, S
     let identity = inner.identity();
     let watermarks = inner
         .db
-        .write(async |conn| lsync_watermark::sql::own_watermarks(conn, identity, true).await)
+        .write(async |conn| {
+            lsync_watermark::sql::own_watermarks(conn, identity, inner.is_ready()).await
+        })
         .await?;
     *inner.snapshot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
         Some(watermarks.clone());
@@ -88,13 +90,7 @@ pub(crate) async fn apply_state_batch(
             deleted: applied.deleted,
         });
     }
-    if !applied.projection.shown.is_empty() || !applied.projection.hidden.is_empty() {
-        inner.emit(Event::SharedChanged {
-            from: peer,
-            shown: applied.projection.shown,
-            hidden: applied.projection.hidden,
-        });
-    }
+    emit_projection(inner, peer, applied.projection);
     Ok(gap)
 }
 
@@ -138,7 +134,16 @@ pub(crate) async fn apply_shared_changes(
         let lag_ms = now.saturating_sub(change.time.physical_ms());
         metrics::histogram!("lsync_replication_lag_seconds").record(lag_ms as f64 / 1_000.0);
     }
-    let projection = received.projection;
+    emit_projection(inner, peer, received.projection);
+    Ok(())
+}
+
+/// Tells subscribers which shared rows a transfer from `peer` showed or hid.
+fn emit_projection(
+    inner: &LibraryInner,
+    peer: DeviceId,
+    projection: lsync_shared_sync::sql::Projection,
+) {
     if !projection.shown.is_empty() || !projection.hidden.is_empty() {
         inner.emit(Event::SharedChanged {
             from: peer,
@@ -146,7 +151,22 @@ pub(crate) async fn apply_shared_changes(
             hidden: projection.hidden,
         });
     }
-    Ok(())
+}
+
+/// Sends this device's watermarks to `peer` and returns the peer's.
+pub(crate) async fn exchange_watermarks<T: Transport>(
+    inner: &LibraryInner,
+    transport: &T,
+    peer: DeviceId,
+) -> Result<Watermarks, CatchUpError> {
+    let mine = own_watermarks(inner).await?;
+    match transport
+        .request(peer, Message::WatermarksRequest(mine), inner.config.request_timeout)
+        .await?
+    {
+        Message::WatermarksResponse(theirs) => Ok(theirs),
+        _ => Err(CatchUpError::Unexpected("answer to WatermarksRequest")),
+    }
 }
 
 fn record_applied(kind: &'static str, count: usize, rejected: usize, started: Instant) {
@@ -172,8 +192,8 @@ pub(crate) async fn record_ack(
 }
 
 /// Answers a request from a peer: watermarks, catch-up pages, backfill pages.
-pub(crate) async fn serve(inner: &LibraryInner, request: Message) -> Message {
-    match serve_inner(inner, request).await {
+pub(crate) async fn serve(inner: &LibraryInner, peer: DeviceId, request: Message) -> Message {
+    match serve_inner(inner, peer, request).await {
         Ok(response) => response,
         Err(error) => {
             tracing::warn!(%error, "failed to serve a request");
@@ -185,11 +205,26 @@ pub(crate) async fn serve(inner: &LibraryInner, request: Message) -> Message {
     }
 }
 
-async fn serve_inner(inner: &LibraryInner, request: Message) -> Result<Message, LibraryError> {
+async fn serve_inner(
+    inner: &LibraryInner,
+    peer: DeviceId,
+    request: Message,
+) -> Result<Message, LibraryError> {
     tracing::trace!(request = request.name(), "serving");
     let registry = inner.registry().clone();
     Ok(match request {
-        Message::WatermarksRequest(_) => Message::WatermarksResponse(own_watermarks(inner).await?),
+        Message::WatermarksRequest(theirs) => {
+            let resync = inner
+                .db
+                .write(async |conn| {
+                    lsync_watermark::sql::resync_on_request(conn, peer, theirs.ready).await
+                })
+                .await?;
+            if resync {
+                tracing::info!(%peer, "the peer fell behind this device's retention: asking it to resync fully");
+            }
+            Message::WatermarksResponse(Watermarks { resync, ..own_watermarks(inner).await? })
+        }
         Message::SharedCatchUpRequest(SharedCatchUpRequest { after, limit }) => {
             let after = SharedProgress::from_wire(&after);
             let answer = inner
@@ -225,8 +260,14 @@ async fn serve_inner(inner: &LibraryInner, request: Message) -> Result<Message, 
                         conn, &registry, owner, &model, after, limit,
                     )
                     .await?;
-                    let total =
-                        lsync_state_sync::sql::count_rows(conn, &registry, owner, &model).await?;
+                    // Counting is a scan: estimate on a step's first page only.
+                    let total = match after {
+                        None => {
+                            lsync_state_sync::sql::count_rows(conn, &registry, owner, &model)
+                                .await?
+                        }
+                        Some(_) => 0,
+                    };
                     Ok::<_, LibraryError>((page.0, page.1, page.2, total))
                 })
                 .await?;
@@ -272,6 +313,9 @@ pub(crate) enum CatchUpError {
     /// The peer answered something else.
     #[error("unexpected answer {0}")]
     Unexpected(&'static str),
+    /// The peer answered with an error.
+    #[error("the peer refused: {0}")]
+    Refused(String),
 }
 
 impl From<StoreError> for CatchUpError {
@@ -283,16 +327,18 @@ impl From<StoreError> for CatchUpError {
 /// Pulls from `peer` everything it holds that this device lacks, given the peer's watermarks:
 /// shared changes per origin after this device's watermark, and device-owned rows per (owner,
 /// model) newer than this device's mark, in pages, each page one transaction. Returns whether
-/// anything was pulled. Origins the peer pruned are reported (a snapshot is needed; issue 6).
+/// anything was pulled, and whether the peer pruned changes this device lacks (which only a
+/// snapshot of the shared records can make up for).
 pub(crate) async fn catch_up<T: Transport>(
     inner: &LibraryInner,
     transport: &T,
     peer: DeviceId,
     theirs: &Watermarks,
-) -> Result<bool, CatchUpError> {
+) -> Result<CatchUpOutcome, CatchUpError> {
     let timeout = inner.config.request_timeout;
     let limit = inner.config.page_rows;
     let mut pulled = false;
+    let mut pruned_away = false;
 
     // Shared changes, until this device has all the peer's watermarks cover.
     let their_shared = SharedProgress::from_wire(&theirs.shared);
@@ -310,6 +356,7 @@ pub(crate) async fn catch_up<T: Transport>(
             return Err(CatchUpError::Unexpected("answer to SharedCatchUpRequest"));
         };
         for pruned in &response.pruned {
+            pruned_away = true;
             metrics::counter!("lsync_catch_up_pruned_total").increment(1);
             tracing::warn!(%peer, origin = %pruned.origin, first_held = pruned.seq, "peer pruned changes this device lacks");
         }
@@ -349,7 +396,180 @@ pub(crate) async fn catch_up<T: Transport>(
             }
         }
     }
-    Ok(pulled)
+    Ok(CatchUpOutcome { pulled, pruned: pruned_away })
+}
+
+/// What a catch-up did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct CatchUpOutcome {
+    /// Something was pulled.
+    pub(crate) pulled: bool,
+    /// The peer no longer holds changes this device lacks: a shared snapshot is needed.
+    pub(crate) pruned: bool,
+}
+
+/// One page of a backfill, as fetched.
+pub(crate) enum BackfillPage {
+    /// Device-owned rows by key.
+    State(StatePage),
+    /// Merged shared records by key.
+    Shared(SharedSnapshotPage),
+}
+
+impl BackfillPage {
+    /// The page's keys, in order.
+    pub(crate) fn keys(&self) -> Vec<uuid::Uuid> {
+        match self {
+            BackfillPage::State(page) => page.rows.iter().map(|row| row.id).collect(),
+            BackfillPage::Shared(page) => page.records.iter().map(|record| record.id).collect(),
+        }
+    }
+
+    /// Whether more pages follow, and the peer's estimate of the step's size.
+    pub(crate) fn more_and_total(&self) -> (bool, u64) {
+        match self {
+            BackfillPage::State(page) => (page.more, page.estimated_total),
+            BackfillPage::Shared(page) => (page.more, page.estimated_total),
+        }
+    }
+}
+
+/// Fetches one backfill page from `peer`.
+pub(crate) async fn fetch_backfill_page<T: Transport>(
+    inner: &LibraryInner,
+    transport: &T,
+    peer: DeviceId,
+    step: &lsync_backfill::StepKind,
+    after: Option<uuid::Uuid>,
+) -> Result<BackfillPage, CatchUpError> {
+    let timeout = inner.config.request_timeout;
+    let limit = inner.config.page_rows;
+    let request = match step {
+        lsync_backfill::StepKind::State { owner, model } => {
+            Message::BackfillRequest(BackfillRequest {
+                owner: *owner,
+                model: model.clone(),
+                after,
+                limit,
+            })
+        }
+        lsync_backfill::StepKind::Shared { model } => {
+            Message::SharedSnapshotRequest(SharedSnapshotRequest {
+                model: model.clone(),
+                after,
+                limit,
+            })
+        }
+    };
+    match transport.request(peer, request, timeout).await? {
+        Message::StatePage(page) => Ok(BackfillPage::State(page)),
+        Message::SharedSnapshotPage(page) => Ok(BackfillPage::Shared(page)),
+        Message::Error(error) => Err(CatchUpError::Refused(error.message)),
+        _ => Err(CatchUpError::Unexpected("answer to a backfill request")),
+    }
+}
+
+/// Applies a backfill page, what the state machine derived from it, and the new checkpoint, in
+/// one transaction.
+pub(crate) async fn apply_backfill_page(
+    inner: &LibraryInner,
+    peer: DeviceId,
+    page: BackfillPage,
+    outcome: &lsync_backfill::PageOutcome,
+    checkpoint: &lsync_backfill::Checkpoint,
+) -> Result<(), LibraryError> {
+    let registry = inner.registry().clone();
+    let device = inner.identity().device;
+    let started = Instant::now();
+    let keys = page.keys();
+    let (changed, projection) = inner
+        .db
+        .write(async |conn| {
+            let mut changed = None;
+            let projection = match page {
+                BackfillPage::State(page) => {
+                    let count = page.rows.len();
+                    // A copy re-created under this identity gets its own rows back: its clock
+                    // must run past their versions before it writes again.
+                    if page.owner == device
+                        && let Some(newest) = page.rows.iter().map(|row| row.version).max()
+                    {
+                        let _ = inner.clock.update(lsync_hlc::Hlc::new(newest, device));
+                    }
+                    let applied = lsync_state_sync::sql::apply_rows(
+                        conn,
+                        &registry,
+                        page.owner,
+                        &page.model,
+                        &page.columns,
+                        page.rows,
+                        false,
+                        now_ms(),
+                    )
+                    .await?;
+                    let mut deleted = applied.deleted;
+                    // Never for this device's own rows: it is their authority, and some may
+                    // not have reached the serving peer yet.
+                    if let Some((after, through)) = outcome.delete_missing
+                        && page.owner != device
+                    {
+                        deleted.extend(
+                            lsync_state_sync::sql::delete_missing(
+                                conn,
+                                &registry,
+                                page.owner,
+                                &page.model,
+                                after,
+                                through,
+                                &keys,
+                            )
+                            .await?,
+                        );
+                    }
+                    record_applied("backfill", count, applied.rejected, started);
+                    changed = Some((page.owner, page.model, applied.upserted, deleted));
+                    applied.projection
+                }
+                BackfillPage::Shared(page) => {
+                    let count = page.records.len();
+                    let projection = lsync_shared_sync::sql::apply_snapshot(
+                        conn,
+                        &registry,
+                        &page.model,
+                        &page.records,
+                        now_ms(),
+                    )
+                    .await?;
+                    record_applied("snapshot", count, 0, started);
+                    projection
+                }
+            };
+            if !outcome.raise_shared.is_empty() {
+                lsync_watermark::sql::raise_shared_progress(conn, &outcome.raise_shared).await?;
+            }
+            if !outcome.raise_state.is_empty() {
+                lsync_watermark::sql::raise_state_progress(conn, &outcome.raise_state).await?;
+            }
+            lsync_backfill::sql::store(conn, checkpoint).await?;
+            store_clock(conn, inner.clock.last()).await?;
+            Ok::<_, LibraryError>((changed, projection))
+        })
+        .await?;
+    if let Some((owner, model, upserted, deleted)) = changed
+        && (!upserted.is_empty() || !deleted.is_empty())
+    {
+        inner.emit(Event::RowsChanged { from: peer, owner, model, upserted, deleted });
+    }
+    emit_projection(inner, peer, projection);
+    Ok(())
+}
+
+/// Persists a checkpoint on its own (a plan, a rebase, the end of a backfill).
+pub(crate) async fn store_checkpoint(
+    inner: &LibraryInner,
+    checkpoint: &lsync_backfill::Checkpoint,
+) -> Result<(), StoreError> {
+    inner.db.write(async |conn| lsync_backfill::sql::store(conn, checkpoint).await).await
 }
 
 /// Applies a catch-up page (rows in version order after the mark) and raises the mark: to just

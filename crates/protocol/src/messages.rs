@@ -99,6 +99,12 @@ pub struct Watermarks {
     /// Whether the device finished its initial backfill (only such devices serve backfills).
     #[serde(default)]
     pub ready: bool,
+    /// Set only in a [`Message::WatermarksResponse`](crate::Message::WatermarksResponse): the
+    /// requester fell behind what the responder keeps (pruned changes, collected tombstones) and
+    /// must resync fully, deleting rows the responder no longer holds. The responder asks until
+    /// the requester reports, with `ready: false`, that its resync runs.
+    #[serde(default)]
+    pub resync: bool,
 }
 
 /// Device-owned rows of one owner and one model, pushed live by the owner or relayed.

@@ -114,6 +114,7 @@ fn watermarks() -> impl Strategy<Value = Watermarks> {
                 .map(|(owner, model, version)| StateMark { owner, model, version })
                 .collect(),
             ready,
+            resync: false,
         })
 }
 

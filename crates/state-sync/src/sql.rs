@@ -431,6 +431,51 @@ pub async fn rows_by_key(
     Ok((model.column_names(), rows, more))
 }
 
+/// A full resync's authoritative deletion: removes `owner`'s rows of `model` whose key lies in
+/// `(after, through]` (`through = None`: to the end) and is not in `keep` — rows the serving peer
+/// no longer holds, whose tombstones were collected before this device saw them. Returns the
+/// removed keys.
+pub async fn delete_missing(
+    conn: &mut SqliteConnection,
+    registry: &Registry,
+    owner: DeviceId,
+    model_name: &str,
+    after: Option<Uuid>,
+    through: Option<Uuid>,
+    keep: &[Uuid],
+) -> Result<Vec<Uuid>, StateError> {
+    device_owned(registry, model_name)?;
+    let after = after.map_or_else(Vec::new, |id| id.as_bytes().to_vec());
+    let upper = if through.is_some() { " AND id <= ?3" } else { "" };
+    let sql = format!("SELECT id FROM {} WHERE owner = ?1 AND id > ?2{upper}", ident(model_name));
+    let through = through.map(|id| id.as_bytes().to_vec()).unwrap_or_default();
+    let held: Vec<Vec<u8>> = sqlx::query_scalar(&sql)
+        .bind(owner.as_bytes().as_slice())
+        .bind(after.as_slice())
+        .bind(through.as_slice())
+        .fetch_all(&mut *conn)
+        .await?;
+    let keep: std::collections::HashSet<&Uuid> = keep.iter().collect();
+    let mut missing = Vec::new();
+    for bytes in held {
+        let id = Uuid::from_slice(&bytes)
+            .map_err(|_| StoreError::Corrupt(format!("{model_name}: a key is not a UUID")))?;
+        if !keep.contains(&id) {
+            missing.push(id);
+        }
+    }
+    for chunk in missing.chunks(rows_per_statement(1)) {
+        let sql =
+            format!("DELETE FROM {} WHERE id IN ({})", ident(model_name), in_list(chunk.len()));
+        let mut query = sqlx::query(&sql);
+        for id in chunk {
+            query = query.bind(id.as_bytes().as_slice());
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(missing)
+}
+
 /// How many live rows `owner` has in `model` (a backfill's progress total).
 pub async fn count_rows(
     conn: &mut SqliteConnection,

@@ -448,6 +448,7 @@ async fn heartbeats_carry_watermarks_and_measure_rtt() {
         shared: vec![OriginSeq { origin: DeviceId::from_bytes([5; 16]), seq: 42 }],
         state: Vec::new(),
         ready: true,
+        resync: false,
     };
     let source_marks = marks.clone();
     let source: WatermarkSource = Arc::new(move || Some(source_marks.clone()));

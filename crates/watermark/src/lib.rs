@@ -206,6 +206,52 @@ pub fn check_epoch(remembered: Option<Epoch>, announced: Epoch) -> EpochCheck {
     }
 }
 
+/// Where a peer stands in a full resync this device asked of it (the peer fell behind what this
+/// device keeps: pruned log entries, collected tombstones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resync {
+    /// Nothing asked.
+    None,
+    /// Asked: every watermark exchange tells the peer to resync fully.
+    Required,
+    /// The peer reported (with `ready: false`) that its resync runs; done when it reports
+    /// `ready: true` again.
+    Running,
+}
+
+impl Resync {
+    /// The stored form (`sync_peers.needs_resync`).
+    pub fn to_sql(self) -> i64 {
+        match self {
+            Resync::None => 0,
+            Resync::Required => 1,
+            Resync::Running => 2,
+        }
+    }
+
+    /// From the stored form; unknown values count as [`Resync::Required`] (asking again is safe).
+    pub fn from_sql(value: i64) -> Self {
+        match value {
+            0 => Resync::None,
+            2 => Resync::Running,
+            _ => Resync::Required,
+        }
+    }
+
+    /// A watermark request arrived from the peer, announcing `peer_ready`: the new state, and
+    /// whether the answer must tell the peer to resync. The peer learns it must resync for as
+    /// long as it reports a complete copy; once it reports an incomplete one (its resync
+    /// runs, durably), the request is withdrawn when it reports a complete one again.
+    pub fn on_request(self, peer_ready: bool) -> (Resync, bool) {
+        match (self, peer_ready) {
+            (Resync::None, _) => (Resync::None, false),
+            (Resync::Required, true) => (Resync::Required, true),
+            (Resync::Required, false) | (Resync::Running, false) => (Resync::Running, false),
+            (Resync::Running, true) => (Resync::None, false),
+        }
+    }
+}
+
 /// Whether this device lost some of its own changes: a peer has applied more of this device's
 /// origin (`peer_view`) than this device has written (`own_seq`), which happens when the device
 /// is restored from an old copy. The device must then continue numbering after `peer_view`, and
@@ -234,6 +280,19 @@ mod tests {
 
     fn device(byte: u8) -> DeviceId {
         DeviceId::from_bytes([byte; 16])
+    }
+
+    #[test]
+    fn a_resync_is_asked_until_the_peer_runs_it_and_withdrawn_when_it_finished() {
+        assert_eq!(Resync::None.on_request(true), (Resync::None, false));
+        assert_eq!(Resync::None.on_request(false), (Resync::None, false));
+        assert_eq!(Resync::Required.on_request(true), (Resync::Required, true));
+        assert_eq!(Resync::Required.on_request(false), (Resync::Running, false));
+        assert_eq!(Resync::Running.on_request(false), (Resync::Running, false));
+        assert_eq!(Resync::Running.on_request(true), (Resync::None, false));
+        for state in [Resync::None, Resync::Required, Resync::Running] {
+            assert_eq!(Resync::from_sql(state.to_sql()), state);
+        }
     }
 
     #[test]

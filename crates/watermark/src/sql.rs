@@ -10,7 +10,7 @@ use lsync_store::sql::{
 use lsync_store::{Identity, SqliteConnection, StoreError};
 use sqlx::Row;
 
-use crate::{EpochCheck, SharedProgress, StateProgress, check_epoch};
+use crate::{EpochCheck, Resync, SharedProgress, StateProgress, check_epoch};
 
 /// This device's shared progress.
 pub async fn load_shared_progress(
@@ -91,6 +91,7 @@ pub async fn own_watermarks(
         shared: load_shared_progress(conn).await?.to_wire(),
         state: load_state_progress(conn).await?.to_wire(),
         ready,
+        resync: false,
     })
 }
 
@@ -160,7 +161,7 @@ pub async fn peers(conn: &mut SqliteConnection) -> Result<Vec<PeerRecord>, Store
                 epoch: row.try_get::<Option<i64>, _>(2)?.map(|epoch| Epoch(epoch.cast_unsigned())),
                 paired_at: seq_from_sql(row.try_get(3)?)?,
                 last_seen: row.try_get::<Option<i64>, _>(4)?.map(seq_from_sql).transpose()?,
-                needs_resync: row.try_get(5)?,
+                needs_resync: Resync::from_sql(row.try_get(5)?) != Resync::None,
             })
         })
         .collect()
@@ -195,18 +196,45 @@ pub async fn note_epoch(
     Ok(check)
 }
 
-/// Marks whether `peer` needs a full resync.
+/// Marks whether `peer` needs a full resync (marking it again while its resync runs asks for
+/// another: what it fetched may predate what was dropped since).
 pub async fn set_needs_resync(
     conn: &mut SqliteConnection,
     peer: DeviceId,
     needs_resync: bool,
 ) -> Result<(), StoreError> {
+    let state = if needs_resync { Resync::Required } else { Resync::None };
     sqlx::query("UPDATE sync_peers SET needs_resync = ?2 WHERE device = ?1")
         .bind(peer.as_bytes().as_slice())
-        .bind(needs_resync)
+        .bind(state.to_sql())
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// Advances the resync handshake with `peer` for a watermark request announcing `peer_ready`
+/// ([`Resync::on_request`]); returns whether the answer must tell the peer to resync fully.
+pub async fn resync_on_request(
+    conn: &mut SqliteConnection,
+    peer: DeviceId,
+    peer_ready: bool,
+) -> Result<bool, StoreError> {
+    let stored: Option<i64> =
+        sqlx::query_scalar("SELECT needs_resync FROM sync_peers WHERE device = ?1")
+            .bind(peer.as_bytes().as_slice())
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some(stored) = stored else { return Ok(false) };
+    let state = Resync::from_sql(stored);
+    let (next, tell) = state.on_request(peer_ready);
+    if next != state {
+        sqlx::query("UPDATE sync_peers SET needs_resync = ?2 WHERE device = ?1")
+            .bind(peer.as_bytes().as_slice())
+            .bind(next.to_sql())
+            .execute(conn)
+            .await?;
+    }
+    Ok(tell)
 }
 
 /// Records that `peer` was seen at `now_ms`.

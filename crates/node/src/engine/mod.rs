@@ -1,5 +1,5 @@
-//! The actors: a supervisor owning a `PeerActor` per remote device, a `RetryActor` and a
-//! `PrunerActor`, all on one dedicated thread running an actix system. Every actor is a thin
+//! The actors: a supervisor owning a `PeerActor` per remote device, a `BackfillActor`, a
+//! `RetryActor` and a `PrunerActor`, all on one dedicated thread running an actix system. Every actor is a thin
 //! shell: decisions live in [`crate::core`] and in the storage crates, IO in [`crate::sync`].
 //!
 //! Message flow:
@@ -31,17 +31,29 @@ use crate::events::Event;
 use crate::library::{BoxFuture, Engine, EngineStatus, LibraryInner};
 use crate::sync;
 
+mod backfill;
+
+use backfill::BackfillActor;
+
 /// Starts the engine thread and its actors; returns the handle the library talks to.
 pub(crate) async fn start<T: Transport>(
     inner: Arc<LibraryInner>,
     transport: T,
     events: mpsc::Receiver<TransportEvent>,
 ) -> Box<dyn Engine> {
+    let checkpoint = match inner.db.write(async |conn| lsync_backfill::sql::load(conn).await).await
+    {
+        Ok(checkpoint) => checkpoint.unwrap_or_else(lsync_backfill::Checkpoint::ready),
+        Err(error) => {
+            tracing::error!(%error, "cannot read the backfill checkpoint; sync does not start");
+            return Box::new(DeadEngine);
+        }
+    };
     let (ready, ready_rx) = tokio::sync::oneshot::channel();
     let thread = std::thread::Builder::new().name("lsync-engine".into()).spawn(move || {
         let system = System::new();
         system.block_on(async move {
-            let supervisor = Supervisor::new(inner, Arc::new(transport)).start();
+            let supervisor = Supervisor::new(inner, Arc::new(transport), checkpoint).start();
             actix::spawn(pump(events, supervisor.clone()));
             let _ = ready.send((supervisor, System::current()));
         });
@@ -261,9 +273,48 @@ struct PeerState {
     peer: DeviceId,
     online: bool,
     rtt_us: Option<u64>,
+    /// Whether the peer announced a complete copy, if this update knows.
+    ready: Option<bool>,
 }
 impl Message for PeerState {
     type Result = ();
+}
+
+/// Backfill actor → supervisor: this copy became ready; catch up from every online peer.
+struct BackfillDone;
+impl Message for BackfillDone {
+    type Result = ();
+}
+
+impl<T: Transport> Handler<BackfillDone> for Supervisor<T> {
+    type Result = ();
+    fn handle(&mut self, _: BackfillDone, ctx: &mut Self::Context) {
+        for peer in self.online.keys().copied().collect::<Vec<_>>() {
+            self.peer(peer, ctx).do_send(CatchUpNow);
+        }
+    }
+}
+
+/// Peer actor → supervisor: the peer pruned changes this device lacks; only a snapshot helps.
+struct ResyncNeeded {
+    scope: lsync_backfill::Scope,
+    /// Delete rows the peer no longer holds (a full resync).
+    delete_missing: bool,
+}
+impl Message for ResyncNeeded {
+    type Result = ();
+}
+
+impl<T: Transport> Handler<ResyncNeeded> for Supervisor<T> {
+    type Result = ();
+    fn handle(&mut self, resync: ResyncNeeded, _: &mut Self::Context) {
+        if let Some(backfill) = &self.backfill {
+            backfill.do_send(backfill::Resync {
+                scope: resync.scope,
+                delete_missing: resync.delete_missing,
+            });
+        }
+    }
 }
 
 /// Child → supervisor: stop with a failure (restarted with backoff).
@@ -286,6 +337,9 @@ struct Supervisor<T: Transport> {
     online: HashMap<DeviceId, Option<u64>>,
     retry: Option<Addr<RetryActor<T>>>,
     pruner: Option<Addr<PrunerActor>>,
+    backfill: Option<Addr<BackfillActor<T>>>,
+    /// The stored backfill checkpoint, until the backfill actor takes it.
+    checkpoint: Option<lsync_backfill::Checkpoint>,
     batcher: Batcher,
     /// When the pending flush timer fires, if one is pending.
     flush_at: Option<Instant>,
@@ -294,7 +348,11 @@ struct Supervisor<T: Transport> {
 }
 
 impl<T: Transport> Supervisor<T> {
-    fn new(inner: Arc<LibraryInner>, transport: Arc<T>) -> Self {
+    fn new(
+        inner: Arc<LibraryInner>,
+        transport: Arc<T>,
+        checkpoint: lsync_backfill::Checkpoint,
+    ) -> Self {
         let config = &inner.config;
         let batcher = Batcher::new(config.batch_window, config.max_batch_rows);
         let enabled = inner.enabled.load(std::sync::atomic::Ordering::Acquire);
@@ -305,6 +363,8 @@ impl<T: Transport> Supervisor<T> {
             online: HashMap::new(),
             retry: None,
             pruner: None,
+            backfill: None,
+            checkpoint: Some(checkpoint),
             batcher,
             flush_at: None,
             enabled,
@@ -395,7 +455,16 @@ impl<T: Transport> Supervisor<T> {
         }
     }
 
-    fn start_children(&mut self, ctx: &mut Context<Self>) {
+    fn start_children(&mut self, ctx: &mut Context<Self>, checkpoint: lsync_backfill::Checkpoint) {
+        self.backfill = Some(
+            BackfillActor::new(
+                self.inner.clone(),
+                self.transport.clone(),
+                ctx.address(),
+                checkpoint,
+            )
+            .start(),
+        );
         let config = &self.inner.config;
         let retry_config = RetryConfig {
             ack_timeout: config.ack_timeout,
@@ -432,7 +501,8 @@ impl<T: Transport> Actor for Supervisor<T> {
     fn started(&mut self, ctx: &mut Self::Context) {
         // Bounded mailbox: writers and the transport pump wait when the engine is busy.
         ctx.set_mailbox_capacity(64);
-        self.start_children(ctx);
+        let checkpoint = self.checkpoint.take().unwrap_or_else(lsync_backfill::Checkpoint::ready);
+        self.start_children(ctx, checkpoint);
         // Keep the watermarks heartbeats carry fresh (local writes move them too), twice per
         // heartbeat interval so a heartbeat never carries a snapshot older than that.
         let every = (self.inner.config.heartbeat_interval / 2).max(Duration::from_millis(100));
@@ -491,6 +561,9 @@ impl<T: Transport> Handler<SetEnabled> for Supervisor<T> {
             return;
         }
         self.enabled = enabled;
+        if let Some(backfill) = &self.backfill {
+            backfill.do_send(backfill::SetPaused(!enabled));
+        }
         if enabled {
             // Whatever was written meanwhile is in the log and the tables: each online peer
             // catches up on both sides (each side pulls what it lacks).
@@ -560,7 +633,7 @@ impl<T: Transport> Handler<FromTransport> for Supervisor<T> {
             let enabled = self.enabled;
             actix::spawn(async move {
                 let response = if enabled {
-                    sync::serve(&inner, request.message).await
+                    sync::serve(&inner, request.peer, request.message).await
                 } else {
                     WireMessage::Error(lsync_protocol::ErrorMessage {
                         code: lsync_protocol::ErrorCode::Busy,
@@ -639,6 +712,14 @@ impl<T: Transport> Handler<Resend> for Supervisor<T> {
 impl<T: Transport> Handler<PeerState> for Supervisor<T> {
     type Result = ();
     fn handle(&mut self, state: PeerState, _: &mut Self::Context) {
+        if let Some(backfill) = &self.backfill {
+            backfill.do_send(backfill::PeerUpdate {
+                peer: state.peer,
+                online: state.online,
+                rtt_us: state.rtt_us,
+                ready: state.ready,
+            });
+        }
         if state.online {
             self.online.insert(state.peer, state.rtt_us);
             if let Some(rtt) = state.rtt_us {
@@ -813,33 +894,40 @@ impl<T: Transport> PeerActor<T> {
     /// Exchanges watermarks with the peer and pulls what this device lacks. Runs in the actor's
     /// context with `wait`, so batches from this peer are applied after the catch-up, in order.
     fn catch_up(&mut self, ctx: &mut Context<Self>, theirs: Option<lsync_protocol::Watermarks>) {
-        if self.catching_up || !self.inner.enabled.load(std::sync::atomic::Ordering::Acquire) {
+        if self.catching_up
+            || !self.inner.enabled.load(std::sync::atomic::Ordering::Acquire)
+            // Until the copy is complete, the backfill actor fetches everything.
+            || !self.inner.is_ready()
+        {
             return;
         }
         self.catching_up = true;
         tracing::debug!(peer = %self.peer, "catch-up starts");
         let (inner, transport, peer) = (self.inner.clone(), self.transport.clone(), self.peer);
-        let timeout = inner.config.request_timeout;
+        let supervisor = self.supervisor.clone();
         let work = async move {
             let theirs = match theirs {
                 Some(theirs) => theirs,
-                None => {
-                    let mine = sync::own_watermarks(&inner).await?;
-                    match transport
-                        .request(peer, lsync_protocol::Message::WatermarksRequest(mine), timeout)
-                        .await?
-                    {
-                        lsync_protocol::Message::WatermarksResponse(theirs) => theirs,
-                        _ => {
-                            return Err(sync::CatchUpError::Unexpected(
-                                "answer to WatermarksRequest",
-                            ));
-                        }
-                    }
-                }
+                None => sync::exchange_watermarks(&inner, &*transport, peer).await?,
             };
+            if theirs.resync {
+                // This device fell behind the peer's retention: a full resync replaces the
+                // catch-up (rows the peer no longer holds are deleted).
+                supervisor.do_send(ResyncNeeded {
+                    scope: lsync_backfill::Scope::Everything,
+                    delete_missing: true,
+                });
+                return Ok((false, None));
+            }
             sync::record_ack(&inner, peer, &sync::ack_of(&theirs)).await?;
-            let pulled = sync::catch_up(&inner, &*transport, peer, &theirs).await?;
+            let outcome = sync::catch_up(&inner, &*transport, peer, &theirs).await?;
+            let pulled = outcome.pulled;
+            if outcome.pruned {
+                supervisor.do_send(ResyncNeeded {
+                    scope: lsync_backfill::Scope::Shared,
+                    delete_missing: false,
+                });
+            }
             let ack = if pulled {
                 Some(sync::ack_of(&sync::own_watermarks(&inner).await?))
             } else {
@@ -871,8 +959,11 @@ impl<T: Transport> PeerActor<T> {
     /// Applies a batch from the peer, then acknowledges it; in order, blocking this actor's
     /// mailbox until done.
     fn apply(&mut self, ctx: &mut Context<Self>, message: lsync_protocol::Message) {
-        if !self.inner.enabled.load(std::sync::atomic::Ordering::Acquire) {
-            // Switched off after this batch was queued: not applied, not acknowledged.
+        if !self.inner.enabled.load(std::sync::atomic::Ordering::Acquire) || !self.inner.is_ready()
+        {
+            // Switched off after this batch was queued, or this copy is still backfilling: not
+            // applied, not acknowledged; the sender keeps it, and catch-up by watermark brings
+            // it afterwards.
             return;
         }
         let (inner, peer) = (self.inner.clone(), self.peer);
@@ -950,7 +1041,12 @@ impl<T: Transport> Handler<FromPeer> for PeerActor<T> {
                     }
                     .into_actor(self),
                 );
-                self.supervisor.do_send(PeerState { peer: self.peer, online: true, rtt_us: None });
+                self.supervisor.do_send(PeerState {
+                    peer: self.peer,
+                    online: true,
+                    rtt_us: None,
+                    ready: None,
+                });
                 self.inner.emit(Event::PeerOnline { peer: self.peer, name: hello.name });
                 self.catch_up(ctx, None);
             }
@@ -959,7 +1055,12 @@ impl<T: Transport> Handler<FromPeer> for PeerActor<T> {
                     return;
                 }
                 self.online = false;
-                self.supervisor.do_send(PeerState { peer: self.peer, online: false, rtt_us: None });
+                self.supervisor.do_send(PeerState {
+                    peer: self.peer,
+                    online: false,
+                    rtt_us: None,
+                    ready: None,
+                });
                 self.inner.emit(Event::PeerOffline { peer: self.peer, reason: reason.to_string() });
             }
             TransportEvent::Message { message: lsync_protocol::Message::Ack(ack), .. } => {
@@ -991,7 +1092,12 @@ impl<T: Transport> Handler<FromPeer> for PeerActor<T> {
                     .find(|info| info.device == self.peer)
                     .and_then(|info| info.rtt)
                     .map(|rtt| u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX));
-                self.supervisor.do_send(PeerState { peer: self.peer, online: true, rtt_us: rtt });
+                self.supervisor.do_send(PeerState {
+                    peer: self.peer,
+                    online: true,
+                    rtt_us: rtt,
+                    ready: Some(watermarks.ready),
+                });
                 let (inner, peer) = (self.inner.clone(), self.peer);
                 // `wait`, never `spawn`: see the note on database work on `PeerActor`.
                 ctx.wait(
