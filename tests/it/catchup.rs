@@ -346,3 +346,95 @@ async fn a_device_left_behind_by_retention_resyncs_fully() {
     a.close().await;
     b.close().await;
 }
+
+/// A wall clock running `ahead_ms` ahead of the real one.
+struct AheadClock {
+    ahead_ms: u64,
+}
+
+impl lsync_hlc::Clock for AheadClock {
+    fn now_ms(&self) -> u64 {
+        lsync_hlc::SystemClock.now_ms() + self.ahead_ms
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_from_a_clock_beyond_the_drift_bound_are_kept_and_the_skew_is_visible() {
+    let library = new_library();
+    let mut a = Node::start(library, "a").await;
+    // c's clock runs two hours ahead, far beyond the 60 s drift bound.
+    let c_dir = tempfile::tempdir().unwrap();
+    open_library(c_dir.path(), library, &test_config(), true).await.close().await.unwrap();
+    let registry = std::sync::Arc::new(lsync_store::reference_registry().unwrap());
+    let clock: std::sync::Arc<dyn lsync_hlc::Clock> =
+        std::sync::Arc::new(AheadClock { ahead_ms: 2 * 3_600_000 });
+    let c_library = lsync_node::Library::open_with_clock(
+        &c_dir.path().join("library.db"),
+        registry,
+        test_config(),
+        clock,
+    )
+    .await
+    .unwrap();
+    let transport = start_transport(c_dir.path(), &c_library, "c", &test_config()).await;
+    let mut c = Node {
+        name: "c".into(),
+        dir: c_dir,
+        events: c_library.subscribe(),
+        library: c_library,
+        transport,
+    };
+    pair(&mut a, &mut c).await;
+    let record = tag("from the future");
+    let Edit::Insert { id, .. } = &record else { unreachable!() };
+    let id = *id;
+    c.library.write_shared(vec![record]).await.unwrap();
+    c.library.write_rows("entries", vec![entry("from the future")]).await.unwrap();
+    let tables = converge(&mut [&mut a, &mut c]).await;
+    assert_eq!(tables["tags"].len(), 1, "nothing is lost");
+    assert_eq!(tables["entries"].len(), 1, "nothing is lost");
+    let status = a.library.status().await.unwrap();
+    assert!(status.skewed_changes >= 1, "the skew is visible: {status:?}");
+    assert!(status.clock_lead_ms < 60_000, "a's clock did not jump two hours ahead");
+    // a can still edit the record; its own stamp is older, so c's future stamp keeps winning
+    // the field until a's clock passes it (last writer wins by stamp, as documented).
+    a.library
+        .write_shared(vec![Edit::Update {
+            model: "tags".into(),
+            id,
+            fields: [("name".to_owned(), Value::from("renamed on a"))].into_iter().collect(),
+        }])
+        .await
+        .unwrap();
+    let tables = converge(&mut [&mut a, &mut c]).await;
+    assert!(tables["tags"][0].contains(&Value::from("from the future")));
+    a.close().await;
+    c.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_answering_heartbeats_goes_offline_and_catches_up_when_back() {
+    let library = new_library();
+    let (mut a, mut b) = (Node::start(library, "a").await, Node::start(library, "b").await);
+    pair(&mut a, &mut b).await;
+    let b_id = b.device();
+    // b hangs: its connection stays open but it answers no heartbeat.
+    b.transport.set_answer_heartbeats(false);
+    let reason = a
+        .wait_for(|event| match event {
+            lsync_node::Event::PeerOffline { peer, reason } if *peer == b_id => {
+                Some(reason.clone())
+            }
+            _ => None,
+        })
+        .await;
+    assert!(reason.contains("heartbeat") || reason.contains("stale"), "{reason}");
+    let status = a.library.status().await.unwrap();
+    assert!(status.peers.iter().any(|peer| peer.device == b_id && !peer.online));
+    a.library.write_rows("entries", vec![entry("while b hung")]).await.unwrap();
+    b.transport.set_answer_heartbeats(true);
+    let tables = converge(&mut [&mut a, &mut b]).await;
+    assert_eq!(tables["entries"].len(), 1);
+    a.close().await;
+    b.close().await;
+}

@@ -17,6 +17,14 @@
 //!   peer holds more, a peer actor exchanges watermarks with its peer and pulls exactly what this
 //!   device lacks, page by page. Offline peers get nothing pushed and nothing is held in memory
 //!   for them: the log and the tables are their queue.
+//! - Relay: a peer serves every origin's changes and every owner's rows it holds, so devices
+//!   that never meet stay in sync through a third.
+//! - Backfill: a copy made with [`Library::join`] (a new device, or one re-created under its
+//!   identity) fetches everything from a complete peer through the backfill actor, which drives
+//!   [`lsync_backfill`]: snapshots of shared records, then each owner's rows by key, each page
+//!   committed with its checkpoint, then a catch-up, then ready. A device whose needs a peer
+//!   pruned away resyncs the same way (shared records only, or everything with deletion of what
+//!   the peer no longer holds).
 //! - [`config::SyncConfig`] holds every knob; [`Event`]s tell the app what changed.
 //!
 //! # Invariants
@@ -28,9 +36,10 @@
 //!   (past it, catch-up by watermark takes over, counted in metrics), event subscribers (an
 //!   explicit [`Event::Overflow`] marker).
 //!
-//! # What this crate does not do (yet)
-//! Backfill of a new device from snapshots with checkpoints, and serving relay catch-up beyond
-//! the peer log's retention, arrive with issue 6.
+//! - Until a copy is complete (backfill phase `Ready`) it applies no live batch and acknowledges
+//!   none; its watermarks say `ready: false`, so no peer backfills from it.
+//! - Database work inside an actor runs with `ctx.wait`, never `ctx.spawn` (a spawned future
+//!   holding the single writer while a waited one needs it would deadlock the actor).
 //!
 //! # Metrics
 //! Through the `metrics` facade (the app installs a recorder): `lsync_changes_applied_total`
@@ -40,7 +49,9 @@
 //! `lsync_retry_queue`, `lsync_rejected_rows_total{kind}`, `lsync_skewed_changes_total`,
 //! `lsync_peer_rtt_seconds`, `lsync_peers_online`, `lsync_peer_log_entries`,
 //! `lsync_catch_up_failures_total`, `lsync_catch_up_pruned_total`, `lsync_apply_failures_total`,
-//! `lsync_push_skipped_total`, `lsync_events_missed_total`, `lsync_actor_restarts_total{actor}`.
+//! `lsync_push_skipped_total`, `lsync_events_missed_total`, `lsync_actor_restarts_total{actor}`,
+//! `lsync_inbound_dropped_total`, `lsync_backfill_rows_done`, `lsync_backfill_rows_total`,
+//! `lsync_backfill_failures_total`, `lsync_resyncs_total`.
 
 pub mod config;
 pub mod core;

@@ -61,6 +61,8 @@ pub(crate) struct Counters {
     pub(crate) batches_sent: std::sync::atomic::AtomicU64,
     /// Batches sent again because no acknowledgement came in time or the send failed.
     pub(crate) retries: std::sync::atomic::AtomicU64,
+    /// Shared changes received with stamps beyond the drift bound (applied, clock not adopted).
+    pub(crate) skewed: std::sync::atomic::AtomicU64,
 }
 
 /// Whether sync runs.
@@ -124,6 +126,10 @@ pub struct Status {
     pub batches_sent: u64,
     /// Batches sent again since the library opened.
     pub retries: u64,
+    /// Shared changes received since the library opened whose stamps ran ahead of this device's
+    /// clock by more than the drift bound: applied (nothing is lost), but this device's clock did
+    /// not adopt them. Non-zero means some peer's clock is wrong.
+    pub skewed_changes: u64,
     /// Whether this copy is complete, and the progress of its backfill if one runs.
     pub backfill: BackfillProgress,
 }
@@ -499,6 +505,7 @@ impl Library {
             clock_lead_ms: inner.clock.lead_ms(),
             batches_sent: inner.counters.batches_sent.load(Ordering::Acquire),
             retries: inner.counters.retries.load(Ordering::Acquire),
+            skewed_changes: inner.counters.skewed.load(Ordering::Acquire),
             backfill: inner
                 .backfill
                 .lock()

@@ -127,6 +127,11 @@ pub(crate) async fn apply_shared_changes(
         }
     }
     if received.skewed > 0 {
+        tracing::warn!(%peer, count = received.skewed, "changes stamped beyond the drift bound: applied, clock not adopted");
+        inner
+            .counters
+            .skewed
+            .fetch_add(received.skewed as u64, std::sync::atomic::Ordering::AcqRel);
         metrics::counter!("lsync_skewed_changes_total").increment(received.skewed as u64);
     }
     let now = lsync_hlc::Clock::now_ms(&lsync_hlc::SystemClock);
