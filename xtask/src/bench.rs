@@ -20,6 +20,7 @@ const BENCHMARKS: &[Benchmark] = &[
     Benchmark { name: "hlc", package: "lsync-hlc", target: "hlc" },
     Benchmark { name: "transport", package: "lsync-transport", target: "transport" },
     Benchmark { name: "bulk", package: "lsync-state-sync", target: "bulk" },
+    Benchmark { name: "sync", package: "lsync-node", target: "sync" },
 ];
 
 pub(crate) fn run(args: &[String]) -> Result<(), String> {
@@ -60,7 +61,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         let stdout = String::from_utf8_lossy(&output.stdout);
         for line in stdout.lines() {
             match line.strip_prefix("BENCH ") {
-                Some(figure) => scenarios.push(figure.to_owned()),
+                Some(figure) => scenarios.push(with_target(figure)),
                 None if !json => println!("{line}"),
                 None => eprintln!("{line}"),
             }
@@ -73,4 +74,15 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         println!("{{\"scenarios\":[{}]}}", scenarios.join(","));
     }
     Ok(())
+}
+
+/// Every scenario carries `target` and `met`; micro-benchmarks without a target get `null`.
+fn with_target(figure: &str) -> String {
+    if figure.contains("\"target\"") {
+        return figure.to_owned();
+    }
+    match figure.strip_suffix('}') {
+        Some(open) => format!("{open},\"target\":null,\"met\":null}}"),
+        None => figure.to_owned(),
+    }
 }

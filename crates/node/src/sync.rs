@@ -234,7 +234,7 @@ async fn serve_inner(
             let after = SharedProgress::from_wire(&after);
             let answer = inner
                 .db
-                .write(async |conn| {
+                .read(async |conn| {
                     let own = lsync_watermark::sql::load_shared_progress(conn).await?;
                     lsync_peer_log::sql::changes_after(conn, &after, &own, limit as usize).await
                 })
@@ -248,7 +248,7 @@ async fn serve_inner(
         Message::StateCatchUpRequest(StateCatchUpRequest { owner, model, since, after, limit }) => {
             let (columns, rows, more) = inner
                 .db
-                .write(async |conn| {
+                .read(async |conn| {
                     lsync_state_sync::sql::rows_since(
                         conn, &registry, owner, &model, since, after, limit,
                     )
@@ -260,7 +260,7 @@ async fn serve_inner(
         Message::BackfillRequest(BackfillRequest { owner, model, after, limit }) => {
             let (columns, rows, more, total) = inner
                 .db
-                .write(async |conn| {
+                .read(async |conn| {
                     let page = lsync_state_sync::sql::rows_by_key(
                         conn, &registry, owner, &model, after, limit,
                     )
@@ -288,7 +288,7 @@ async fn serve_inner(
         Message::SharedSnapshotRequest(SharedSnapshotRequest { model, after, limit }) => {
             let (records, more) = inner
                 .db
-                .write(async |conn| {
+                .read(async |conn| {
                     lsync_shared_sync::sql::snapshot_page(conn, &model, after, limit).await
                 })
                 .await?;
@@ -640,11 +640,11 @@ async fn apply_state_page(
 }
 
 async fn load_shared(inner: &LibraryInner) -> Result<SharedProgress, StoreError> {
-    inner.db.write(async |conn| lsync_watermark::sql::load_shared_progress(conn).await).await
+    inner.db.read(async |conn| lsync_watermark::sql::load_shared_progress(conn).await).await
 }
 
 async fn load_state(inner: &LibraryInner) -> Result<StateProgress, StoreError> {
-    inner.db.write(async |conn| lsync_watermark::sql::load_state_progress(conn).await).await
+    inner.db.read(async |conn| lsync_watermark::sql::load_state_progress(conn).await).await
 }
 
 /// Whether `theirs` holds anything this device lacks.

@@ -404,8 +404,11 @@ pub async fn rows_by_key(
     let model = device_owned(registry, model_name)?;
     let columns: Vec<String> = model.columns.iter().map(|column| ident(&column.name)).collect();
     let separator = if columns.is_empty() { "" } else { ", " };
+    // `+owner`: walk the primary key from `after` and filter by owner. Left to itself SQLite
+    // takes the (owner, version) index and sorts the owner's every row for each page, which makes
+    // a backfill quadratic in the library's size.
     let sql = format!(
-        "SELECT id, version{separator}{} FROM {} WHERE owner = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+        "SELECT id, version{separator}{} FROM {} WHERE +owner = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
         columns.join(", "),
         ident(model_name)
     );
@@ -447,7 +450,8 @@ pub async fn delete_missing(
     device_owned(registry, model_name)?;
     let after = after.map_or_else(Vec::new, |id| id.as_bytes().to_vec());
     let upper = if through.is_some() { " AND id <= ?3" } else { "" };
-    let sql = format!("SELECT id FROM {} WHERE owner = ?1 AND id > ?2{upper}", ident(model_name));
+    // `+owner`: a range of the primary key, filtered (see `rows_by_key`).
+    let sql = format!("SELECT id FROM {} WHERE +owner = ?1 AND id > ?2{upper}", ident(model_name));
     let through = through.map(|id| id.as_bytes().to_vec()).unwrap_or_default();
     let held: Vec<Vec<u8>> = sqlx::query_scalar(&sql)
         .bind(owner.as_bytes().as_slice())

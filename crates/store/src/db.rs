@@ -162,6 +162,25 @@ impl Database {
         }
     }
 
+    /// Runs `work` in one read transaction on a reader connection: a consistent snapshot that
+    /// neither waits for nor blocks the writer (WAL). For serving peers and other reads that
+    /// span several statements.
+    pub async fn read<T, E>(
+        &self,
+        work: impl AsyncFnOnce(&mut SqliteConnection) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        E: From<StoreError>,
+    {
+        let mut tx = self.readers.begin().await.map_err(|error| E::from(error.into()))?;
+        let result = work(&mut tx).await;
+        // Nothing to keep: ending the snapshot either way releases it.
+        if let Err(error) = tx.rollback().await {
+            tracing::warn!(%error, "ending a read transaction failed");
+        }
+        result
+    }
+
     /// The reader pool, for queries outside write transactions.
     pub fn reader(&self) -> &SqlitePool {
         &self.readers

@@ -31,7 +31,12 @@ pub(super) struct BackfillActor<T: Transport> {
     busy: bool,
     /// Consecutive failures without progress (for backoff).
     failures: u32,
+    /// The next page, requested while the current one is applied.
+    prefetch: Option<(Command, PendingPage)>,
 }
+
+/// A page being fetched.
+type PendingPage = tokio::sync::oneshot::Receiver<Result<sync::BackfillPage, sync::CatchUpError>>;
 
 impl<T: Transport> BackfillActor<T> {
     pub(super) fn new(
@@ -52,6 +57,7 @@ impl<T: Transport> BackfillActor<T> {
             candidates: HashMap::new(),
             busy: false,
             failures: 0,
+            prefetch: None,
         }
     }
 
@@ -92,6 +98,7 @@ impl<T: Transport> BackfillActor<T> {
         error: &dyn std::fmt::Display,
     ) {
         self.busy = false;
+        self.prefetch = None;
         self.failures += 1;
         metrics::counter!("lsync_backfill_failures_total").increment(1);
         tracing::warn!(?peer, %error, "backfill step failed; continuing from the checkpoint");
@@ -151,11 +158,16 @@ impl<T: Transport> BackfillActor<T> {
                     }
                 }));
             }
-            Command::Fetch { peer, step, after } => {
+            command @ Command::Fetch { .. } => {
+                let Command::Fetch { peer, .. } = command else { return };
                 self.busy = true;
-                let (inner, transport) = (self.inner.clone(), self.transport.clone());
+                // The page asked for while the previous one was applied, or a new request.
+                let fetched = match self.prefetch.take() {
+                    Some((asked, fetched)) if asked == command => fetched,
+                    _ => self.fetch(&command),
+                };
                 let work = async move {
-                    sync::fetch_backfill_page(&inner, &*transport, peer, &step, after).await
+                    fetched.await.unwrap_or(Err(sync::CatchUpError::Unexpected("a dropped fetch")))
                 };
                 ctx.wait(work.into_actor(self).map(move |result, actor, ctx| match result {
                     Ok(page) => {
@@ -163,6 +175,13 @@ impl<T: Transport> BackfillActor<T> {
                         let (more, total) = page.more_and_total();
                         let mut next = actor.machine.clone();
                         let outcome = next.page(&keys, more, total, now_ms());
+                        // Ask for the next page now: the peer reads it and the network carries
+                        // it while this one is written. At most two pages are in memory.
+                        let following = next.next();
+                        if matches!(following, Command::Fetch { .. }) {
+                            let fetched = actor.fetch(&following);
+                            actor.prefetch = Some((following, fetched));
+                        }
                         let inner = actor.inner.clone();
                         let checkpoint = next.checkpoint().clone();
                         let apply = async move {
@@ -210,6 +229,20 @@ impl<T: Transport> BackfillActor<T> {
                 }));
             }
         }
+    }
+
+    /// Starts fetching the page `command` names, in a task of its own (it touches no local
+    /// state, only the network).
+    fn fetch(&self, command: &Command) -> PendingPage {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        if let Command::Fetch { peer, step, after } = command.clone() {
+            let (inner, transport) = (self.inner.clone(), self.transport.clone());
+            actix::spawn(async move {
+                let page = sync::fetch_backfill_page(&inner, &*transport, peer, &step, after).await;
+                let _ = sender.send(page);
+            });
+        }
+        receiver
     }
 
     /// Stores `next`'s checkpoint, then adopts it and goes on.
