@@ -49,7 +49,7 @@ use lsync_protocol::{LibraryId, Message, SharedOp, StateOp, StateRow, Value};
 use lsync_store::{Database, ENTRY_KIND_DIRECTORY, ENTRY_KIND_FILE, reference_registry};
 use lsync_transport::{
     FilePeerStore, Identity, Invitation, LocalDevice, PeerInfo, PeerStore, QuicOptions,
-    QuicTransport, RequestError, SendError, ShutdownReport, Transport, TransportEvent,
+    QuicTransport, RequestError, SendError, ShutdownReport, SplitMix64, Transport, TransportEvent,
 };
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -163,47 +163,34 @@ fn proc_status_kib(field: &str) -> u64 {
 // ---------------------------------------------------------------------------------------------
 // Rows
 
-/// A small deterministic generator (SplitMix64).
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
 /// `n` entries as a directory walk yields them: time-ordered ids in key order, about 1 %
 /// directories, each file under a recent directory, names of 12–20 characters.
 fn entries(n: u64, seed: u64) -> Vec<(Uuid, Vec<Value>)> {
-    let mut random = SplitMix(seed);
+    let mut random = SplitMix64::new(seed);
     let location = Uuid::from_u64_pair(seed, 1);
     let base_ms = 1_700_000_000_000 + seed * 10_000_000_000;
     let mut directories: Vec<Uuid> = Vec::new();
     (0..n)
         .map(|i| {
             let id =
-                Uuid::from_u64_pair((base_ms + i) << 16 | 0x7000, random.next() >> 2 | 1 << 63);
+                Uuid::from_u64_pair((base_ms + i) << 16 | 0x7000, random.next_u64() >> 2 | 1 << 63);
             let directory = i % 100 == 0;
             let parent = directories
-                .get(directories.len().saturating_sub(1 + (random.next() % 16) as usize))
+                .get(directories.len().saturating_sub(1 + (random.next_u64() % 16) as usize))
                 .copied();
             if directory {
                 directories.push(id);
             }
-            let len = 12 + (random.next() % 9) as usize;
+            let len = 12 + (random.next_u64() % 9) as usize;
             let name: String =
-                (0..len).map(|_| char::from(b'a' + (random.next() % 26) as u8)).collect();
+                (0..len).map(|_| char::from(b'a' + (random.next_u64() % 26) as u8)).collect();
             let values = vec![
                 Value::Blob(location.as_bytes().to_vec()),
                 parent.map_or(Value::Null, |parent| Value::Blob(parent.as_bytes().to_vec())),
                 Value::from(name),
                 Value::Integer(if directory { ENTRY_KIND_DIRECTORY } else { ENTRY_KIND_FILE }),
-                Value::Integer((random.next() % 10_000_000) as i64),
-                Value::Integer(1_700_000_000 + (random.next() % 10_000_000) as i64),
+                Value::Integer((random.next_u64() % 10_000_000) as i64),
+                Value::Integer(1_700_000_000 + (random.next_u64() % 10_000_000) as i64),
             ];
             (id, values)
         })
