@@ -3,8 +3,9 @@
 //! Tasks:
 //! - `ci`: everything CI checks, in the order that fails fastest: formatting, clippy with warnings
 //!   denied, all tests, docs with warnings denied, and `cargo deny` (licenses, bans, sources).
-//! - `bench [NAME…] [--quick] [--json]`: the benchmarks, each figure beside a baseline measured in
-//!   the same run.
+//! - `bench [NAME…] [--quick] [--json] [--report FILE]`: the benchmarks, each figure beside a
+//!   baseline measured in the same run; `--report` writes them as markdown with the machine and
+//!   date.
 //!
 //! One module per task; no dependencies beyond std, so `cargo xtask` builds in seconds.
 #![allow(
@@ -25,9 +26,10 @@ usage: cargo xtask <task> [options]
 
 tasks:
   ci                          fmt check, clippy -D warnings, tests, docs, cargo deny
-  bench [NAME...] [--quick] [--json]
-                              run benchmarks (names: hlc, transport, bulk); --quick scales
-                              them down, --json prints one JSON object on the last line
+  bench [NAME...] [--quick] [--json] [--report FILE]
+                              run benchmarks (names: hlc, transport, bulk, sync); --quick
+                              scales them down, --json prints one JSON object on the last
+                              line, --report writes a markdown report to FILE
 ";
 
 fn main() -> ExitCode {
