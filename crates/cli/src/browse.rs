@@ -12,7 +12,7 @@ use crate::catalog::{self, Catalog, EntryRow, Found, GroupKind};
 use crate::error::CliError;
 use crate::home::Home;
 use crate::output::{self, bytes, short, table, utc};
-use crate::progress::group_digits;
+use crate::progress::{count, group_digits};
 
 /// `lsync ls DIR` without a path: devices and their locations.
 #[derive(Debug, Serialize)]
@@ -229,8 +229,8 @@ fn devices_text(view: &DevicesView) -> String {
             .map(|location| {
                 vec![
                     format!("  {}", location.path),
-                    format!("{} files", group_digits(location.files)),
-                    format!("{} folders", group_digits(location.directories)),
+                    count(location.files, "file", "files"),
+                    count(location.directories, "folder", "folders"),
                     bytes(location.bytes),
                 ]
             })
@@ -355,7 +355,7 @@ pub(crate) async fn groups(
                         vec![
                             group.name.clone(),
                             short(&group.id).to_owned(),
-                            format!("{} entries", group_digits(group.entries)),
+                            count(group.entries, "entry", "entries"),
                             group.note.clone().unwrap_or_default(),
                         ]
                     })
@@ -383,8 +383,12 @@ pub(crate) async fn groups(
                 if json {
                     return output::json(&view);
                 }
-                let mut out =
-                    format!("{} {:?}: {} entries\n", kind.noun(), view.name, view.entries.len());
+                let mut out = format!(
+                    "{} {:?}: {}\n",
+                    kind.noun(),
+                    view.name,
+                    count(view.entries.len() as u64, "entry", "entries")
+                );
                 let rows: Vec<Vec<String>> = view
                     .entries
                     .iter()

@@ -517,9 +517,10 @@ impl<'a> Catalog<'a> {
         kind: GroupKind,
         group: Uuid,
     ) -> Result<Vec<(DeviceId, PathBuf, EntryRow)>, CliError> {
+        let members = self.members(kind, group).await?;
         let mut connection = self.pool.acquire().await.map_err(sql_error)?;
         let mut listed = Vec::new();
-        for entry in self.members(kind, group).await? {
+        for entry in members {
             if let Some(found) = entry_path(&mut connection, entry).await? {
                 listed.push(found);
             }

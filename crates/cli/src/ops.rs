@@ -31,6 +31,7 @@ use crate::catalog::{Catalog, Found, GroupKind, GroupRow};
 use crate::error::{CliError, Context};
 use crate::home::Home;
 use crate::index::{self, Counts, Plan};
+use crate::progress::count;
 use crate::views::{
     EditReport, IndexReport, InvitationView, JoinedView, PeerView, PeersView, Reply, StatusView,
     UnpairedView,
@@ -547,7 +548,7 @@ impl Device {
                 "deleted {} {:?} ({members} {} removed from it)",
                 kind.noun(),
                 group.name,
-                plural(members, "entry", "entries")
+                count(members as u64, "entry", "entries")
             ),
             model: kind.model().to_owned(),
             id: group.id.to_string(),
@@ -636,7 +637,7 @@ impl Device {
         } else {
             format!(
                 "{verb} {changed} of {} {preposition} {} {:?} ({unchanged} already {})",
-                plural(entries.len(), "entry", "entries"),
+                count(entries.len() as u64, "entry", "entries"),
                 kind.noun(),
                 group.name,
                 if add { "were" } else { "were not" }
@@ -740,10 +741,6 @@ impl SharedWriteError {
 
 fn unchanged(kind: GroupKind, group: &GroupRow, message: String) -> EditReport {
     EditReport { message, model: kind.model().to_owned(), id: group.id.to_string(), changed: false }
-}
-
-fn plural(n: usize, one: &str, many: &str) -> String {
-    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 fn check_text(noun: &str, field: &str, text: &str) -> Result<(), CliError> {

@@ -16,7 +16,7 @@ use crate::error::CliError;
 use crate::index::Counts;
 use lsync_node::{BackfillPhase, BackfillProgress};
 
-use crate::progress::{backfill_line, group_digits};
+use crate::progress::{backfill_line, count, group_digits};
 use crate::views::{BackfillView, IndexReport, PeersView, StatusView};
 
 /// Prints a line of the answer.
@@ -305,10 +305,10 @@ pub(crate) fn index_text(report: &IndexReport) -> String {
             format!("removed location {} ({} entries)\n", report.path, group_digits(deleted))
         }
         action => format!(
-            "{action} location {}: {} files, {} folders, {}\n  {} added, {} updated, {} deleted, {} unchanged (walk {} ms, write {} ms)\n",
+            "{action} location {}: {}, {}, {}\n  {} added, {} updated, {} deleted, {} unchanged (walk {} ms, write {} ms)\n",
             report.path,
-            group_digits(files),
-            group_digits(directories),
+            count(files, "file", "files"),
+            count(directories, "folder", "folders"),
             bytes(size),
             group_digits(added),
             group_digits(updated),

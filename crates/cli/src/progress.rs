@@ -61,9 +61,9 @@ impl Progress {
         }
         let seconds = now.saturating_duration_since(self.started).as_secs_f64();
         Some(format!(
-            "caught up{}: {} rows received in {seconds:.1} s",
+            "caught up{}: {} received in {seconds:.1} s",
             if name.is_empty() { String::new() } else { format!(" with {name}") },
-            group_digits(self.rows)
+            rows(self.rows)
         ))
     }
 
@@ -82,8 +82,8 @@ impl Progress {
         let finished = self.backfill.take()?;
         let from = progress.peer.or(finished.peer).map(|peer| self.name(peer)).unwrap_or_default();
         Some(format!(
-            "backfill finished: {} rows{}",
-            group_digits(progress.done.max(finished.done)),
+            "backfill finished: {}{}",
+            rows(progress.done.max(finished.done)),
             if from.is_empty() { String::new() } else { format!(" from {from}") }
         ))
     }
@@ -152,6 +152,16 @@ pub(crate) fn rate(rows: u64, elapsed: Duration) -> f64 {
 )]
 fn whole(value: f64) -> u64 {
     if value.is_finite() && value > 0.0 { value.round() as u64 } else { 0 }
+}
+
+/// `1 row`, `12,000 rows`.
+pub(crate) fn rows(n: u64) -> String {
+    count(n, "row", "rows")
+}
+
+/// `n` with the noun in the right number: `1 entry`, `2,000 entries`.
+pub(crate) fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{} {}", group_digits(n), if n == 1 { one } else { many })
 }
 
 /// `12345678` as `12,345,678`.
