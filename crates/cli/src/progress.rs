@@ -80,6 +80,8 @@ impl Progress {
             return None;
         }
         let finished = self.backfill.take()?;
+        // The backfill's rows are not news again in the catch-up summary that follows.
+        self.rows = 0;
         let from = progress.peer.or(finished.peer).map(|peer| self.name(peer)).unwrap_or_default();
         Some(format!(
             "backfill finished: {}{}",
