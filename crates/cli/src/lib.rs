@@ -87,3 +87,74 @@ pub fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod docs_tests {
+    use std::path::{Path, PathBuf};
+
+    fn workspace() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    }
+
+    fn user_guide() -> String {
+        std::fs::read_to_string(workspace().join("docs/user-guide.md")).unwrap()
+    }
+
+    /// Every setting `lsync init` writes is in the user guide's table.
+    #[test]
+    fn the_user_guide_lists_every_setting() {
+        let toml = lsync_node::config::SyncConfig::default().to_commented_toml();
+        let keys: Vec<&str> = toml
+            .lines()
+            .map(|line| line.strip_prefix("# ").unwrap_or(line))
+            .filter_map(|line| line.split_once(" = ").map(|(key, _)| key))
+            .filter(|key| key.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            .collect();
+        assert!(keys.len() >= 30, "found only {keys:?}");
+        let guide = user_guide();
+        for key in keys {
+            assert!(guide.contains(&format!("| `{key}` |")), "docs/user-guide.md lacks `{key}`");
+        }
+    }
+
+    /// Every `lsync_*` metric any crate records is in the user guide's table.
+    #[test]
+    fn the_user_guide_lists_every_metric() {
+        fn visit(dir: &Path, found: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).unwrap().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    visit(&path, found);
+                } else if path.extension().is_some_and(|ext| ext == "rs") {
+                    for line in std::fs::read_to_string(&path).unwrap().lines() {
+                        let records =
+                            ["metrics::counter!(", "metrics::gauge!(", "metrics::histogram!("]
+                                .iter()
+                                .any(|call| line.contains(call));
+                        if !(records || line.contains("_METRIC: &str")) {
+                            continue;
+                        }
+                        if let Some(start) = line.find("\"lsync_") {
+                            let name: String =
+                                line[start + 1..].chars().take_while(|c| *c != '"').collect();
+                            found.push(name);
+                        }
+                    }
+                }
+            }
+        }
+        let mut metrics = Vec::new();
+        for entry in std::fs::read_dir(workspace().join("crates")).unwrap().flatten() {
+            if entry.file_name() != "cli" {
+                visit(&entry.path().join("src"), &mut metrics);
+            }
+        }
+        metrics.sort();
+        metrics.dedup();
+        assert!(metrics.len() >= 25, "found only {metrics:?}");
+        let guide = user_guide();
+        for metric in metrics {
+            assert!(guide.contains(&format!("| `{metric}")), "docs/user-guide.md lacks `{metric}`");
+        }
+    }
+}

@@ -43,7 +43,7 @@ pub(crate) fn init_logging(format: LogFormat, default: Option<&str>) -> Result<(
             None => return Ok(()),
         },
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(output::LogWriter);
     // Another subscriber already installed (tests) is fine: its output is used.
     let _ = match format {
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
@@ -257,11 +257,7 @@ async fn watch_events(
                 let summary = lock_progress(&progress).caught_up(peer, now);
                 info!(%peer, pulled, "caught up");
                 if let Some(summary) = summary {
-                    if terminal {
-                        output::progress_line(None);
-                        output::note(&summary);
-                    }
-                    info!("{summary}");
+                    summarize(&summary, terminal);
                 }
             }
             Event::RowsChanged { upserted, deleted, .. } => {
@@ -275,11 +271,7 @@ async fn watch_events(
                 let summary = lock_progress(&progress).backfill(report);
                 tracing::debug!(%phase, "backfill progress");
                 if let Some(summary) = summary {
-                    if terminal {
-                        output::progress_line(None);
-                        output::note(&summary);
-                    }
-                    info!("{summary}");
+                    summarize(&summary, terminal);
                 }
             }
             Event::Pruned { log_entries, tombstones } => {
@@ -290,6 +282,17 @@ async fn watch_events(
                 tracing::debug!(missed, "the event subscription fell behind");
             }
         }
+    }
+}
+
+/// Tells of a finished backfill or catch-up: on a terminal in place of the progress line,
+/// elsewhere in the log.
+fn summarize(summary: &str, terminal: bool) {
+    if terminal {
+        output::progress_line(None);
+        output::note(summary);
+    } else {
+        info!("{summary}");
     }
 }
 

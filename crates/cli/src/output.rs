@@ -8,6 +8,7 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -44,6 +45,9 @@ pub(crate) fn error(error: &CliError) {
     eprintln!("lsync: error: {}", error.one_line());
 }
 
+/// Whether a progress line is on the terminal now (without a line break after it).
+static PROGRESS_SHOWN: AtomicBool = AtomicBool::new(false);
+
 /// Draws (or, with `None`, clears) the progress line at the bottom of the terminal.
 pub(crate) fn progress_line(line: Option<&str>) {
     let mut stderr = std::io::stderr().lock();
@@ -51,7 +55,25 @@ pub(crate) fn progress_line(line: Option<&str>) {
         Some(line) => write!(stderr, "\r\x1b[2K{line}"),
         None => write!(stderr, "\r\x1b[2K"),
     };
+    PROGRESS_SHOWN.store(line.is_some(), Ordering::Release);
     let _ = stderr.flush();
+}
+
+/// Where log lines go: stderr, after clearing a progress line that is on the terminal (the next
+/// redraw puts it back under the log line), so that the two never share a line.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct LogWriter;
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = std::io::StderrLock<'static>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        let mut stderr = std::io::stderr().lock();
+        if PROGRESS_SHOWN.swap(false, Ordering::AcqRel) {
+            let _ = write!(stderr, "\r\x1b[2K");
+        }
+        stderr
+    }
 }
 
 /// Milliseconds since the Unix epoch, now.

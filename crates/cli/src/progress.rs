@@ -134,8 +134,10 @@ pub(crate) fn backfill_line(progress: &BackfillProgress, peer: Option<&str>) -> 
     if progress.rate > 0.0 {
         line.push_str(&format!(", {} rows/s", group_digits(whole(progress.rate))));
     }
-    if let Some(left) = progress.eta_secs.and_then(|secs| Duration::try_from_secs_f64(secs).ok()) {
-        line.push_str(&format!(", about {} left", short_duration(left)));
+    match progress.eta_secs.and_then(|secs| Duration::try_from_secs_f64(secs).ok()) {
+        Some(left) if left < Duration::from_secs(1) => line.push_str(", almost done"),
+        Some(left) => line.push_str(&format!(", about {} left", short_duration(left))),
+        None => {}
     }
     line
 }
