@@ -4,17 +4,17 @@
 //!
 //! # Model
 //! - A device is a folder (`DIR`): its library file, keys, pairings and configuration
-//!   ([`home`]). `lsync init` creates one with a new library; `lsync join` creates one that
+//!   (`home`). `lsync init` creates one with a new library; `lsync join` creates one that
 //!   joins an existing library through an invitation, or pairs an existing one.
 //! - `lsync run DIR` is the node: one long-running process that owns the library, syncs with the
 //!   paired devices over QUIC, and answers the other commands on a control endpoint on loopback
-//!   ([`control`]), protected by a token in an owner-only file. It serves Prometheus metrics on
-//!   a loopback address if configured ([`metrics`]).
-//! - Every other command that changes the library is a [`ops::Request`]: sent to the running
+//!   (`control`), protected by a token in an owner-only file. It serves Prometheus metrics on
+//!   a loopback address if configured (`metrics`).
+//! - Every other command that changes the library is a `ops::Request`: sent to the running
 //!   node if there is one, executed in the command's own process otherwise. Only one process
-//!   owns a library at a time (the lock in [`home`]), so that one clock stamps its writes and one
+//!   owns a library at a time (the lock in `home`), so that one clock stamps its writes and one
 //!   engine sees them. Read-only commands (`ls`, `tag list`) read the file directly.
-//! - Indexing ([`index`]) walks a folder and compares it with the index in one pure step, so that
+//! - Indexing (`index`) walks a folder and compares it with the index in one pure step, so that
 //!   adding and rescanning a location are the same code; rows are written in bulk.
 //!
 //! # Invariants
@@ -29,9 +29,9 @@
 //! up changes.
 //!
 //! # Where the IO is
-//! [`node`] (sockets, signals, the terminal), [`control`] and [`metrics`] (TCP on loopback),
-//! [`index::scan`] (the file system), [`catalog`] and [`ops`] (the library), [`output`] (stdout
-//! and stderr). [`index::plan`], [`progress`] and the renderers in [`output`] are pure.
+//! `node` (sockets, signals, the terminal), `control` and `metrics` (TCP on loopback),
+//! `index::scan` (the file system), `catalog` and `ops` (the library), `output` (stdout
+//! and stderr). `index::plan`, `progress` and the renderers in `output` are pure.
 
 mod browse;
 mod catalog;
