@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::error::CliError;
 use crate::index::Counts;
+use lsync_hlc::{DeviceId, Hlc, HlcTime};
 use lsync_node::{BackfillPhase, BackfillProgress};
 
 use crate::progress::{backfill_line, count, group_digits};
@@ -86,8 +87,10 @@ pub(crate) fn now_ms() -> u64 {
 /// `2026-03-01 14:05:09` (UTC) for milliseconds since the Unix epoch (times before 1970 show as
 /// its start).
 pub(crate) fn utc(ms: i64) -> String {
-    let text = lsync_hlc::format_utc_ms(u64::try_from(ms).unwrap_or(0));
-    // `2026-03-01T14:05:09.123Z`: drop the milliseconds, a space for the `T`.
+    // A stamp's readable form starts with its time as `2026-03-01T14:05:09.123Z` (a format
+    // `Hlc`'s `FromStr` reads back): keep the date and the second, a space for the `T`.
+    let time = HlcTime::from_physical_saturating(u64::try_from(ms).unwrap_or(0));
+    let text = Hlc::new(time, DeviceId(uuid::Uuid::nil())).to_string();
     text.get(..19).unwrap_or(&text).replacen('T', " ", 1)
 }
 

@@ -70,6 +70,4 @@ mod stamp;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use generator::{HlcConfig, HlcError, HlcGenerator, HlcState, Resume};
-pub use stamp::{
-    DeviceId, HLC_BYTES, Hlc, HlcTime, MAX_LOGICAL, MAX_PHYSICAL_MS, ParseHlcError, format_utc_ms,
-};
+pub use stamp::{DeviceId, HLC_BYTES, Hlc, HlcTime, MAX_LOGICAL, MAX_PHYSICAL_MS, ParseHlcError};

@@ -285,22 +285,6 @@ impl<'de> Visitor<'de> for HlcVisitor {
 
 const MS_PER_DAY: u64 = 86_400_000;
 
-/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for milliseconds since the Unix epoch (proleptic Gregorian, UTC):
-/// how stamps show their time, for applications that show other times beside them.
-///
-/// ```
-/// assert_eq!(lsync_hlc::format_utc_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
-/// ```
-pub fn format_utc_ms(ms: u64) -> String {
-    struct Utc(u64);
-    impl fmt::Display for Utc {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            write_utc_ms(f, self.0)
-        }
-    }
-    Utc(ms).to_string()
-}
-
 /// Writes `YYYY-MM-DDTHH:MM:SS.mmmZ` for milliseconds since the epoch (proleptic Gregorian, UTC).
 fn write_utc_ms(f: &mut fmt::Formatter<'_>, ms: u64) -> fmt::Result {
     let days = ms / MS_PER_DAY;
