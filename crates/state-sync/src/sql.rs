@@ -836,13 +836,17 @@ async fn remove_descendants(
     let Some(parent) = &model.tree_parent else { return Ok(Vec::new()) };
     let table = ident(&model.name);
     let parent = ident(parent);
+    // The unary `+` keeps SQLite from walking each level through the (owner, version) index,
+    // which matches every row of the owner, instead of the parent index: without it, deleting a
+    // folder of 1,000 files from a location of 100,000 took 30 s (`lsync location rescan`);
+    // with it, milliseconds.
     let rows = sqlx::query(&format!(
         "WITH RECURSIVE subtree(id, depth) AS (
              SELECT ?1, 0
              UNION ALL
              SELECT child.id, subtree.depth + 1 FROM {table} AS child
              JOIN subtree ON child.{parent} = subtree.id
-             WHERE subtree.depth < ?2 AND child.version < ?3 AND child.owner = ?4
+             WHERE subtree.depth < ?2 AND +child.version < ?3 AND +child.owner = ?4
          )
          SELECT held.id, held.version, held.{parent} FROM subtree
          JOIN {table} AS held ON held.id = subtree.id WHERE subtree.depth > 0"

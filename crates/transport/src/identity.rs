@@ -295,8 +295,11 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), IdentityErr
         .map_err(|source| IdentityError::Io { path: path.to_owned(), source })
 }
 
-/// [`write_private`] returning the bare I/O error, for callers with their own error type.
-pub(crate) fn write_private_io(path: &Path, bytes: &[u8]) -> io::Result<()> {
+/// Writes `bytes` to `path` atomically (temporary file in the same directory, fsync, rename,
+/// directory fsync), readable and writable by the owner only (0600 on Unix), returning the bare
+/// I/O error. Public as `write_private_file` for applications that keep secrets beside the
+/// identity (the CLI's control token).
+pub fn write_private_io(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut temporary = path.as_os_str().to_owned();
     temporary.push(".tmp");
     let temporary = PathBuf::from(temporary);

@@ -71,6 +71,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 pub use config::{Backoff, ConfigError, SplitMix64, TransportConfig};
+pub use identity::write_private_io as write_private_file;
 pub use identity::{CERT_FILE, Fingerprint, Identity, IdentityError, KEY_FILE, device_id_for};
 pub use lsync_hlc::DeviceId;
 use lsync_protocol::{EncodeError, ErrorMessage, Hello, Message, Watermarks};
