@@ -5,6 +5,9 @@ use crate::{cargo, exec};
 /// cargo-deny version installed when missing; pinned so every machine checks with the same rules.
 const CARGO_DENY_VERSION: &str = "0.20.2";
 
+/// The simulator smoke run: 3 peers, every fault, a fixed seed, a few thousand operations.
+const SIM_SMOKE: [&str; 6] = ["--ops", "3000", "--seed", "1", "--faults", "all"];
+
 pub(crate) fn run() -> Result<(), String> {
     exec(cargo().args(["fmt", "--all", "--", "--check"]))?;
     exec(cargo().args([
@@ -17,6 +20,9 @@ pub(crate) fn run() -> Result<(), String> {
         "warnings",
     ]))?;
     exec(cargo().args(["test", "--workspace", "--all-targets", "--locked"]))?;
+    // A short run of the real simulator (the deterministic one runs a few hundred seeds inside
+    // the tests above). Debug build: it reuses the test build, and dependencies are optimized.
+    exec(cargo().args(["run", "--locked", "--package", "lsync-sim", "--"]).args(SIM_SMOKE))?;
     // Doc tests are not covered by --all-targets.
     exec(cargo().args(["test", "--workspace", "--doc", "--locked"]))?;
     exec(

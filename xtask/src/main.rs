@@ -5,6 +5,7 @@
 //!   denied, all tests, docs with warnings denied, and `cargo deny` (licenses, bans, sources).
 //! - `bench [NAME…] [--quick] [--json]`: the benchmarks, each figure beside a baseline measured in
 //!   the same run.
+//! - `sim [OPTIONS]`: the multi-peer simulator in release mode (`crates/sim`; `docs/simulator.md`).
 //!
 //! One module per task; no dependencies beyond std, so `cargo xtask` builds in seconds.
 #![allow(
@@ -15,6 +16,7 @@
 
 mod bench;
 mod ci;
+mod sim;
 mod tidy;
 
 use std::path::{Path, PathBuf};
@@ -28,6 +30,8 @@ tasks:
   bench [NAME...] [--quick] [--json]
                               run benchmarks (names: hlc, transport, bulk); --quick scales
                               them down, --json prints one JSON object on the last line
+  sim [OPTIONS]               the multi-peer simulation (real engine, or --deterministic);
+                              `cargo xtask sim --help` lists its options
 ";
 
 fn main() -> ExitCode {
@@ -36,6 +40,7 @@ fn main() -> ExitCode {
         Some("ci") if args.len() == 1 => ci::run(),
         Some("ci") => Err(format!("`ci` takes no arguments, got {:?}", &args[1..])),
         Some("bench") => bench::run(&args[1..]),
+        Some("sim") => return sim::run(&args[1..]),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             Ok(())
