@@ -191,9 +191,10 @@ fn run_deterministic(cli: &Cli) -> Result<bool, String> {
         }
         if let Some(failed) = first_failure {
             println!(
-                "{} of {} seeds failed; the first failure was the {}th seed",
+                "{} of {} seeds failed; the first failing seed was {} ({} seeds into the run)",
                 outcome.failures.len(),
                 outcome.runs,
+                failed.seed,
                 failed.seed.wrapping_sub(first) + 1
             );
         }

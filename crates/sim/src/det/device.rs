@@ -411,32 +411,39 @@ impl Device {
         Ok(change)
     }
 
-    /// Writes this device's row `id` (`None`: delete it); returns the row as written.
-    pub(super) fn write_row(
+    /// Writes this device's rows in one transaction (each `(id, None)` deletes its row), every
+    /// row stamped with its own tick; returns the rows as written. A write touching a row of
+    /// another device is refused whole.
+    pub(super) fn write_rows(
         &mut self,
         ctx: &mut Ctx<'_>,
-        id: Uuid,
-        value: Option<Value>,
-    ) -> Result<StateRow, Refused> {
+        edits: Vec<(Uuid, Option<Value>)>,
+    ) -> Result<Vec<StateRow>, Refused> {
         if !self.is_up() {
             return Err(Refused::Down);
         }
-        if self.durable.rows.get(&id).is_some_and(|held| held.owner != self.id) {
+        let foreign = |(id, _): &(Uuid, Option<Value>)| {
+            self.durable.rows.get(id).is_some_and(|held| held.owner != self.id)
+        };
+        if edits.iter().any(foreign) {
             ctx.stats.refused += 1;
             return Err(Refused::NotOwner);
         }
         let since = self.durable.state.get(self.id, STATE_MODEL);
-        let stamp = self.tick(ctx).ok_or(Refused::Down)?;
-        let held = Held { owner: self.id, version: stamp.time(), value };
-        let row = held.to_row(id);
-        self.durable.rows.insert(id, held);
-        self.durable.state.raise(self.id, STATE_MODEL, stamp.time());
+        let mut rows = Vec::with_capacity(edits.len());
+        for (id, value) in edits {
+            let stamp = self.tick(ctx).ok_or(Refused::Down)?;
+            let held = Held { owner: self.id, version: stamp.time(), value };
+            rows.push(held.to_row(id));
+            self.durable.rows.insert(id, held);
+            self.durable.state.raise(self.id, STATE_MODEL, stamp.time());
+        }
         let now = ctx.instant();
         if let Some(volatile) = self.volatile.as_mut() {
-            volatile.batcher.push_state(STATE_MODEL, since, vec![row.clone()], now);
+            volatile.batcher.push_state(STATE_MODEL, since, rows.clone(), now);
         }
-        ctx.stats.row_writes += 1;
-        Ok(row)
+        ctx.stats.row_writes += u64::try_from(rows.len()).unwrap_or(0);
+        Ok(rows)
     }
 
     /// Everything time-driven: flushes, re-sends, heartbeats, prunes, pull timeouts.
