@@ -609,6 +609,12 @@ impl Device {
 
     /// Handles a message from `from`.
     pub(super) fn on_wire(&mut self, ctx: &mut Ctx<'_>, from: DeviceId, wire: Wire) {
+        // Like the engine, a copy still backfilling neither applies nor acknowledges live
+        // batches: the snapshot and the catch-up after it bring those changes.
+        let live = matches!(wire, Wire::OneWay(Message::SharedBatch(_) | Message::StateBatch(_)));
+        if live && !self.durable.ready {
+            return;
+        }
         match wire {
             Wire::OneWay(Message::SharedBatch(batch)) => {
                 self.apply_changes(ctx, &batch.changes);
