@@ -6,7 +6,7 @@
     reason = "the simulator reports to a person on a terminal, or as JSON on stdout"
 )]
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Mutex;
@@ -95,7 +95,10 @@ struct Status {
 }
 
 impl Status {
+    /// A status line, unless `quiet` or stderr is not a terminal (a log file gets no
+    /// carriage-return animation).
     fn new(quiet: bool) -> Self {
+        let quiet = quiet || !std::io::stderr().is_terminal();
         Self { quiet, last: Mutex::new(None) }
     }
 

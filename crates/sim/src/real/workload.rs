@@ -467,7 +467,12 @@ impl Workload {
     /// their owners last wrote them; shared records that exist, have every NOT NULL field, and
     /// whose referenced rows are present. Same layout as `lsync_store::dump_tables`.
     pub(super) fn expected(&self, registry: &Registry) -> BTreeMap<String, Vec<Vec<Value>>> {
-        let mut tables: BTreeMap<String, Vec<(Uuid, Vec<Value>)>> = BTreeMap::new();
+        // Every table the workload writes is listed, empty or not, so that rows a peer holds
+        // where none are expected are found.
+        let mut tables: BTreeMap<String, Vec<(Uuid, Vec<Value>)>> = ["locations", "entries"]
+            .into_iter()
+            .map(|name| (name.to_owned(), Vec::new()))
+            .collect();
         for owner in &self.owners {
             let Some(device) = owner.device else { continue };
             let system = |id: Uuid, version: HlcTime| {
@@ -558,5 +563,106 @@ impl Owner {
         }
         self.directories.retain(|id| !ids.contains(id));
         self.files.retain(|id| !ids.contains(id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lsync_hlc::HlcTime;
+    use lsync_store::reference_registry;
+
+    use super::*;
+
+    fn device(byte: u8) -> DeviceId {
+        DeviceId::from_bytes([byte; 16])
+    }
+
+    fn change(origin: u8, ms: u64, model: &str, record: Uuid, op: SharedOp) -> SharedChange {
+        SharedChange {
+            origin: device(origin),
+            seq: ms,
+            time: HlcTime::new(ms, 0).unwrap(),
+            model: model.into(),
+            record,
+            op,
+        }
+    }
+
+    fn text_fields(pairs: &[(&str, &str)]) -> BTreeMap<String, Value> {
+        pairs.iter().map(|(name, value)| ((*name).to_owned(), Value::from(*value))).collect()
+    }
+
+    /// Indexes a small tree for peer 0 and returns the workload with its entries acknowledged.
+    fn indexed() -> Workload {
+        let mut workload = Workload::new(7);
+        workload.add_owner(device(1), 40);
+        let mut version = 0;
+        while let Some(Op::Rows { peer, model, edits }) = workload.index(0, 10) {
+            let rows: Vec<StateRow> = edits
+                .iter()
+                .map(|edit| {
+                    version += 1;
+                    let RowEdit::Upsert { id, values } = edit else { unreachable!() };
+                    let version = HlcTime::new(version, 0).unwrap();
+                    StateRow {
+                        id: *id,
+                        version,
+                        op: lsync_protocol::StateOp::Upsert(values.clone()),
+                    }
+                })
+                .collect();
+            workload.rows_written(peer, model, &edits, &rows);
+        }
+        workload
+    }
+
+    #[test]
+    fn a_subtree_delete_removes_every_entry_below_it_and_only_those() {
+        let mut workload = indexed();
+        let registry = reference_registry().unwrap();
+        assert_eq!(workload.expected(&registry)["entries"].len(), 40);
+        let owner = &workload.owners[0];
+        // A directory below the top with something in it.
+        let root = *owner
+            .directories
+            .iter()
+            .find(|id| owner.entries[*id].parent.is_some() && owner.subtree(**id).len() > 1)
+            .unwrap();
+        let below = owner.subtree(root);
+        let edits = [RowEdit::DeleteSubtree { id: root }];
+        workload.rows_written(0, "entries", &edits, &[]);
+        let left = workload.expected(&registry)["entries"].len();
+        assert_eq!(left, 40 - below.len());
+        // Deleting everything leaves an expected table that is empty, not absent.
+        let top = workload.owners[0].directories[0];
+        workload.rows_written(0, "entries", &[RowEdit::DeleteSubtree { id: top }], &[]);
+        assert_eq!(workload.expected(&registry)["entries"], Vec::<Vec<Value>>::new());
+    }
+
+    #[test]
+    fn shared_records_merge_by_stamp_and_show_only_when_complete_and_referenced() {
+        let mut workload = indexed();
+        let registry = reference_registry().unwrap();
+        let (tag, entry) = (Uuid::from_u128(1), workload.owners[0].files[0]);
+        let link = Registry::membership_id("tag_assignments", tag, entry);
+        let link_fields: BTreeMap<String, Value> =
+            [("tag_id".to_owned(), blob(tag)), ("entry_id".to_owned(), blob(entry))].into();
+        workload.shared_written(&[
+            change(2, 10, "tags", tag, SharedOp::Insert(text_fields(&[("name", "work")]))),
+            // A later rename from one device, an earlier one from another: the later stamp wins.
+            change(3, 30, "tags", tag, SharedOp::Update(text_fields(&[("name", "job")]))),
+            change(2, 20, "tags", tag, SharedOp::Update(text_fields(&[("name", "chore")]))),
+            change(2, 40, "tag_assignments", link, SharedOp::Insert(link_fields)),
+            // Only an update, never an insert: no NOT NULL name, so not shown.
+            change(3, 50, "albums", Uuid::from_u128(2), SharedOp::Update(BTreeMap::new())),
+        ]);
+        let tables = workload.expected(&registry);
+        assert_eq!(tables["tags"], [vec![blob(tag), Value::from("job"), Value::Null]]);
+        assert_eq!(tables["tag_assignments"].len(), 1);
+        assert!(tables["albums"].is_empty());
+        // Deleting the tag hides the assignment that references it.
+        workload.shared_written(&[change(3, 60, "tags", tag, SharedOp::Delete)]);
+        let tables = workload.expected(&registry);
+        assert!(tables["tags"].is_empty() && tables["tag_assignments"].is_empty());
     }
 }
