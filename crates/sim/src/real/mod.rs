@@ -907,7 +907,29 @@ impl<'a> Sim<'a> {
                 let counts: Vec<usize> =
                     dumps.iter().map(|dump| dump.get(table).map_or(0, Vec::len)).collect();
                 if dumps.iter().any(|dump| dump.get(table) != Some(rows)) {
-                    differences.push(format!("{table} (rows per peer {counts:?})"));
+                    let by_peer: Vec<BTreeMap<Vec<u8>, Vec<Value>>> = dumps
+                        .iter()
+                        .map(|dump| rows_by_id(dump.get(table).map_or(&[][..], Vec::as_slice)))
+                        .collect();
+                    let ids: BTreeSet<&Vec<u8>> = by_peer.iter().flat_map(BTreeMap::keys).collect();
+                    let example = ids
+                        .into_iter()
+                        .find(|id| by_peer.iter().any(|rows| rows.get(*id) != by_peer[0].get(*id)))
+                        .map(|id| {
+                            let held: Vec<String> = by_peer
+                                .iter()
+                                .map(|rows| {
+                                    rows.get(id).map_or("absent".into(), |row| format!("{row:?}"))
+                                })
+                                .collect();
+                            format!(
+                                "; e.g. {:?} per peer: {}",
+                                Uuid::from_slice(id).ok(),
+                                held.join(" | ")
+                            )
+                        })
+                        .unwrap_or_default();
+                    differences.push(format!("{table} (rows per peer {counts:?}{example})"));
                 }
             }
         }
@@ -927,15 +949,7 @@ impl<'a> Sim<'a> {
             if have == want.as_slice() {
                 continue;
             }
-            let by_id = |rows: &'_ [Vec<Value>]| -> BTreeMap<Vec<u8>, Vec<Value>> {
-                rows.iter()
-                    .filter_map(|row| match row.first() {
-                        Some(Value::Blob(id)) => Some((id.clone(), row.clone())),
-                        _ => None,
-                    })
-                    .collect()
-            };
-            let (have_ids, want_ids) = (by_id(have), by_id(want));
+            let (have_ids, want_ids) = (rows_by_id(have), rows_by_id(want));
             let missing = want_ids.keys().filter(|id| !have_ids.contains_key(*id)).count();
             let unexpected = have_ids.keys().filter(|id| !want_ids.contains_key(*id)).count();
             let differing: Vec<(&Vec<u8>, &Vec<Value>)> = want_ids
@@ -995,6 +1009,16 @@ impl<'a> Sim<'a> {
             let _ = peer.stop().await;
         }
     }
+}
+
+/// A dumped table's rows by id (the first column).
+fn rows_by_id(rows: &[Vec<Value>]) -> BTreeMap<Vec<u8>, Vec<Value>> {
+    rows.iter()
+        .filter_map(|row| match row.first() {
+            Some(Value::Blob(id)) => Some((id.clone(), row.clone())),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Rows and records an event says a peer's changes touched.
