@@ -177,6 +177,10 @@ fn run_deterministic(cli: &Cli) -> Result<bool, String> {
             "seconds": seconds,
             "seeds_per_minute": per_minute,
             "steps": outcome.steps,
+            "crashes": outcome.stats.crashes,
+            "backfills": outcome.stats.backfills,
+            "tombstones_collected": outcome.stats.tombstones_collected,
+            "late_rows_refused": outcome.stats.late_rows_refused,
         });
         println!("{json}");
     } else {
@@ -239,8 +243,14 @@ fn print_seed(outcome: &det::SeedOutcome, config: &DetConfig) {
         network.partitioned
     );
     println!(
-        "  sync: {} re-sends, {} catch-up pages, {} pulls abandoned, {} log entries pruned",
-        stats.resent, stats.pages, stats.pulls_abandoned, stats.pruned
+        "  sync: {} re-sends, {} catch-up pages, {} pulls abandoned, {} log entries pruned, \
+         {} tombstones collected, {} late rows refused",
+        stats.resent,
+        stats.pages,
+        stats.pulls_abandoned,
+        stats.pruned,
+        stats.tombstones_collected,
+        stats.late_rows_refused
     );
     println!("  trace: {} events, hash {:016x}", outcome.events, outcome.trace_hash);
 }

@@ -22,7 +22,7 @@ use lsync_protocol::{
     StateCatchUpRequest, StateCursor, StateOp, StatePage, StateRow, Value, Watermarks,
 };
 use lsync_shared_sync::RecordState;
-use lsync_state_sync::{Current, Decision, decide};
+use lsync_state_sync::{Current, Decision, TombstoneGroup, decide, plan_tombstone_gc};
 use lsync_transport::{MemoryNetwork, SendOutcome};
 use lsync_watermark::{
     SharedProgress, StateProgress, advance_contiguous, shared_needs, state_needs,
@@ -141,6 +141,8 @@ pub(super) struct Durable {
     pub(super) state: StateProgress,
     /// Shared acks received, by peer.
     pub(super) acks: BTreeMap<DeviceId, SharedProgress>,
+    /// Device-owned acks received, by peer (they decide which tombstones may go).
+    pub(super) state_acks: BTreeMap<DeviceId, StateProgress>,
     /// Per origin, the log was pruned through this sequence number.
     pub(super) pruned: BTreeMap<DeviceId, u64>,
     /// Per origin, the changes a backfill snapshot covered: never held in the log here.
@@ -272,6 +274,47 @@ pub struct Stats {
     pub backfills: u64,
     /// Catch-up requests for an origin the peer no longer held (or never did).
     pub unavailable: u64,
+    /// Tombstones collected once every peer acknowledged them.
+    pub tombstones_collected: u64,
+    /// Received rows at or below the receiver's mark that it did not hold: deleted rows whose
+    /// tombstone was collected, arriving late; not applied.
+    pub late_rows_refused: u64,
+}
+
+impl Stats {
+    /// Adds another run's counters.
+    pub fn add(&mut self, other: &Stats) {
+        let Stats {
+            messages,
+            shared_writes,
+            row_writes,
+            refused,
+            skewed,
+            resent,
+            pages,
+            pulls_abandoned,
+            pruned,
+            crashes,
+            backfills,
+            unavailable,
+            tombstones_collected,
+            late_rows_refused,
+        } = *other;
+        self.messages += messages;
+        self.shared_writes += shared_writes;
+        self.row_writes += row_writes;
+        self.refused += refused;
+        self.skewed += skewed;
+        self.resent += resent;
+        self.pages += pages;
+        self.pulls_abandoned += pulls_abandoned;
+        self.pruned += pruned;
+        self.crashes += crashes;
+        self.backfills += backfills;
+        self.unavailable += unavailable;
+        self.tombstones_collected += tombstones_collected;
+        self.late_rows_refused += late_rows_refused;
+    }
 }
 
 /// A stable number for a device in the trace (its id's first 8 bytes).
@@ -598,6 +641,43 @@ impl Device {
             *pruned = (*pruned).max(through.seq);
             ctx.trace.record(Event::Prune, &[ident(self.id), ident(through.origin), through.seq]);
         }
+        self.collect_tombstones(ctx, &peers);
+    }
+
+    /// Drops the tombstones every paired peer has acknowledged (its state ack for the owner is at
+    /// or above them), as the engine's pruner does.
+    fn collect_tombstones(&mut self, ctx: &mut Ctx<'_>, peers: &[PrunePeer]) {
+        let mut newest: BTreeMap<DeviceId, HlcTime> = BTreeMap::new();
+        for held in self.durable.rows.values().filter(|held| held.value.is_none()) {
+            let slot = newest.entry(held.owner).or_insert(held.version);
+            *slot = (*slot).max(held.version);
+        }
+        let groups: Vec<TombstoneGroup> = newest
+            .into_iter()
+            .map(|(owner, newest)| TombstoneGroup {
+                owner,
+                model: STATE_MODEL.to_owned(),
+                newest,
+                aged_newest: None,
+            })
+            .collect();
+        let peers: Vec<(DeviceId, bool)> = peers.iter().map(|peer| (peer.device, false)).collect();
+        let gc = plan_tombstone_gc(&groups, &peers, &self.durable.state_acks);
+        for (owner, _, through) in gc.collect_through {
+            // Only below this device's own mark: above it a late row could still be older than a
+            // tombstone this device holds, and only the tombstone tells it the row is dead.
+            let Some(through) =
+                self.durable.state.get(owner, STATE_MODEL).map(|mark| mark.min(through))
+            else {
+                continue;
+            };
+            let before = self.durable.rows.len();
+            self.durable.rows.retain(|_, held| {
+                held.value.is_some() || held.owner != owner || held.version > through
+            });
+            ctx.stats.tombstones_collected +=
+                u64::try_from(before - self.durable.rows.len()).unwrap_or(0);
+        }
     }
 
     fn expire_pulls(&mut self, ctx: &mut Ctx<'_>) {
@@ -638,6 +718,10 @@ impl Device {
                     .entry(from)
                     .or_default()
                     .raise_all(&SharedProgress::from_wire(&ack.shared));
+                let state_acks = self.durable.state_acks.entry(from).or_default();
+                for mark in &ack.state {
+                    state_acks.raise(mark.owner, &mark.model, mark.version);
+                }
                 if let Some(volatile) = self.volatile.as_mut() {
                     volatile.retry.acked(from, &ack);
                 }
@@ -716,6 +800,17 @@ impl Device {
             }
             self.receive_stamp(ctx, Hlc::new(row.version, owner));
             let current = self.durable.rows.get(&row.id).map_or(Current::Absent, Held::current);
+            // This device holds every row of `owner` whose newest version is at or below its
+            // mark: one it lacks there was deleted, and its tombstone may have been collected.
+            // Applying a late copy (a re-sent batch) would bring it back for good. (The engine
+            // does apply it: see the ignored state-sync test
+            // `a_late_batch_does_not_resurrect_a_deleted_subtree_after_tombstone_collection`.)
+            if current == Current::Absent
+                && Some(row.version) <= self.durable.state.get(owner, STATE_MODEL)
+            {
+                ctx.stats.late_rows_refused += 1;
+                continue;
+            }
             match decide(current, owner, row.version) {
                 Decision::Apply => {
                     let value = match &row.op {

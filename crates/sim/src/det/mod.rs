@@ -602,7 +602,12 @@ impl World {
                     let Some(newest) = self.oracle.rows.get(id).map(|held| held.version) else {
                         continue;
                     };
+                    // A deleted row may be gone altogether once its tombstone was collected.
+                    let collected =
+                        self.oracle.rows.get(id).is_some_and(|held| held.value.is_none())
+                            && !durable.rows.contains_key(id);
                     if newest <= version
+                        && !collected
                         && durable.rows.get(id).is_none_or(|held| held.version < newest)
                     {
                         violations.push(format!(
@@ -683,18 +688,25 @@ impl World {
             if durable.records.len() != self.oracle.records.len() {
                 return Some(format!("{} holds records no write made", device.id));
             }
-            if durable.rows != self.oracle.rows {
-                let differing = self
-                    .oracle
-                    .rows
+            // Live rows must match; tombstones may have been collected.
+            let live = |rows: &BTreeMap<Uuid, Held>| -> BTreeMap<Uuid, Held> {
+                rows.iter()
+                    .filter(|(_, held)| held.value.is_some())
+                    .map(|(id, held)| (*id, held.clone()))
+                    .collect()
+            };
+            let (held, expected) = (live(&durable.rows), live(&self.oracle.rows));
+            if held != expected {
+                let differing = expected
                     .iter()
-                    .find(|(id, expected)| durable.rows.get(*id) != Some(*expected))
-                    .map(|(id, _)| *id);
+                    .find(|(id, row)| held.get(*id) != Some(*row))
+                    .map(|(id, _)| *id)
+                    .or_else(|| held.keys().find(|id| !expected.contains_key(*id)).copied());
                 return Some(format!(
-                    "{} holds {} rows, expected {} (first differing: {differing:?})",
+                    "{} holds {} live rows, expected {} (first differing: {differing:?})",
                     device.id,
-                    durable.rows.len(),
-                    self.oracle.rows.len()
+                    held.len(),
+                    expected.len()
                 ));
             }
             for (origin, seq) in &self.oracle.last_seq {
@@ -784,6 +796,8 @@ pub struct ManyOutcome {
     pub elapsed: Duration,
     /// Steps over all runs.
     pub steps: u64,
+    /// Counters summed over all runs.
+    pub stats: Stats,
 }
 
 /// Runs seeds `first..first + count` on `threads` threads; `progress` is called after each seed
@@ -800,6 +814,7 @@ pub fn run_many(
     let done = AtomicU64::new(0);
     let steps = AtomicU64::new(0);
     let failures = Mutex::new(Vec::new());
+    let totals = Mutex::new(Stats::default());
     std::thread::scope(|scope| {
         for _ in 0..threads.max(1) {
             scope.spawn(|| {
@@ -810,6 +825,10 @@ pub fn run_many(
                     }
                     let outcome = run_seed(config, first.wrapping_add(offset));
                     steps.fetch_add(outcome.steps + outcome.liveness_steps, Ordering::Relaxed);
+                    totals
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .add(&outcome.stats);
                     let failed = !outcome.converged;
                     if failed {
                         failures
@@ -827,5 +846,11 @@ pub fn run_many(
     });
     let mut failures = failures.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
     failures.sort_by_key(|outcome| outcome.seed.wrapping_sub(first));
-    ManyOutcome { runs: count, failures, elapsed: started.elapsed(), steps: steps.into_inner() }
+    ManyOutcome {
+        runs: count,
+        failures,
+        elapsed: started.elapsed(),
+        steps: steps.into_inner(),
+        stats: totals.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner),
+    }
 }
