@@ -5,6 +5,13 @@ use crate::{cargo, exec};
 /// cargo-deny version installed when missing; pinned so every machine checks with the same rules.
 const CARGO_DENY_VERSION: &str = "0.20.2";
 
+/// The simulator smoke run: 3 peers, a fixed seed, a few thousand operations, every fault but
+/// `lossy`: lost batches are re-sent late, which can bring back rows deleted after their tombstone
+/// was collected (docs/simulator.md, "Found by the simulator"; an engine bug still open). Add
+/// `lossy` back once it is fixed, so that CI stays deterministic in what it expects.
+const SIM_SMOKE: [&str; 6] =
+    ["--ops", "3000", "--seed", "1", "--faults", "partition,restart,offline,join,skew"];
+
 pub(crate) fn run() -> Result<(), String> {
     exec(cargo().args(["fmt", "--all", "--", "--check"]))?;
     exec(cargo().args([
@@ -17,6 +24,9 @@ pub(crate) fn run() -> Result<(), String> {
         "warnings",
     ]))?;
     exec(cargo().args(["test", "--workspace", "--all-targets", "--locked"]))?;
+    // A short run of the real simulator (the deterministic one runs a few hundred seeds inside
+    // the tests above). Debug build: it reuses the test build, and dependencies are optimized.
+    exec(cargo().args(["run", "--locked", "--package", "lsync-sim", "--"]).args(SIM_SMOKE))?;
     // Doc tests are not covered by --all-targets.
     exec(cargo().args(["test", "--workspace", "--doc", "--locked"]))?;
     exec(

@@ -6,6 +6,7 @@
 //! - `bench [NAME…] [--quick] [--json] [--report FILE]`: the benchmarks, each figure beside a
 //!   baseline measured in the same run; `--report` writes them as markdown with the machine and
 //!   date.
+//! - `sim [OPTIONS]`: the multi-peer simulator in release mode (`crates/sim`; `docs/simulator.md`).
 //!
 //! One module per task; no dependencies beyond std, so `cargo xtask` builds in seconds.
 #![allow(
@@ -16,6 +17,7 @@
 
 mod bench;
 mod ci;
+mod sim;
 mod tidy;
 
 use std::path::{Path, PathBuf};
@@ -30,6 +32,8 @@ tasks:
                               run benchmarks (names: hlc, transport, bulk, sync); --quick
                               scales them down, --json prints one JSON object on the last
                               line, --report writes a markdown report to FILE
+  sim [OPTIONS]               the multi-peer simulation (real engine, or --deterministic);
+                              `cargo xtask sim --help` lists its options
 ";
 
 fn main() -> ExitCode {
@@ -38,6 +42,7 @@ fn main() -> ExitCode {
         Some("ci") if args.len() == 1 => ci::run(),
         Some("ci") => Err(format!("`ci` takes no arguments, got {:?}", &args[1..])),
         Some("bench") => bench::run(&args[1..]),
+        Some("sim") => return sim::run(&args[1..]),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             Ok(())

@@ -1,0 +1,1104 @@
+//! One device of the deterministic mode: a durable part (what its library file would hold; it
+//! survives a crash) and a volatile part (what its engine holds in memory; a crash loses it), and
+//! the sync flows driven through the sans-IO cores.
+//!
+//! The flows follow the engine's: local writes are stamped by the HLC, applied, logged and handed
+//! to the [`Batcher`]; flushes go to every connected peer and wait in the [`RetryQueue`] for an
+//! ack; receivers merge shared changes into [`RecordState`] registers, apply device-owned rows
+//! through [`decide`], advance watermarks ([`advance_contiguous`], batches' `since`) and ack;
+//! heartbeats carry watermarks, and a peer that holds more is pulled from page by page
+//! ([`shared_needs`], [`state_needs`]); the log is pruned by [`plan_prune`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use lsync_hlc::{DeviceId, Hlc, HlcConfig, HlcState, HlcTime, Resume};
+use lsync_node::core::batcher::{Batcher, Flush};
+use lsync_node::core::retry::{Coverage, RetryQueue};
+use lsync_peer_log::{OriginLog, PrunePeer, RetentionPolicy, plan_prune};
+use lsync_protocol::{
+    Ack, ErrorCode, ErrorMessage, Heartbeat, Message, OriginSeq, SharedBatch, SharedCatchUpRequest,
+    SharedCatchUpResponse, SharedChange, SharedOp, SharedRecord, SharedSnapshotRequest, StateBatch,
+    StateCatchUpRequest, StateCursor, StateOp, StatePage, StateRow, Value, Watermarks,
+};
+use lsync_shared_sync::RecordState;
+use lsync_state_sync::{Current, Decision, TombstoneGroup, decide, plan_tombstone_gc};
+use lsync_transport::{MemoryNetwork, SendOutcome};
+use lsync_watermark::{
+    SharedProgress, StateProgress, advance_contiguous, shared_needs, state_needs,
+};
+use uuid::Uuid;
+
+use super::trace::{Event, Trace};
+
+/// The shared model every simulated shared record belongs to.
+pub(super) const SHARED_MODEL: &str = "tags";
+/// The device-owned model every simulated row belongs to.
+pub(super) const STATE_MODEL: &str = "entries";
+/// Wall time at the start of every run: 2023-11-14, a plausible present.
+pub(super) const EPOCH_MS: u64 = 1_700_000_000_000;
+
+/// Engine settings in virtual time, scaled down from the engine's defaults so that a run of a few
+/// thousand steps sees many windows, heartbeats, timeouts and prunes.
+pub(super) mod tuning {
+    use std::time::Duration;
+
+    /// Batching window (engine default 100 ms).
+    pub(in crate::det) const BATCH_WINDOW: Duration = Duration::from_millis(20);
+    /// Rows per batch before an early flush and chunking (engine default 5,000): small, so that
+    /// chunked flushes with chained `since` happen often.
+    pub(in crate::det) const MAX_BATCH_ROWS: usize = 8;
+    /// Heartbeat interval (engine default 5 s).
+    pub(in crate::det) const HEARTBEAT: Duration = Duration::from_millis(250);
+    /// How long a catch-up request may wait for its response before the pull is abandoned and
+    /// left to the next heartbeat (engine default 10 s).
+    pub(in crate::det) const REQUEST_TIMEOUT: Duration = Duration::from_millis(600);
+    /// Prune interval (engine default 30 s).
+    pub(in crate::det) const PRUNE_INTERVAL: Duration = Duration::from_millis(300);
+    /// Changes or rows per catch-up page (engine default 5,000): small, so pulls take many pages.
+    pub(in crate::det) const PAGE_LIMIT: u32 = 16;
+
+    /// Retry settings (engine defaults 5 s, 200 ms, 30 s, 8 attempts, 1,024 entries).
+    pub(in crate::det) fn retry() -> lsync_node::core::retry::RetryConfig {
+        lsync_node::core::retry::RetryConfig {
+            ack_timeout: Duration::from_millis(150),
+            base: Duration::from_millis(50),
+            max: Duration::from_millis(400),
+            max_attempts: 3,
+            capacity: 256,
+        }
+    }
+}
+
+/// What travels between simulated devices: the engine's messages, with request correlation.
+#[derive(Debug, Clone)]
+pub(super) enum Wire {
+    /// A one-way message (batches, acks, heartbeats).
+    OneWay(Message),
+    /// A request awaiting exactly one response.
+    Request(u64, Message),
+    /// The response to request `id`.
+    Response(u64, Message),
+    /// The answer to a backfill request `id`: a whole snapshot at once. (The engine pages it with
+    /// checkpoints; here it is atomic, which the checks below do not depend on.)
+    Snapshot(u64, Box<Snapshot>),
+}
+
+/// Everything a joining device needs to start from: the merged registers, every device-owned row
+/// and tombstone, and the watermarks they cover.
+#[derive(Debug, Clone)]
+pub(super) struct Snapshot {
+    records: Vec<SharedRecord>,
+    rows: Vec<(DeviceId, StateRow)>,
+    shared: SharedProgress,
+    state: StateProgress,
+}
+
+/// One device-owned row as held: a live row or a tombstone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Held {
+    /// Its owner.
+    pub(super) owner: DeviceId,
+    /// The owner's version of it.
+    pub(super) version: HlcTime,
+    /// Its value; `None` for a tombstone.
+    pub(super) value: Option<Value>,
+}
+
+impl Held {
+    fn current(&self) -> Current {
+        match self.value {
+            Some(_) => Current::Row { owner: self.owner, version: self.version },
+            None => Current::Tombstone { owner: self.owner, version: self.version },
+        }
+    }
+
+    fn to_row(&self, id: Uuid) -> StateRow {
+        let op = match &self.value {
+            Some(value) => StateOp::Upsert(vec![value.clone()]),
+            None => StateOp::Delete,
+        };
+        StateRow { id, version: self.version, op }
+    }
+}
+
+/// What a library file holds: it survives a crash.
+#[derive(Debug, Default)]
+pub(super) struct Durable {
+    /// The last persisted HLC stamp (the resume point).
+    pub(super) clock: Option<Hlc>,
+    /// The last sequence number this device gave one of its own shared changes.
+    pub(super) own_seq: u64,
+    /// Shared records' registers.
+    pub(super) records: BTreeMap<Uuid, RecordState>,
+    /// The peer log, by (origin, seq).
+    pub(super) log: BTreeMap<(DeviceId, u64), SharedChange>,
+    /// Contiguous shared watermarks.
+    pub(super) shared: SharedProgress,
+    /// Device-owned rows and tombstones.
+    pub(super) rows: BTreeMap<Uuid, Held>,
+    /// Device-owned watermarks.
+    pub(super) state: StateProgress,
+    /// Shared acks received, by peer.
+    pub(super) acks: BTreeMap<DeviceId, SharedProgress>,
+    /// Device-owned acks received, by peer (they decide which tombstones may go).
+    pub(super) state_acks: BTreeMap<DeviceId, StateProgress>,
+    /// Per origin, the log was pruned through this sequence number.
+    pub(super) pruned: BTreeMap<DeviceId, u64>,
+    /// Per origin, the changes a backfill snapshot covered: never held in the log here.
+    pub(super) snapshot_base: BTreeMap<DeviceId, u64>,
+    /// Whether this copy is complete: from the start, or once its backfill finished.
+    pub(super) ready: bool,
+    /// Instrumentation, never read by the flows: every (origin, seq) ever applied here, so the
+    /// checker can tell a watermark that claims a change never applied.
+    pub(super) applied: BTreeMap<DeviceId, BTreeSet<u64>>,
+}
+
+impl Durable {
+    /// Raises `origin`'s contiguous watermark over the changes logged right above it.
+    fn advance(&mut self, origin: DeviceId) {
+        let current = self.shared.get(origin);
+        let present =
+            self.log.range((origin, current + 1)..=(origin, u64::MAX)).map(|((_, seq), _)| *seq);
+        let advanced = advance_contiguous(current, present);
+        self.shared.raise(origin, advanced);
+    }
+}
+
+/// A catch-up step: what to pull next from a peer.
+#[derive(Debug, Clone)]
+enum PullStep {
+    /// Shared changes of these origins after this device's watermarks.
+    Shared { origins: Vec<DeviceId> },
+    /// Device-owned rows of `owner` after this device's mark, up to the peer's mark `target`.
+    State { owner: DeviceId, target: HlcTime, after: Option<StateCursor> },
+}
+
+/// A catch-up from one peer in progress.
+#[derive(Debug)]
+struct Pull {
+    request: u64,
+    deadline: Duration,
+    current: PullStep,
+    rest: Vec<PullStep>,
+}
+
+/// What the engine holds in memory: a crash loses it.
+#[derive(Debug)]
+struct Volatile {
+    clock: HlcState,
+    batcher: Batcher,
+    retry: RetryQueue<Message>,
+    next_heartbeat: Duration,
+    next_prune: Duration,
+    pulls: BTreeMap<DeviceId, Pull>,
+    /// A backfill request in flight: its id and deadline.
+    backfill: Option<(u64, Duration)>,
+}
+
+/// Everything a device's handlers reach beyond the device itself.
+pub(super) struct Ctx<'a> {
+    /// Virtual time since the start of the run.
+    pub(super) now: Duration,
+    /// The instant virtual time 0 maps to, for the cores that take `Instant`s.
+    pub(super) base: Instant,
+    /// The wire.
+    pub(super) network: &'a mut MemoryNetwork<Wire>,
+    /// The event trace.
+    pub(super) trace: &'a mut Trace,
+    /// Invariant violations found while handling.
+    pub(super) violations: &'a mut Vec<String>,
+    /// The next request id (one sequence for the whole run).
+    pub(super) next_request: &'a mut u64,
+    /// Who created each device-owned row (ground truth for the owner-only check).
+    pub(super) creators: &'a BTreeMap<Uuid, DeviceId>,
+    /// Every device of the run (the paired set; devices never unpair).
+    pub(super) devices: &'a [DeviceId],
+    /// Counters.
+    pub(super) stats: &'a mut Stats,
+}
+
+impl Ctx<'_> {
+    fn instant(&self) -> Instant {
+        self.base + self.now
+    }
+
+    fn fail(&mut self, message: String) {
+        self.violations.push(message);
+    }
+
+    /// Hands `wire` to the network; `false` if the link refused it (full).
+    fn send(&mut self, from: DeviceId, to: DeviceId, wire: Wire) -> bool {
+        let kind = match &wire {
+            Wire::OneWay(message) | Wire::Request(_, message) | Wire::Response(_, message) => {
+                message.kind()
+            }
+            Wire::Snapshot(..) => 0,
+        };
+        let outcome = match wire {
+            Wire::Response(..) | Wire::Snapshot(..) => {
+                self.network.send_response(from, to, wire, self.now)
+            }
+            _ => self.network.send(from, to, wire, self.now),
+        };
+        self.trace.record(Event::Send, &[ident(from), ident(to), u64::from(kind)]);
+        self.stats.messages += 1;
+        outcome != SendOutcome::Full
+    }
+}
+
+/// Counters a run reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Messages handed to the network.
+    pub messages: u64,
+    /// Shared writes made.
+    pub shared_writes: u64,
+    /// Device-owned writes made.
+    pub row_writes: u64,
+    /// Writes refused (an update of a record not held, a write to another device's row).
+    pub refused: u64,
+    /// Remote stamps beyond the drift bound (applied, not adopted by the clock).
+    pub skewed: u64,
+    /// Batches re-sent by the retry queue.
+    pub resent: u64,
+    /// Catch-up pages applied.
+    pub pages: u64,
+    /// Catch-ups abandoned for a lost request or response.
+    pub pulls_abandoned: u64,
+    /// Log entries pruned.
+    pub pruned: u64,
+    /// Crashes.
+    pub crashes: u64,
+    /// Backfills completed by joining devices.
+    pub backfills: u64,
+    /// Catch-up requests for an origin the peer no longer held (or never did).
+    pub unavailable: u64,
+    /// Tombstones collected once every peer acknowledged them.
+    pub tombstones_collected: u64,
+    /// Received rows at or below the receiver's mark that it did not hold: deleted rows whose
+    /// tombstone was collected, arriving late; not applied.
+    pub late_rows_refused: u64,
+}
+
+impl Stats {
+    /// Adds another run's counters.
+    pub fn add(&mut self, other: &Stats) {
+        let Stats {
+            messages,
+            shared_writes,
+            row_writes,
+            refused,
+            skewed,
+            resent,
+            pages,
+            pulls_abandoned,
+            pruned,
+            crashes,
+            backfills,
+            unavailable,
+            tombstones_collected,
+            late_rows_refused,
+        } = *other;
+        self.messages += messages;
+        self.shared_writes += shared_writes;
+        self.row_writes += row_writes;
+        self.refused += refused;
+        self.skewed += skewed;
+        self.resent += resent;
+        self.pages += pages;
+        self.pulls_abandoned += pulls_abandoned;
+        self.pruned += pruned;
+        self.crashes += crashes;
+        self.backfills += backfills;
+        self.unavailable += unavailable;
+        self.tombstones_collected += tombstones_collected;
+        self.late_rows_refused += late_rows_refused;
+    }
+}
+
+/// A stable number for a device in the trace (its id's first 8 bytes).
+pub(super) fn ident(device: DeviceId) -> u64 {
+    let bytes = device.as_bytes();
+    u64::from_le_bytes([
+        bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7],
+    ])
+}
+
+/// Why a local write was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Refused {
+    /// The record is not held (an update or delete of something never seen or deleted).
+    NotFound,
+    /// The row belongs to another device.
+    NotOwner,
+    /// The device is down.
+    Down,
+}
+
+/// One simulated device.
+#[derive(Debug)]
+pub(super) struct Device {
+    /// Its id.
+    pub(super) id: DeviceId,
+    /// Its wall clock's offset from true (virtual) time, in ms.
+    pub(super) skew_ms: i64,
+    /// What survives a crash.
+    pub(super) durable: Durable,
+    volatile: Option<Volatile>,
+    /// Instrumentation: the last stamp its clock produced (over its whole life, restarts
+    /// included).
+    last_stamp: Option<Hlc>,
+}
+
+impl Device {
+    /// A new, running device with nothing stored: a complete copy (`ready`, one of the first
+    /// devices) or a joining one that must backfill first.
+    pub(super) fn new(id: DeviceId, skew_ms: i64, ready: bool, now: Duration, seed: u64) -> Self {
+        let durable = Durable { ready, ..Durable::default() };
+        let mut device = Self { id, skew_ms, durable, volatile: None, last_stamp: None };
+        device.boot(now, seed);
+        device
+    }
+
+    /// Whether the device is running.
+    pub(super) fn is_up(&self) -> bool {
+        self.volatile.is_some()
+    }
+
+    /// Starts the engine from the durable state (first start, or restart after a crash).
+    pub(super) fn boot(&mut self, now: Duration, retry_seed: u64) {
+        let resume = self.durable.clock.map_or(Resume::FirstStart, Resume::After);
+        self.volatile = Some(Volatile {
+            clock: HlcState::new(self.id, HlcConfig::default(), resume),
+            batcher: Batcher::new(tuning::BATCH_WINDOW, tuning::MAX_BATCH_ROWS),
+            retry: RetryQueue::new(tuning::retry(), retry_seed),
+            next_heartbeat: now,
+            next_prune: now + tuning::PRUNE_INTERVAL,
+            pulls: BTreeMap::new(),
+            backfill: None,
+        });
+    }
+
+    /// Kills the engine: everything volatile is lost.
+    pub(super) fn crash(&mut self) {
+        self.volatile = None;
+    }
+
+    /// This device's wall clock at virtual time `now`.
+    fn wall_ms(&self, now: Duration) -> u64 {
+        let true_ms = EPOCH_MS.saturating_add(u64::try_from(now.as_millis()).unwrap_or(u64::MAX));
+        true_ms.saturating_add_signed(self.skew_ms)
+    }
+
+    /// Checks and records a stamp the clock just produced, and persists it.
+    fn observe_stamp(&mut self, ctx: &mut Ctx<'_>, stamp: Hlc) {
+        if let Some(last) = self.last_stamp
+            && stamp <= last
+        {
+            ctx.fail(format!("HLC of {} went from {last} to {stamp}", self.id));
+        }
+        self.last_stamp = Some(stamp);
+        self.durable.clock = Some(stamp);
+    }
+
+    /// A local stamp, or `None` when down or the clock is exhausted.
+    fn tick(&mut self, ctx: &mut Ctx<'_>) -> Option<Hlc> {
+        let wall = self.wall_ms(ctx.now);
+        let stamp = self.volatile.as_mut()?.clock.tick(wall).ok()?;
+        self.observe_stamp(ctx, stamp);
+        Some(stamp)
+    }
+
+    /// Observes a remote stamp with the clock.
+    fn receive_stamp(&mut self, ctx: &mut Ctx<'_>, remote: Hlc) {
+        let wall = self.wall_ms(ctx.now);
+        let Some(volatile) = self.volatile.as_mut() else { return };
+        match volatile.clock.receive(remote, wall) {
+            Ok(stamp) => self.observe_stamp(ctx, stamp),
+            Err(_) => ctx.stats.skewed += 1,
+        }
+    }
+
+    /// Writes a shared change of record `record` locally; returns its stamp.
+    pub(super) fn write_shared(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        record: Uuid,
+        op: SharedOp,
+    ) -> Result<SharedChange, Refused> {
+        if !self.is_up() {
+            return Err(Refused::Down);
+        }
+        let exists = self.durable.records.get(&record).is_some_and(RecordState::exists);
+        if !matches!(op, SharedOp::Insert(_)) && !exists {
+            ctx.stats.refused += 1;
+            return Err(Refused::NotFound);
+        }
+        let stamp = self.tick(ctx).ok_or(Refused::Down)?;
+        self.durable.own_seq += 1;
+        let change = SharedChange {
+            origin: self.id,
+            seq: self.durable.own_seq,
+            time: stamp.time(),
+            model: SHARED_MODEL.to_owned(),
+            record,
+            op,
+        };
+        self.apply_changes(ctx, std::slice::from_ref(&change));
+        let now = ctx.instant();
+        if let Some(volatile) = self.volatile.as_mut() {
+            volatile.batcher.push_shared(vec![change.clone()], now);
+        }
+        ctx.stats.shared_writes += 1;
+        Ok(change)
+    }
+
+    /// Writes this device's rows in one transaction (each `(id, None)` deletes its row), every
+    /// row stamped with its own tick; returns the rows as written. A write touching a row of
+    /// another device is refused whole.
+    pub(super) fn write_rows(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        edits: Vec<(Uuid, Option<Value>)>,
+    ) -> Result<Vec<StateRow>, Refused> {
+        if !self.is_up() {
+            return Err(Refused::Down);
+        }
+        let foreign = |(id, _): &(Uuid, Option<Value>)| {
+            self.durable.rows.get(id).is_some_and(|held| held.owner != self.id)
+        };
+        if edits.iter().any(foreign) {
+            ctx.stats.refused += 1;
+            return Err(Refused::NotOwner);
+        }
+        let since = self.durable.state.get(self.id, STATE_MODEL);
+        let mut rows = Vec::with_capacity(edits.len());
+        for (id, value) in edits {
+            let stamp = self.tick(ctx).ok_or(Refused::Down)?;
+            let held = Held { owner: self.id, version: stamp.time(), value };
+            rows.push(held.to_row(id));
+            self.durable.rows.insert(id, held);
+            self.durable.state.raise(self.id, STATE_MODEL, stamp.time());
+        }
+        let now = ctx.instant();
+        if let Some(volatile) = self.volatile.as_mut() {
+            volatile.batcher.push_state(STATE_MODEL, since, rows.clone(), now);
+        }
+        ctx.stats.row_writes += u64::try_from(rows.len()).unwrap_or(0);
+        Ok(rows)
+    }
+
+    /// Everything time-driven: flushes, re-sends, heartbeats, prunes, pull timeouts.
+    pub(super) fn on_tick(&mut self, ctx: &mut Ctx<'_>, connected: &[DeviceId]) {
+        let now = ctx.instant();
+        let Some(volatile) = self.volatile.as_mut() else { return };
+        for flush in volatile.batcher.poll(now) {
+            self.push(ctx, connected, flush);
+        }
+        self.resend_due(ctx);
+        self.backfill_if_needed(ctx, connected);
+        self.heartbeat_if_due(ctx, connected);
+        self.prune_if_due(ctx);
+        self.expire_pulls(ctx);
+    }
+
+    /// Sends one flush to every connected peer and waits for their acks.
+    fn push(&mut self, ctx: &mut Ctx<'_>, connected: &[DeviceId], flush: Flush) {
+        let (message, covers) = match flush {
+            Flush::State { model, since, rows } => {
+                let Some(version) = rows.iter().map(|row| row.version).max() else { return };
+                let covers = Coverage::State { owner: self.id, model: model.clone(), version };
+                let batch = StateBatch {
+                    owner: self.id,
+                    model,
+                    columns: vec!["value".into()],
+                    rows,
+                    since,
+                };
+                (Message::StateBatch(batch), covers)
+            }
+            Flush::Shared { changes } => {
+                let Some(seq) = changes.iter().map(|change| change.seq).max() else { return };
+                (
+                    Message::SharedBatch(SharedBatch { changes }),
+                    Coverage::Shared { origin: self.id, seq },
+                )
+            }
+        };
+        let now = ctx.instant();
+        for peer in connected {
+            let sent = ctx.send(self.id, *peer, Wire::OneWay(message.clone()));
+            let Some(volatile) = self.volatile.as_mut() else { return };
+            if let Ok(entry) = volatile.retry.sent(*peer, message.clone(), covers.clone(), now)
+                && !sent
+            {
+                volatile.retry.send_failed(entry, now);
+            }
+        }
+    }
+
+    fn resend_due(&mut self, ctx: &mut Ctx<'_>) {
+        let now = ctx.instant();
+        let Some(volatile) = self.volatile.as_mut() else { return };
+        let due = volatile.retry.poll_due(now);
+        for (entry, peer, message) in due.resend {
+            ctx.stats.resent += 1;
+            if !ctx.send(self.id, peer, Wire::OneWay(message))
+                && let Some(volatile) = self.volatile.as_mut()
+            {
+                volatile.retry.send_failed(entry, now);
+            }
+        }
+    }
+
+    fn watermarks(&self) -> Watermarks {
+        Watermarks {
+            library: lsync_protocol::LibraryId(Uuid::nil()),
+            device: self.id,
+            epoch: lsync_protocol::Epoch(0),
+            shared: self.durable.shared.to_wire(),
+            state: self.durable.state.to_wire(),
+            ready: true,
+            resync: false,
+        }
+    }
+
+    fn heartbeat_if_due(&mut self, ctx: &mut Ctx<'_>, connected: &[DeviceId]) {
+        let Some(volatile) = self.volatile.as_mut() else { return };
+        if ctx.now < volatile.next_heartbeat {
+            return;
+        }
+        volatile.next_heartbeat = ctx.now + tuning::HEARTBEAT;
+        for peer in connected {
+            self.send_heartbeat(ctx, *peer);
+        }
+    }
+
+    fn send_heartbeat(&mut self, ctx: &mut Ctx<'_>, peer: DeviceId) {
+        let heartbeat = Heartbeat { nonce: 0, watermarks: Some(self.watermarks()) };
+        ctx.send(self.id, peer, Wire::OneWay(Message::Heartbeat(heartbeat)));
+    }
+
+    /// A peer connected: exchange watermarks at once (each side then pulls what it lacks).
+    pub(super) fn on_connect(&mut self, ctx: &mut Ctx<'_>, peer: DeviceId) {
+        if self.is_up() {
+            self.send_heartbeat(ctx, peer);
+        }
+    }
+
+    /// A peer disconnected: forget what waits for it.
+    pub(super) fn on_disconnect(&mut self, peer: DeviceId) {
+        if let Some(volatile) = self.volatile.as_mut() {
+            volatile.retry.peer_offline(peer);
+            volatile.pulls.remove(&peer);
+        }
+    }
+
+    fn prune_if_due(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(volatile) = self.volatile.as_mut() else { return };
+        if ctx.now < volatile.next_prune {
+            return;
+        }
+        volatile.next_prune = ctx.now + tuning::PRUNE_INTERVAL;
+        let mut logs: BTreeMap<DeviceId, OriginLog> = BTreeMap::new();
+        for (origin, seq) in self.durable.log.keys() {
+            logs.entry(*origin).and_modify(|log| log.last_seq = *seq).or_insert(OriginLog {
+                origin: *origin,
+                first_seq: *seq,
+                last_seq: *seq,
+                aged_out_through: None,
+            });
+        }
+        let logs: Vec<OriginLog> = logs.into_values().collect();
+        let peers: Vec<PrunePeer> = ctx
+            .devices
+            .iter()
+            .filter(|device| **device != self.id)
+            .map(|device| PrunePeer { device: *device, needs_resync: false })
+            .collect();
+        // No retention cap: a simulated run is far shorter than any cap, and the cap's forced
+        // prunes are checked by the peer-log unit tests.
+        let policy = RetentionPolicy { max_age: Duration::MAX, max_entries_per_origin: u64::MAX };
+        let plan = plan_prune(&logs, &self.durable.shared, &peers, &self.durable.acks, &policy);
+        for through in plan.prune_through {
+            for peer in &peers {
+                let acked =
+                    self.durable.acks.get(&peer.device).map_or(0, |acks| acks.get(through.origin));
+                if through.seq > acked {
+                    ctx.fail(format!(
+                        "{} prunes {} through {}; {} acked only {acked}",
+                        self.id, through.origin, through.seq, peer.device
+                    ));
+                }
+            }
+            let keep = self.durable.log.split_off(&(through.origin, through.seq + 1));
+            let before = self.durable.log.len();
+            self.durable.log.retain(|(origin, _), _| *origin != through.origin);
+            ctx.stats.pruned += u64::try_from(before - self.durable.log.len()).unwrap_or(0);
+            self.durable.log.extend(keep);
+            let pruned = self.durable.pruned.entry(through.origin).or_insert(0);
+            *pruned = (*pruned).max(through.seq);
+            ctx.trace.record(Event::Prune, &[ident(self.id), ident(through.origin), through.seq]);
+        }
+        self.collect_tombstones(ctx, &peers);
+    }
+
+    /// Drops the tombstones every paired peer has acknowledged (its state ack for the owner is at
+    /// or above them), as the engine's pruner does.
+    fn collect_tombstones(&mut self, ctx: &mut Ctx<'_>, peers: &[PrunePeer]) {
+        let mut newest: BTreeMap<DeviceId, HlcTime> = BTreeMap::new();
+        for held in self.durable.rows.values().filter(|held| held.value.is_none()) {
+            let slot = newest.entry(held.owner).or_insert(held.version);
+            *slot = (*slot).max(held.version);
+        }
+        let groups: Vec<TombstoneGroup> = newest
+            .into_iter()
+            .map(|(owner, newest)| TombstoneGroup {
+                owner,
+                model: STATE_MODEL.to_owned(),
+                newest,
+                aged_newest: None,
+            })
+            .collect();
+        let peers: Vec<(DeviceId, bool)> = peers.iter().map(|peer| (peer.device, false)).collect();
+        let gc = plan_tombstone_gc(&groups, &peers, &self.durable.state_acks);
+        for (owner, _, through) in gc.collect_through {
+            // Only below this device's own mark: above it a late row could still be older than a
+            // tombstone this device holds, and only the tombstone tells it the row is dead.
+            let Some(through) =
+                self.durable.state.get(owner, STATE_MODEL).map(|mark| mark.min(through))
+            else {
+                continue;
+            };
+            let before = self.durable.rows.len();
+            self.durable.rows.retain(|_, held| {
+                held.value.is_some() || held.owner != owner || held.version > through
+            });
+            ctx.stats.tombstones_collected +=
+                u64::try_from(before - self.durable.rows.len()).unwrap_or(0);
+        }
+    }
+
+    fn expire_pulls(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(volatile) = self.volatile.as_mut() else { return };
+        let before = volatile.pulls.len();
+        volatile.pulls.retain(|_, pull| pull.deadline > ctx.now);
+        ctx.stats.pulls_abandoned += u64::try_from(before - volatile.pulls.len()).unwrap_or(0);
+    }
+
+    /// Handles a message from `from`.
+    pub(super) fn on_wire(&mut self, ctx: &mut Ctx<'_>, from: DeviceId, wire: Wire) {
+        // Like the engine, a copy still backfilling neither applies nor acknowledges live
+        // batches: the snapshot and the catch-up after it bring those changes.
+        let live = matches!(wire, Wire::OneWay(Message::SharedBatch(_) | Message::StateBatch(_)));
+        if live && !self.durable.ready {
+            return;
+        }
+        match wire {
+            Wire::OneWay(Message::SharedBatch(batch)) => {
+                self.apply_changes(ctx, &batch.changes);
+                self.ack(ctx, from);
+            }
+            Wire::OneWay(Message::StateBatch(batch)) => {
+                let newest = batch.rows.iter().map(|row| row.version).max();
+                self.apply_rows(ctx, batch.owner, &batch.rows);
+                // The batch holds every change after its `since`: if this device already holds
+                // everything up to `since`, it now holds everything up to the batch's newest.
+                if let Some(newest) = newest
+                    && batch.since <= self.durable.state.get(batch.owner, &batch.model)
+                {
+                    self.durable.state.raise(batch.owner, &batch.model, newest);
+                }
+                self.ack(ctx, from);
+            }
+            Wire::OneWay(Message::Ack(ack)) => {
+                self.durable
+                    .acks
+                    .entry(from)
+                    .or_default()
+                    .raise_all(&SharedProgress::from_wire(&ack.shared));
+                let state_acks = self.durable.state_acks.entry(from).or_default();
+                for mark in &ack.state {
+                    state_acks.raise(mark.owner, &mark.model, mark.version);
+                }
+                if let Some(volatile) = self.volatile.as_mut() {
+                    volatile.retry.acked(from, &ack);
+                }
+            }
+            Wire::OneWay(Message::Heartbeat(Heartbeat { watermarks: Some(theirs), .. })) => {
+                self.start_pull(ctx, from, &theirs);
+            }
+            Wire::Request(id, Message::SharedCatchUpRequest(request)) => {
+                let response = self.serve_shared(&request);
+                ctx.send(self.id, from, Wire::Response(id, response));
+            }
+            Wire::Request(id, Message::StateCatchUpRequest(request)) => {
+                let response = self.serve_state(&request);
+                ctx.send(self.id, from, Wire::Response(id, response));
+            }
+            Wire::Request(id, Message::SharedSnapshotRequest(_)) => {
+                let answer = if self.durable.ready {
+                    Wire::Snapshot(id, Box::new(self.snapshot()))
+                } else {
+                    let error = ErrorMessage {
+                        code: ErrorCode::NotAvailable,
+                        message: "this copy is still backfilling".into(),
+                    };
+                    Wire::Response(id, Message::Error(error))
+                };
+                ctx.send(self.id, from, answer);
+            }
+            Wire::Snapshot(id, snapshot) => self.on_snapshot(ctx, from, id, &snapshot),
+            Wire::Response(id, message) => self.on_response(ctx, from, id, message),
+            Wire::OneWay(other) | Wire::Request(_, other) => {
+                ctx.fail(format!("{} got an unexpected message {}", self.id, other.name()));
+            }
+        }
+    }
+
+    fn ack(&mut self, ctx: &mut Ctx<'_>, to: DeviceId) {
+        let ack =
+            Ack { shared: self.durable.shared.to_wire(), state: self.durable.state.to_wire() };
+        ctx.send(self.id, to, Wire::OneWay(Message::Ack(ack)));
+    }
+
+    /// Merges shared changes (own or received), logs them and advances the watermarks.
+    fn apply_changes(&mut self, ctx: &mut Ctx<'_>, changes: &[SharedChange]) {
+        let mut origins = BTreeSet::new();
+        for change in changes {
+            let key = (change.origin, change.seq);
+            if change.seq <= self.durable.shared.get(change.origin)
+                || self.durable.log.contains_key(&key)
+            {
+                continue;
+            }
+            if change.origin != self.id {
+                self.receive_stamp(ctx, change.hlc());
+            }
+            self.durable.records.entry(change.record).or_default().apply(change.hlc(), &change.op);
+            self.durable.log.insert(key, change.clone());
+            self.durable.applied.entry(change.origin).or_default().insert(change.seq);
+            origins.insert(change.origin);
+            ctx.trace.record(Event::Apply, &[ident(self.id), ident(change.origin), change.seq]);
+        }
+        for origin in origins {
+            self.durable.advance(origin);
+        }
+    }
+
+    /// Applies `owner`'s rows through the owner-version rule.
+    fn apply_rows(&mut self, ctx: &mut Ctx<'_>, owner: DeviceId, rows: &[StateRow]) {
+        for row in rows {
+            if let Some(creator) = ctx.creators.get(&row.id)
+                && *creator != owner
+            {
+                ctx.fail(format!(
+                    "{} was sent row {} as {owner}'s; it is {creator}'s",
+                    self.id, row.id
+                ));
+            }
+            self.receive_stamp(ctx, Hlc::new(row.version, owner));
+            let current = self.durable.rows.get(&row.id).map_or(Current::Absent, Held::current);
+            // This device holds every row of `owner` whose newest version is at or below its
+            // mark: one it lacks there was deleted, and its tombstone may have been collected.
+            // Applying a late copy (a re-sent batch) would bring it back for good. (The engine
+            // does apply it: see the ignored state-sync test
+            // `a_late_batch_does_not_resurrect_a_deleted_subtree_after_tombstone_collection`.)
+            if current == Current::Absent
+                && Some(row.version) <= self.durable.state.get(owner, STATE_MODEL)
+            {
+                ctx.stats.late_rows_refused += 1;
+                continue;
+            }
+            match decide(current, owner, row.version) {
+                Decision::Apply => {
+                    let value = match &row.op {
+                        StateOp::Upsert(values) => {
+                            Some(values.first().cloned().unwrap_or(Value::Null))
+                        }
+                        StateOp::Delete | StateOp::DeleteSubtree => None,
+                    };
+                    self.durable.rows.insert(row.id, Held { owner, version: row.version, value });
+                }
+                Decision::Stale => {}
+                Decision::WrongOwner { owner: held_by } => {
+                    ctx.fail(format!(
+                        "{} refused {owner}'s row {}: held as {held_by}'s (honest devices never \
+                         claim each other's rows)",
+                        self.id, row.id
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Starts pulling from `peer` what its watermarks show this device lacks, unless a pull from it
+    /// is already under way.
+    fn start_pull(&mut self, ctx: &mut Ctx<'_>, peer: DeviceId, theirs: &Watermarks) {
+        if !self.durable.ready
+            || self.volatile.as_ref().is_none_or(|volatile| volatile.pulls.contains_key(&peer))
+        {
+            return;
+        }
+        let mut steps = Vec::new();
+        let shared = shared_needs(&self.durable.shared, &SharedProgress::from_wire(&theirs.shared));
+        if !shared.is_empty() {
+            steps.push(PullStep::Shared {
+                origins: shared.iter().map(|need| need.origin).collect(),
+            });
+        }
+        let their_state = StateProgress::from_wire(&theirs.state);
+        for need in state_needs(&self.durable.state, &their_state) {
+            if let Some(target) = their_state.get(need.owner, &need.model) {
+                steps.push(PullStep::State { owner: need.owner, target, after: None });
+            }
+        }
+        let mut steps = steps.into_iter();
+        if let Some(first) = steps.next() {
+            self.send_pull(ctx, peer, first, steps.collect());
+        }
+    }
+
+    fn send_pull(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        peer: DeviceId,
+        step: PullStep,
+        rest: Vec<PullStep>,
+    ) {
+        let request = *ctx.next_request;
+        *ctx.next_request += 1;
+        let message = match &step {
+            PullStep::Shared { origins } => Message::SharedCatchUpRequest(SharedCatchUpRequest {
+                after: origins
+                    .iter()
+                    .map(|origin| OriginSeq {
+                        origin: *origin,
+                        seq: self.durable.shared.get(*origin),
+                    })
+                    .collect(),
+                limit: tuning::PAGE_LIMIT,
+            }),
+            PullStep::State { owner, after, .. } => {
+                Message::StateCatchUpRequest(StateCatchUpRequest {
+                    owner: *owner,
+                    model: STATE_MODEL.to_owned(),
+                    since: self.durable.state.get(*owner, STATE_MODEL),
+                    after: *after,
+                    limit: tuning::PAGE_LIMIT,
+                })
+            }
+        };
+        let deadline = ctx.now + tuning::REQUEST_TIMEOUT;
+        if let Some(volatile) = self.volatile.as_mut() {
+            volatile.pulls.insert(peer, Pull { request, deadline, current: step, rest });
+        }
+        ctx.send(self.id, peer, Wire::Request(request, message));
+    }
+
+    fn on_response(&mut self, ctx: &mut Ctx<'_>, from: DeviceId, id: u64, message: Message) {
+        let Some(volatile) = self.volatile.as_mut() else { return };
+        if volatile.backfill.is_some_and(|(request, _)| request == id) {
+            // Refused (the peer is backfilling too): ask again, maybe another peer.
+            volatile.backfill = None;
+            return;
+        }
+        // A response to an abandoned or finished pull (or a duplicate) is ignored.
+        let Some(pull) = volatile.pulls.remove_entry(&from).and_then(|(peer, pull)| {
+            if pull.request == id {
+                Some(pull)
+            } else {
+                volatile.pulls.insert(peer, pull);
+                None
+            }
+        }) else {
+            return;
+        };
+        ctx.stats.pages += 1;
+        let next = match (pull.current, message) {
+            (PullStep::Shared { origins }, Message::SharedCatchUpResponse(page)) => {
+                // An origin reported pruned is not available from this peer: either this device's
+                // watermark rose past it since the request (nothing lost), or the peer never held
+                // those changes (it started from a snapshot) and another peer serves them. Whether
+                // anything a device still needs was pruned is checked globally after every step.
+                let unavailable: BTreeSet<DeviceId> = page
+                    .pruned
+                    .iter()
+                    .filter(|pruned| pruned.seq > self.durable.shared.get(pruned.origin))
+                    .map(|pruned| pruned.origin)
+                    .collect();
+                ctx.stats.unavailable += u64::try_from(unavailable.len()).unwrap_or(0);
+                self.apply_changes(ctx, &page.changes);
+                self.ack(ctx, from);
+                let origins: Vec<DeviceId> =
+                    origins.into_iter().filter(|origin| !unavailable.contains(origin)).collect();
+                let again = !page.complete || page.pruned.len() > unavailable.len();
+                (again && !origins.is_empty()).then_some(PullStep::Shared { origins })
+            }
+            (PullStep::State { owner, target, .. }, Message::StatePage(page)) => {
+                self.apply_rows(ctx, owner, &page.rows);
+                let last =
+                    page.rows.last().map(|row| StateCursor { version: row.version, id: row.id });
+                if page.more && last.is_some() {
+                    Some(PullStep::State { owner, target, after: last })
+                } else {
+                    // Every row of `owner` up to the peer's mark is now held (pages come in
+                    // version order, none skipped), so the mark may rise to it.
+                    self.durable.state.raise(owner, STATE_MODEL, target);
+                    self.ack(ctx, from);
+                    None
+                }
+            }
+            (_, other) => {
+                ctx.fail(format!("{} got a mismatched response {}", self.id, other.name()));
+                None
+            }
+        };
+        let mut rest = pull.rest.into_iter();
+        if let Some(step) = next.or_else(|| rest.next()) {
+            self.send_pull(ctx, from, step, rest.collect());
+        }
+    }
+
+    /// A joining device asks a connected peer for a snapshot, unless a request is in flight.
+    fn backfill_if_needed(&mut self, ctx: &mut Ctx<'_>, connected: &[DeviceId]) {
+        let Some(volatile) = self.volatile.as_mut() else { return };
+        if self.durable.ready
+            || connected.is_empty()
+            || volatile.backfill.is_some_and(|(_, deadline)| deadline > ctx.now)
+        {
+            return;
+        }
+        let request = *ctx.next_request;
+        *ctx.next_request += 1;
+        // Rotate through the connected peers, so one that cannot serve is not asked forever.
+        let index =
+            usize::try_from(request % u64::try_from(connected.len()).unwrap_or(1)).unwrap_or(0);
+        volatile.backfill = Some((request, ctx.now + tuning::REQUEST_TIMEOUT));
+        let ask = SharedSnapshotRequest { model: SHARED_MODEL.to_owned(), after: None, limit: 0 };
+        ctx.send(
+            self.id,
+            connected[index],
+            Wire::Request(request, Message::SharedSnapshotRequest(ask)),
+        );
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            records: self
+                .durable
+                .records
+                .iter()
+                .map(|(id, record)| record.to_record(*id))
+                .collect(),
+            rows: self
+                .durable
+                .rows
+                .iter()
+                .map(|(id, held)| (held.owner, held.to_row(*id)))
+                .collect(),
+            shared: self.durable.shared.clone(),
+            state: self.durable.state.clone(),
+        }
+    }
+
+    /// Starts this copy from a peer's snapshot: merge its registers and rows, take its watermarks
+    /// (the changes below them are covered by the snapshot, never held in this log).
+    fn on_snapshot(&mut self, ctx: &mut Ctx<'_>, from: DeviceId, id: u64, snapshot: &Snapshot) {
+        let Some(volatile) = self.volatile.as_mut() else { return };
+        if volatile.backfill.is_none_or(|(request, _)| request != id) || self.durable.ready {
+            return;
+        }
+        volatile.backfill = None;
+        for record in &snapshot.records {
+            self.durable
+                .records
+                .entry(record.id)
+                .or_default()
+                .merge(&RecordState::from_record(record));
+        }
+        let mut by_owner: BTreeMap<DeviceId, Vec<StateRow>> = BTreeMap::new();
+        for (owner, row) in &snapshot.rows {
+            by_owner.entry(*owner).or_default().push(row.clone());
+        }
+        for (owner, rows) in by_owner {
+            self.apply_rows(ctx, owner, &rows);
+        }
+        for (origin, seq) in snapshot.shared.iter() {
+            let base = self.durable.snapshot_base.entry(origin).or_insert(0);
+            *base = (*base).max(seq);
+            self.durable.applied.entry(origin).or_default().extend(1..=seq);
+            self.durable.shared.raise(origin, seq);
+            self.durable.advance(origin);
+        }
+        for (owner, model, version) in snapshot.state.iter() {
+            self.durable.state.raise(owner, model, version);
+        }
+        self.durable.ready = true;
+        ctx.stats.backfills += 1;
+        ctx.trace.record(Event::Apply, &[ident(self.id), ident(from), 0]);
+        self.ack(ctx, from);
+    }
+
+    /// Serves a shared catch-up page from the log: per origin, the contiguous run after the
+    /// requested point, reporting origins whose wanted changes were pruned.
+    fn serve_shared(&self, request: &SharedCatchUpRequest) -> Message {
+        let mut changes = Vec::new();
+        let mut pruned = Vec::new();
+        let mut complete = true;
+        let limit = usize::try_from(request.limit).unwrap_or(usize::MAX);
+        for after in &request.after {
+            let pruned_through = [&self.durable.pruned, &self.durable.snapshot_base]
+                .iter()
+                .filter_map(|map| map.get(&after.origin).copied())
+                .max()
+                .unwrap_or(0);
+            if pruned_through > after.seq {
+                pruned.push(OriginSeq { origin: after.origin, seq: pruned_through });
+                continue;
+            }
+            let from = after.seq + 1;
+            let run = self.durable.log.range((after.origin, from)..=(after.origin, u64::MAX));
+            for (expected, ((_, seq), change)) in (from..).zip(run) {
+                if *seq != expected {
+                    break;
+                }
+                if changes.len() >= limit {
+                    complete = false;
+                    break;
+                }
+                changes.push(change.clone());
+            }
+        }
+        Message::SharedCatchUpResponse(SharedCatchUpResponse { changes, complete, pruned })
+    }
+
+    /// Serves a page of `owner`'s rows above `since`, in (version, id) order after the cursor.
+    fn serve_state(&self, request: &StateCatchUpRequest) -> Message {
+        let mut rows: Vec<StateRow> = self
+            .durable
+            .rows
+            .iter()
+            .filter(|(_, held)| held.owner == request.owner && Some(held.version) > request.since)
+            .map(|(id, held)| held.to_row(*id))
+            .filter(|row| {
+                request
+                    .after
+                    .is_none_or(|cursor| (row.version, row.id) > (cursor.version, cursor.id))
+            })
+            .collect();
+        rows.sort_by_key(|row| (row.version, row.id));
+        let limit = usize::try_from(request.limit).unwrap_or(usize::MAX);
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        Message::StatePage(StatePage {
+            owner: request.owner,
+            model: request.model.clone(),
+            columns: vec!["value".into()],
+            rows,
+            more,
+            estimated_total: 0,
+        })
+    }
+}
