@@ -690,7 +690,9 @@ pub(crate) async fn prune(inner: &LibraryInner) -> Result<(u64, u64), StoreError
             let state_acks = lsync_watermark::sql::load_state_acks(conn).await?;
             let gc_peers: Vec<(DeviceId, bool)> =
                 peers.iter().map(|peer| (peer.device, peer.needs_resync)).collect();
-            let gc = lsync_state_sync::plan_tombstone_gc(&groups, &gc_peers, &state_acks);
+            let own_state = lsync_watermark::sql::load_state_progress(conn).await?;
+            let gc =
+                lsync_state_sync::plan_tombstone_gc(&groups, &gc_peers, &state_acks, &own_state);
             let collected = lsync_state_sync::sql::collect_tombstones(conn, &gc).await?;
             for device in plan.resync.iter().chain(&gc.resync) {
                 tracing::warn!(%device, "retention cap passed: the device needs a full resync");

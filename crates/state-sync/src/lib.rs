@@ -22,7 +22,11 @@
 //! - Applying the same rows in any order, any number of times, leaves the same tables.
 //! - A row's version never decreases; a tombstone is only replaced by a newer version.
 //! - Tombstones are garbage-collected only once every paired device holds them, or past the
-//!   retention cap, which marks the devices left behind for a full resync ([`plan_tombstone_gc`]).
+//!   retention cap, which marks the devices left behind for a full resync ([`plan_tombstone_gc`]);
+//!   and never above this device's own mark for the (owner, model).
+//! - A device holds every change of an owner's rows up to its mark, so a row it neither holds nor
+//!   remembers at or below the mark was deleted: a late copy is refused ([`decide`]), never
+//!   resurrected.
 //!
 //! # Where the IO is
 //! [`decide`], [`coalesce`] and [`plan_tombstone_gc`] are pure. The [`sql`] module reads and writes
@@ -72,9 +76,21 @@ pub enum Decision {
     },
 }
 
-/// Decides whether `owner`'s version `version` of a row replaces what is held.
-pub fn decide(current: Current, owner: DeviceId, version: HlcTime) -> Decision {
+/// Decides whether `owner`'s version `version` of a row replaces what is held, given this
+/// device's mark for the owner's rows of the model (`mark`: it holds every change of them up to
+/// that version).
+///
+/// A row neither held nor remembered by a tombstone, at a version at or below the mark, was
+/// deleted here and its tombstone collected since: a late copy (a re-sent batch, a stale peer's
+/// page) is stale, or it would come back for good.
+pub fn decide(
+    current: Current,
+    owner: DeviceId,
+    version: HlcTime,
+    mark: Option<HlcTime>,
+) -> Decision {
     match current {
+        Current::Absent if Some(version) <= mark => Decision::Stale,
         Current::Absent => Decision::Apply,
         Current::Row { owner: held_by, version: held }
         | Current::Tombstone { owner: held_by, version: held } => {
@@ -130,11 +146,15 @@ pub struct TombstoneGc {
 
 /// Decides which tombstones can go: those every paired device (not already marked for resync)
 /// holds — its state ack for the (owner, model) is at least the tombstone's version — plus those
-/// past the retention cap, marking the devices that had not caught up.
+/// past the retention cap, marking the devices that had not caught up. Never above this device's
+/// own mark (`own`) for the (owner, model): above it a late copy of a deleted row could still
+/// arrive, older than the tombstone but newer than the mark, and only the tombstone says it is
+/// dead ([`decide`] refuses such copies only at or below the mark).
 pub fn plan_tombstone_gc(
     groups: &[TombstoneGroup],
     peers: &[(DeviceId, bool)],
     acks: &BTreeMap<DeviceId, StateProgress>,
+    own: &StateProgress,
 ) -> TombstoneGc {
     let counted: Vec<DeviceId> =
         peers.iter().filter(|(_, needs_resync)| !needs_resync).map(|(device, _)| *device).collect();
@@ -150,7 +170,8 @@ pub fn plan_tombstone_gc(
             .min()
             .unwrap_or(group.newest)
             .min(group.newest);
-        let through = group.aged_newest.map_or(safe, |aged| aged.max(safe));
+        let Some(mark) = own.get(group.owner, &group.model) else { continue };
+        let through = group.aged_newest.map_or(safe, |aged| aged.max(safe)).min(mark);
         if through == HlcTime::ZERO {
             continue;
         }
@@ -212,19 +233,29 @@ mod tests {
     #[test]
     fn newer_versions_win_and_others_are_stale_or_rejected() {
         let owner = device(1);
-        assert_eq!(decide(Current::Absent, owner, t(1)), Decision::Apply);
+        assert_eq!(decide(Current::Absent, owner, t(1), None), Decision::Apply);
         let row = Current::Row { owner, version: t(5) };
-        assert_eq!(decide(row, owner, t(6)), Decision::Apply);
-        assert_eq!(decide(row, owner, t(5)), Decision::Stale);
-        assert_eq!(decide(row, owner, t(4)), Decision::Stale);
-        assert_eq!(decide(row, device(2), t(9)), Decision::WrongOwner { owner });
+        assert_eq!(decide(row, owner, t(6), None), Decision::Apply);
+        assert_eq!(decide(row, owner, t(5), None), Decision::Stale);
+        assert_eq!(decide(row, owner, t(4), None), Decision::Stale);
+        assert_eq!(decide(row, device(2), t(9), None), Decision::WrongOwner { owner });
         let tombstone = Current::Tombstone { owner, version: t(5) };
         assert_eq!(
-            decide(tombstone, owner, t(4)),
+            decide(tombstone, owner, t(4), None),
             Decision::Stale,
             "a replay never undoes a delete"
         );
-        assert_eq!(decide(tombstone, owner, t(6)), Decision::Apply);
+        assert_eq!(decide(tombstone, owner, t(6), None), Decision::Apply);
+    }
+
+    #[test]
+    fn a_row_missing_at_or_below_the_mark_was_deleted_and_stays_deleted() {
+        let owner = device(1);
+        assert_eq!(decide(Current::Absent, owner, t(5), Some(t(5))), Decision::Stale);
+        assert_eq!(decide(Current::Absent, owner, t(4), Some(t(5))), Decision::Stale);
+        assert_eq!(decide(Current::Absent, owner, t(6), Some(t(5))), Decision::Apply);
+        let row = Current::Row { owner, version: t(2) };
+        assert_eq!(decide(row, owner, t(4), Some(t(5))), Decision::Apply, "held rows update");
     }
 
     #[test]
@@ -249,18 +280,45 @@ mod tests {
         let mut acks: BTreeMap<DeviceId, StateProgress> = BTreeMap::new();
         acks.entry(device(2)).or_default().raise(device(1), "entries", t(7));
         let peers = [(device(2), false), (device(3), false)];
+        let mut own = StateProgress::default();
+        own.raise(device(1), "entries", t(10));
         assert_eq!(
-            plan_tombstone_gc(std::slice::from_ref(&group), &peers, &acks),
+            plan_tombstone_gc(std::slice::from_ref(&group), &peers, &acks, &own),
             TombstoneGc::default()
         );
         acks.entry(device(3)).or_default().raise(device(1), "entries", t(20));
-        let gc = plan_tombstone_gc(std::slice::from_ref(&group), &peers, &acks);
+        let gc = plan_tombstone_gc(std::slice::from_ref(&group), &peers, &acks, &own);
         assert_eq!(gc.collect_through, [(device(1), "entries".to_owned(), t(7))]);
         assert!(gc.resync.is_empty());
 
         let aged = TombstoneGroup { aged_newest: Some(t(9)), ..group };
-        let gc = plan_tombstone_gc(&[aged], &peers, &acks);
+        let gc = plan_tombstone_gc(&[aged], &peers, &acks, &own);
         assert_eq!(gc.collect_through, [(device(1), "entries".to_owned(), t(9))]);
         assert_eq!(gc.resync, [device(2)]);
+    }
+
+    #[test]
+    fn tombstones_above_this_devices_own_mark_stay() {
+        let group = TombstoneGroup {
+            owner: device(1),
+            model: "entries".into(),
+            newest: t(10),
+            aged_newest: Some(t(9)),
+        };
+        let mut acks: BTreeMap<DeviceId, StateProgress> = BTreeMap::new();
+        acks.entry(device(2)).or_default().raise(device(1), "entries", t(20));
+        let peers = [(device(2), false)];
+        let gc = plan_tombstone_gc(
+            std::slice::from_ref(&group),
+            &peers,
+            &acks,
+            &StateProgress::default(),
+        );
+        assert_eq!(gc, TombstoneGc::default(), "no mark: nothing is known to be complete");
+        let mut own = StateProgress::default();
+        own.raise(device(1), "entries", t(6));
+        let gc = plan_tombstone_gc(std::slice::from_ref(&group), &peers, &acks, &own);
+        assert_eq!(gc.collect_through, [(device(1), "entries".to_owned(), t(6))]);
+        assert!(gc.resync.is_empty());
     }
 }

@@ -71,6 +71,9 @@ fn column_map(model: &ModelDef, columns: &[String]) -> Result<Vec<Option<usize>>
 
 /// Applies an owner's rows of one model (a live batch, a catch-up page or a backfill page).
 ///
+/// A row this device neither holds nor remembers, at or below its mark for the (owner, model),
+/// is refused as stale ([`decide`]): it was deleted here and its tombstone collected since.
+///
 /// `complete` says whether this device holds every change of the owner's rows of this model up
 /// to these rows (a live batch whose `since` is at or below this device's mark, a catch-up page
 /// in version order from that mark, or the owner's own write). Only then are rows removed under
@@ -89,6 +92,7 @@ pub async fn apply_rows(
 ) -> Result<Applied, StateError> {
     let model = device_owned(registry, model_name)?;
     let map = column_map(model, columns)?;
+    let mark = lsync_watermark::sql::state_mark(conn, owner, model_name).await?;
     let mut applied =
         Applied { newest: rows.iter().map(|row| row.version).max(), ..Applied::default() };
 
@@ -140,6 +144,7 @@ pub async fn apply_rows(
                         Current::Tombstone { owner: *held_by, version: *held },
                         owner,
                         version,
+                        mark,
                     ) {
                         // A row re-created after its delete keeps the tombstone: a subtree
                         // tombstone must still cover the older versions of its descendants.
@@ -179,7 +184,7 @@ pub async fn apply_rows(
     }
 
     // 4. Upsert the rows newer than what is held, and only the owner's.
-    let upserted = upsert(conn, model, owner, upserts).await?;
+    let upserted = upsert(conn, model, owner, upserts, mark).await?;
     applied.rejected += upserted.foreign;
     applied.stale += upserted.stale;
     applied.upserted = upserted.written;
@@ -215,6 +220,11 @@ pub async fn apply_rows(
             continue;
         }
         if tombstone.is_some_and(|(_, held, kind)| held >= version && kind != KIND_COVERED) {
+            applied.stale += 1;
+            continue;
+        }
+        // Deleted here before, its tombstone collected: nothing to remove or to remember.
+        if current.is_none() && tombstone.is_none() && Some(version) <= mark {
             applied.stale += 1;
             continue;
         }
@@ -601,6 +611,7 @@ async fn upsert(
     model: &ModelDef,
     owner: DeviceId,
     rows: Vec<(Uuid, HlcTime, Vec<Value>)>,
+    mark: Option<HlcTime>,
 ) -> Result<Upserted, StateError> {
     let ids: Vec<Uuid> = rows.iter().map(|(id, ..)| *id).collect();
     let held = held_versions(conn, &model.name, &ids).await?;
@@ -611,7 +622,7 @@ async fn upsert(
             owner: held_by,
             version: held,
         });
-        match decide(current, owner, version) {
+        match decide(current, owner, version, mark) {
             Decision::Apply => to_write.push((id, version, values)),
             Decision::Stale => upserted.stale += 1,
             Decision::WrongOwner { .. } => upserted.foreign += 1,

@@ -406,7 +406,8 @@ async fn tombstones_are_collected_once_every_peer_acknowledged_them() {
                 .map(|peer| (peer.device, peer.needs_resync))
                 .collect();
             let acks = lsync_watermark::sql::load_state_acks(conn).await?;
-            collect_tombstones(conn, &plan_tombstone_gc(&groups, &peers, &acks)).await?;
+            let own = lsync_watermark::sql::load_state_progress(conn).await?;
+            collect_tombstones(conn, &plan_tombstone_gc(&groups, &peers, &acks, &own)).await?;
             let left: i64 = sqlx::query_scalar("SELECT count(*) FROM sync_tombstones")
                 .fetch_one(&mut *conn)
                 .await?;
@@ -435,7 +436,8 @@ async fn collect_all_tombstones(device: &Device) {
         .write(async |conn| {
             let groups = tombstone_groups(conn, 0).await?;
             let acks = lsync_watermark::sql::load_state_acks(conn).await?;
-            collect_tombstones(conn, &plan_tombstone_gc(&groups, &[], &acks)).await?;
+            let own = lsync_watermark::sql::load_state_progress(conn).await?;
+            collect_tombstones(conn, &plan_tombstone_gc(&groups, &[], &acks, &own)).await?;
             Ok::<_, lsync_store::StoreError>(())
         })
         .await
@@ -447,11 +449,9 @@ async fn collect_all_tombstones(device: &Device) {
 /// collected everywhere. Reduced: a batch re-sent late (its ack was lost) reaches a device that
 /// already holds everything up to a later mark and has collected the subtree's tombstone; the
 /// row is absent and no tombstone remains, so it is applied, and no later catch-up removes it.
-/// A row at or below the receiver's mark that the receiver does not hold was deleted; applying
-/// it resurrects it.
+/// A row at or below the receiver's mark that the receiver does not hold was deleted: it is
+/// refused.
 #[tokio::test]
-#[ignore = "engine bug found by the simulator: a late re-sent batch resurrects rows whose subtree \
-            tombstone was already collected"]
 async fn a_late_batch_does_not_resurrect_a_deleted_subtree_after_tombstone_collection() {
     let (a, c) = (Device::new(1).await, Device::new(3).await);
     let (root, trash, leaf) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
@@ -476,6 +476,28 @@ async fn a_late_batch_does_not_resurrect_a_deleted_subtree_after_tombstone_colle
     c.deliver(a.id(), &renamed).await;
     c.catch_up_from(&a, a.id()).await;
     assert_eq!(c.entries().await, a.entries().await, "the deleted file came back on c");
+}
+
+/// The other half of the rule: a receiver keeps a tombstone above its own mark even when every
+/// peer acknowledged it, since a late copy of the row between its mark and the tombstone would
+/// otherwise be newer than anything it knows.
+#[tokio::test]
+async fn a_tombstone_above_the_receivers_mark_outlives_collection() {
+    let (a, c) = (Device::new(1).await, Device::new(3).await);
+    let id = Uuid::now_v7();
+    let created = a.write(vec![dir(id, None, "x")]).await.unwrap();
+    let renamed = a.write(vec![dir(id, None, "x renamed")]).await.unwrap();
+    let deleted = a.write(vec![RowEdit::Delete { id }]).await.unwrap();
+    c.deliver(a.id(), &created).await;
+    // The delete overtakes the rename: a gap, so c's mark stays at the create.
+    c.deliver(a.id(), &deleted).await;
+    assert_eq!(c.mark(a.id()).await, Some(created.rows[0].version));
+    collect_all_tombstones(&a).await;
+    collect_all_tombstones(&c).await;
+    c.deliver(a.id(), &renamed).await;
+    c.catch_up_from(&a, a.id()).await;
+    assert_eq!(c.entries().await, a.entries().await, "the renamed row came back on c");
+    assert!(c.entries().await.is_empty());
 }
 
 /// One step of the owner's random work on a small tree.

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use lsync_hlc::DeviceId;
+use lsync_hlc::{DeviceId, HlcTime};
 use lsync_protocol::{Epoch, OriginSeq, StateMark, Watermarks};
 use lsync_store::sql::{
     read_uuid, rows_per_statement, seq_from_sql, seq_to_sql, time_from_sql, time_to_sql, value_rows,
@@ -53,6 +53,22 @@ pub async fn load_state_progress(conn: &mut SqliteConnection) -> Result<StatePro
         progress.raise(DeviceId(read_uuid(&row, 0)?), &model, time_from_sql(row.try_get(2)?)?);
     }
     Ok(progress)
+}
+
+/// This device's state mark for one (owner, model), if it has one.
+pub async fn state_mark(
+    conn: &mut SqliteConnection,
+    owner: DeviceId,
+    model: &str,
+) -> Result<Option<HlcTime>, StoreError> {
+    let version: Option<i64> = sqlx::query_scalar(
+        "SELECT version FROM sync_progress_state WHERE owner = ?1 AND model = ?2",
+    )
+    .bind(owner.as_bytes().as_slice())
+    .bind(model)
+    .fetch_optional(&mut *conn)
+    .await?;
+    version.map(time_from_sql).transpose()
 }
 
 /// Raises this device's state marks (never lowers them).

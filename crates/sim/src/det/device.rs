@@ -662,15 +662,10 @@ impl Device {
             })
             .collect();
         let peers: Vec<(DeviceId, bool)> = peers.iter().map(|peer| (peer.device, false)).collect();
-        let gc = plan_tombstone_gc(&groups, &peers, &self.durable.state_acks);
+        // Never above this device's own mark (the core caps it there): above it a late row could
+        // still be older than a tombstone this device holds, and only the tombstone says it is dead.
+        let gc = plan_tombstone_gc(&groups, &peers, &self.durable.state_acks, &self.durable.state);
         for (owner, _, through) in gc.collect_through {
-            // Only below this device's own mark: above it a late row could still be older than a
-            // tombstone this device holds, and only the tombstone tells it the row is dead.
-            let Some(through) =
-                self.durable.state.get(owner, STATE_MODEL).map(|mark| mark.min(through))
-            else {
-                continue;
-            };
             let before = self.durable.rows.len();
             self.durable.rows.retain(|_, held| {
                 held.value.is_some() || held.owner != owner || held.version > through
@@ -800,18 +795,14 @@ impl Device {
             }
             self.receive_stamp(ctx, Hlc::new(row.version, owner));
             let current = self.durable.rows.get(&row.id).map_or(Current::Absent, Held::current);
+            let mark = self.durable.state.get(owner, STATE_MODEL);
             // This device holds every row of `owner` whose newest version is at or below its
-            // mark: one it lacks there was deleted, and its tombstone may have been collected.
-            // Applying a late copy (a re-sent batch) would bring it back for good. (The engine
-            // does apply it: see the ignored state-sync test
-            // `a_late_batch_does_not_resurrect_a_deleted_subtree_after_tombstone_collection`.)
-            if current == Current::Absent
-                && Some(row.version) <= self.durable.state.get(owner, STATE_MODEL)
-            {
+            // mark: one it lacks there was deleted, and its tombstone may have been collected;
+            // `decide` refuses a late copy (a re-sent batch), which would bring it back for good.
+            if current == Current::Absent && Some(row.version) <= mark {
                 ctx.stats.late_rows_refused += 1;
-                continue;
             }
-            match decide(current, owner, row.version) {
+            match decide(current, owner, row.version, mark) {
                 Decision::Apply => {
                     let value = match &row.op {
                         StateOp::Upsert(values) => {
