@@ -1,5 +1,6 @@
 //! The library API: what an app calls.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
@@ -182,6 +183,8 @@ pub(crate) struct LibraryInner {
     /// The backfill's latest progress, for status (`None` once ready and never backfilled in
     /// this process).
     pub(crate) backfill: std::sync::Mutex<Option<BackfillProgress>>,
+    /// Backfill pages read ahead for peers backfilling from this device.
+    pub(crate) read_ahead: std::sync::Mutex<HashMap<DeviceId, crate::sync::ReadAhead>>,
 }
 
 impl LibraryInner {
@@ -308,6 +311,7 @@ impl Library {
             counters: Counters::default(),
             ready: AtomicBool::new(ready),
             backfill: std::sync::Mutex::new(progress),
+            read_ahead: std::sync::Mutex::new(HashMap::new()),
         };
         Ok(Self { inner: Arc::new(inner) })
     }

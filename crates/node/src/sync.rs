@@ -2,6 +2,7 @@
 //! what a peer asks for, and catching up from a peer. Plain async functions over
 //! [`LibraryInner`] and a [`Transport`]; the actors decide when to call them.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lsync_hlc::{DeviceId, HlcTime};
@@ -196,8 +197,70 @@ pub(crate) async fn record_ack(
         .await
 }
 
+/// A backfill page read for a peer before it asked: the page after the one just served, read
+/// while that one travels and is applied, so that serving and applying overlap on both cores.
+/// One per peer at most (a page of rows); dropped when the next request asks for something else
+/// or the peer disconnects.
+pub(crate) struct ReadAhead {
+    request: BackfillRequest,
+    page: tokio::task::JoinHandle<Result<KeyPage, LibraryError>>,
+}
+
+impl ReadAhead {
+    /// Stops reading (the peer went away).
+    pub(crate) fn abort(&self) {
+        self.page.abort();
+    }
+}
+
+/// One backfill page of rows in key order, and the step's estimated size on its first page.
+struct KeyPage {
+    columns: Vec<String>,
+    rows: Vec<lsync_protocol::StateRow>,
+    more: bool,
+    total: u64,
+}
+
+async fn read_backfill_page(
+    inner: &LibraryInner,
+    request: &BackfillRequest,
+) -> Result<KeyPage, LibraryError> {
+    let registry = inner.registry().clone();
+    let BackfillRequest { owner, model, after, limit } = request;
+    inner
+        .db
+        .read(async |conn| {
+            let (columns, rows, more) =
+                lsync_state_sync::sql::rows_by_key(conn, &registry, *owner, model, *after, *limit)
+                    .await?;
+            // Counting is a scan: estimate on a step's first page only.
+            let total = match after {
+                None => lsync_state_sync::sql::count_rows(conn, &registry, *owner, model).await?,
+                Some(_) => 0,
+            };
+            Ok::<_, LibraryError>(KeyPage { columns, rows, more, total })
+        })
+        .await
+}
+
+/// Starts reading the page `next` asks for, for `peer`'s next request.
+fn read_ahead(inner: &Arc<LibraryInner>, peer: DeviceId, next: BackfillRequest) {
+    let task = {
+        let (inner, next) = (inner.clone(), next.clone());
+        actix::spawn(async move { read_backfill_page(&inner, &next).await })
+    };
+    let replaced = inner
+        .read_ahead
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(peer, ReadAhead { request: next, page: task });
+    if let Some(replaced) = replaced {
+        replaced.abort();
+    }
+}
+
 /// Answers a request from a peer: watermarks, catch-up pages, backfill pages.
-pub(crate) async fn serve(inner: &LibraryInner, peer: DeviceId, request: Message) -> Message {
+pub(crate) async fn serve(inner: &Arc<LibraryInner>, peer: DeviceId, request: Message) -> Message {
     match serve_inner(inner, peer, request).await {
         Ok(response) => response,
         Err(error) => {
@@ -211,7 +274,7 @@ pub(crate) async fn serve(inner: &LibraryInner, peer: DeviceId, request: Message
 }
 
 async fn serve_inner(
-    inner: &LibraryInner,
+    inner: &Arc<LibraryInner>,
     peer: DeviceId,
     request: Message,
 ) -> Result<Message, LibraryError> {
@@ -257,32 +320,41 @@ async fn serve_inner(
                 .await?;
             Message::StatePage(StatePage { owner, model, columns, rows, more, estimated_total: 0 })
         }
-        Message::BackfillRequest(BackfillRequest { owner, model, after, limit }) => {
-            let (columns, rows, more, total) = inner
-                .db
-                .read(async |conn| {
-                    let page = lsync_state_sync::sql::rows_by_key(
-                        conn, &registry, owner, &model, after, limit,
-                    )
-                    .await?;
-                    // Counting is a scan: estimate on a step's first page only.
-                    let total = match after {
-                        None => {
-                            lsync_state_sync::sql::count_rows(conn, &registry, owner, &model)
-                                .await?
-                        }
-                        Some(_) => 0,
-                    };
-                    Ok::<_, LibraryError>((page.0, page.1, page.2, total))
-                })
-                .await?;
+        Message::BackfillRequest(request) => {
+            let ahead = inner
+                .read_ahead
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&peer);
+            let page = match ahead {
+                Some(ahead) if ahead.request == request => match ahead.page.await {
+                    Ok(page) => page?,
+                    // Aborted or failed as a task: read it now.
+                    Err(_) => read_backfill_page(inner, &request).await?,
+                },
+                other => {
+                    if let Some(stale) = other {
+                        stale.page.abort();
+                    }
+                    read_backfill_page(inner, &request).await?
+                }
+            };
+            if page.more
+                && let Some(last) = page.rows.last()
+            {
+                read_ahead(
+                    inner,
+                    peer,
+                    BackfillRequest { after: Some(last.id), ..request.clone() },
+                );
+            }
             Message::StatePage(StatePage {
-                owner,
-                model,
-                columns,
-                rows,
-                more,
-                estimated_total: total,
+                owner: request.owner,
+                model: request.model,
+                columns: page.columns,
+                rows: page.rows,
+                more: page.more,
+                estimated_total: page.total,
             })
         }
         Message::SharedSnapshotRequest(SharedSnapshotRequest { model, after, limit }) => {

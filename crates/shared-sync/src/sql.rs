@@ -561,6 +561,23 @@ async fn dependents_of(
     ids: &[Uuid],
 ) -> Result<BTreeSet<RowKey>, StoreError> {
     let mut dependents = BTreeSet::new();
+    // Most rows are referenced by nothing (a backfill page of entries, a bulk index): one range
+    // probe spares a lookup per id.
+    let (Some(low), Some(high)) = (ids.iter().min(), ids.iter().max()) else {
+        return Ok(dependents);
+    };
+    let any: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM sync_shared_refs
+                         WHERE target_model = ?1 AND target_id BETWEEN ?2 AND ?3)",
+    )
+    .bind(target_model)
+    .bind(low.as_bytes().as_slice())
+    .bind(high.as_bytes().as_slice())
+    .fetch_one(&mut *conn)
+    .await?;
+    if !any {
+        return Ok(dependents);
+    }
     for chunk in ids.chunks(rows_per_statement(1) - 1) {
         let sql = format!(
             "SELECT model, id FROM sync_shared_refs WHERE target_model = ? AND target_id IN ({})",

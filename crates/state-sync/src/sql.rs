@@ -614,7 +614,13 @@ async fn upsert(
     mark: Option<HlcTime>,
 ) -> Result<Upserted, StateError> {
     let ids: Vec<Uuid> = rows.iter().map(|(id, ..)| *id).collect();
-    let held = held_versions(conn, &model.name, &ids).await?;
+    // New rows in a key range the table does not reach yet (a backfill page, a bulk insert of
+    // UUIDv7 keys) need no per-id lookup: one range probe says nothing is held.
+    let held = if any_in_range(conn, &model.name, &ids).await? {
+        held_versions(conn, &model.name, &ids).await?
+    } else {
+        HashMap::new()
+    };
     let mut upserted = Upserted { written: Vec::with_capacity(rows.len()), stale: 0, foreign: 0 };
     let mut to_write = Vec::with_capacity(rows.len());
     for (id, version, values) in rows {
@@ -662,6 +668,21 @@ async fn upsert(
         upserted.written.extend(chunk.iter().map(|(id, ..)| *id));
     }
     Ok(upserted)
+}
+
+/// Whether the table holds any row with a key between the smallest and the largest of `ids`.
+async fn any_in_range(
+    conn: &mut SqliteConnection,
+    model: &str,
+    ids: &[Uuid],
+) -> Result<bool, StoreError> {
+    let (Some(low), Some(high)) = (ids.iter().min(), ids.iter().max()) else { return Ok(false) };
+    let sql = format!("SELECT EXISTS (SELECT 1 FROM {} WHERE id BETWEEN ?1 AND ?2)", ident(model));
+    Ok(sqlx::query_scalar(&sql)
+        .bind(low.as_bytes().as_slice())
+        .bind(high.as_bytes().as_slice())
+        .fetch_one(&mut *conn)
+        .await?)
 }
 
 /// The held rows among `ids`: owner and version by id (absent ids are left out).

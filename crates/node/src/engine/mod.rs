@@ -621,6 +621,15 @@ impl<T: Transport> Handler<FromTransport> for Supervisor<T> {
             && !matches!(reason, DisconnectReason::Replaced)
         {
             self.online.remove(&peer);
+            if let Some(ahead) = self
+                .inner
+                .read_ahead
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&peer)
+            {
+                ahead.abort();
+            }
             if let Some(retry) = &self.retry {
                 retry.do_send(PeerGone(peer));
             }
