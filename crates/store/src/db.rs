@@ -254,11 +254,11 @@ fn connect_options(path: &Path, options: &StoreOptions, create: bool) -> SqliteC
         // sqlx's default of 50 makes the worker stop and be woken every 50 rows, which cost a
         // backfill page of 5,000 rows more in thread hand-offs than in SQLite. Bounded: a query
         // buffers at most this many rows ahead of its reader.
-        .row_buffer_size(ROW_CHANNEL_ROWS)
+        .row_buffer_size(ROW_BUFFER_ROWS)
 }
 
 /// Rows a query's worker may produce ahead of the code reading them.
-const ROW_CHANNEL_ROWS: usize = 4096;
+const ROW_BUFFER_ROWS: usize = 4096;
 
 async fn connect(
     path: &Path,
