@@ -268,8 +268,9 @@ sync_config! {
         /// default: absorbs a burst from several peers while the engine applies a batch.
         pub transport_event_capacity: usize = 1_024,
 
-        /// On shutdown, the longest the transport waits for queued messages to be acknowledged by
-        /// their peers before closing anyway; messages still queued then are reported unsent, and
+        /// On shutdown, the longest the transport waits in all for queued messages to be
+        /// acknowledged by their peers and for the close to reach them; messages still queued
+        /// then are reported unsent, and
         /// catch-up delivers their changes later. "0s" closes at once. Default 5s, the transport's
         /// default: one ack_timeout, time for a reachable peer to apply a queued batch.
         #[serde(with = "duration::text")]

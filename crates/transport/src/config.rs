@@ -33,9 +33,9 @@ pub struct TransportConfig {
     /// Capacity of the events channel. When it is full the transport waits (stops reading from
     /// peers, so QUIC flow control slows the senders) rather than dropping. Default 1024 events.
     pub event_capacity: usize,
-    /// The longest [`crate::Transport::shutdown`] waits for queued one-way messages to be
-    /// acknowledged by their peers before closing anyway (and reporting them as unsent).
-    /// Default 5 s.
+    /// The longest [`crate::Transport::shutdown`] waits, in all: for queued one-way messages to
+    /// be acknowledged by their peers (those left are reported as unsent), then for the close to
+    /// reach them. Default 5 s.
     pub close_timeout: Duration,
 }
 

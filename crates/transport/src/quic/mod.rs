@@ -30,6 +30,7 @@ use uuid::Uuid;
 
 pub(crate) use session::QuicResponder;
 use session::Session;
+
 use stream::{FrameReader, Incoming, close};
 use tls::{SERVER_NAME, Trust};
 
@@ -42,6 +43,9 @@ use crate::{
     PeerInfo, RequestError, SendError, ShutdownReport, Transport, TransportEvent, WatermarkSource,
     is_transport_message,
 };
+
+/// The least time shutdown leaves for the close frames to go out, within the close timeout.
+const CLOSE_GRACE: Duration = Duration::from_millis(100);
 
 /// The ALPN of pairing connections. Versioned separately from sync: the pairing exchange is
 /// small and may outlive several sync versions.
@@ -572,11 +576,13 @@ impl Transport for QuicTransport {
         }
         let sessions: Vec<Arc<Session>> = lock(&inner.sessions).values().cloned().collect();
         let mut report = ShutdownReport::default();
+        // One budget for the whole shutdown: a vanished peer never acknowledges nor answers the
+        // close, and must not hold it up twice.
+        let deadline = tokio::time::Instant::now() + inner.config.close_timeout;
         let mut flushes = tokio::task::JoinSet::new();
         for session in &sessions {
             let session = Arc::clone(session);
-            let close_timeout = inner.config.close_timeout;
-            flushes.spawn(async move { (session.peer, session.flush(close_timeout).await) });
+            flushes.spawn(async move { (session.peer, session.flush(deadline).await) });
         }
         for (peer, flushed) in flushes.join_all().await {
             if flushed {
@@ -589,8 +595,11 @@ impl Transport for QuicTransport {
             session.close(close::SHUTDOWN, crate::DisconnectReason::Shutdown, "shutting down");
         }
         inner.endpoint.close(close::SHUTDOWN, b"shutting down");
-        // Lets the close frames go out; bounded, since a peer that vanished never answers.
-        let _ = tokio::time::timeout(inner.config.close_timeout, inner.endpoint.wait_idle()).await;
+        // Lets the close frames go out (given a moment even when the flushes used the budget);
+        // bounded, since a peer that vanished never answers.
+        let grace = inner.config.close_timeout.min(CLOSE_GRACE);
+        let until = deadline.max(tokio::time::Instant::now() + grace);
+        let _ = tokio::time::timeout_at(until, inner.endpoint.wait_idle()).await;
         info!(device = %inner.identity.device(), ?report, "transport shut down");
         report
     }

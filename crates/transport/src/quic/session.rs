@@ -86,17 +86,17 @@ impl Session {
         }
     }
 
-    /// Finishes the one-way stream and waits up to `timeout` for the peer to acknowledge all of
-    /// it. `true` if nothing was left unconfirmed. Later sends fail (the transport is shutting
+    /// Finishes the one-way stream and waits until `deadline` at most for the peer to acknowledge
+    /// all of it. `true` if nothing was left unconfirmed. Later sends fail (the transport is shutting
     /// down before this is called).
-    pub(crate) async fn flush(&self, timeout: Duration) -> bool {
+    pub(crate) async fn flush(&self, deadline: Instant) -> bool {
         let Some(mut stream) = self.outbox.lock().await.take() else {
             return true;
         };
         if stream.finish().is_err() {
             return false;
         }
-        matches!(tokio::time::timeout(timeout, stream.stopped()).await, Ok(Ok(None)))
+        matches!(tokio::time::timeout_at(deadline, stream.stopped()).await, Ok(Ok(None)))
     }
 }
 
