@@ -40,8 +40,9 @@ pub(crate) trait Engine: Send + Sync {
     fn set_enabled(&self, enabled: bool) -> BoxFuture<'_, ()>;
     /// The engine's view of peers and queues.
     fn status(&self) -> BoxFuture<'_, EngineStatus>;
-    /// Flushes, stops the actors and the transport, and waits for them.
-    fn shutdown(&self) -> BoxFuture<'_, ()>;
+    /// Flushes, stops the actors and the transport, and waits for them. Writes to `db` are held
+    /// while the actors stop, so none is cancelled half-way.
+    fn shutdown<'a>(&'a self, db: &'a Database) -> BoxFuture<'a, ()>;
 }
 
 /// What the running engine knows beyond the database.
@@ -535,7 +536,7 @@ impl Library {
     pub async fn close(self) -> Result<(), LibraryError> {
         self.inner.accepting.store(false, Ordering::Release);
         if let Some(engine) = self.inner.engine.lock().await.take() {
-            engine.shutdown().await;
+            engine.shutdown(&self.inner.db).await;
         }
         // If another handle (a clone the app holds) is still alive, the connections close when the
         // last one goes; the data is committed either way.

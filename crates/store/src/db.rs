@@ -9,10 +9,10 @@ use lsync_hlc::{DeviceId, Hlc};
 use lsync_protocol::{Epoch, LibraryId};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteSynchronous,
+    SqliteSynchronous, SqliteTransactionManager,
 };
-use sqlx::{Connection, Row};
-use tokio::sync::Mutex;
+use sqlx::{Connection, Row, TransactionManager};
+use tokio::sync::{Mutex, MutexGuard};
 use uuid::Uuid;
 
 use crate::{Registry, StoreError};
@@ -144,6 +144,7 @@ impl Database {
         E: From<StoreError>,
     {
         let mut writer = self.writer.lock().await;
+        end_abandoned_transaction(&mut writer).await.map_err(E::from)?;
         // IMMEDIATE takes the write lock up front, so a transaction that reads then writes cannot
         // fail half-way on another process's lock.
         let mut tx =
@@ -160,6 +161,14 @@ impl Database {
                 Err(error)
             }
         }
+    }
+
+    /// Waits for the write in progress to finish and holds back every later one until the
+    /// returned guard is dropped. For stopping whatever issues writes (the engine's actors)
+    /// without cancelling one half-way: a write waiting here has not begun, so dropping it
+    /// loses nothing that was committed and leaves no transaction behind.
+    pub async fn hold_writes(&self) -> WritesHeld<'_> {
+        WritesHeld { _writer: self.writer.lock().await }
     }
 
     /// Runs `work` in one read transaction on a reader connection: a consistent snapshot that
@@ -205,10 +214,34 @@ impl Database {
     pub async fn close(self) -> Result<(), StoreError> {
         self.readers.close().await;
         let mut writer = self.writer.into_inner();
+        end_abandoned_transaction(&mut writer).await?;
         sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&mut writer).await?;
         writer.close().await?;
         Ok(())
     }
+}
+
+/// Holds back writes while alive; see [`Database::hold_writes`].
+#[derive(Debug)]
+#[must_use = "writes resume as soon as the guard is dropped"]
+pub struct WritesHeld<'a> {
+    _writer: MutexGuard<'a, SqliteConnection>,
+}
+
+/// Rolls back a transaction that a cancelled write left open on the writer connection.
+///
+/// sqlx 0.8 cannot always clean up after a cancelled `begin_with`: if the future is dropped
+/// after SQLite ran `BEGIN IMMEDIATE` but before sqlx built its `Transaction`, the connection
+/// stays inside a transaction nobody owns. Every later `BEGIN` would then fail, and so would the
+/// checkpoint at close (`SQLITE_LOCKED`). Such a transaction has not run a statement of its
+/// own, so rolling it back loses nothing. (A `Transaction` dropped mid-work queues its own
+/// rollback, which runs before this one; this one is then a no-op.)
+async fn end_abandoned_transaction(writer: &mut SqliteConnection) -> Result<(), StoreError> {
+    if writer.is_in_transaction() {
+        tracing::warn!("a cancelled write left its transaction open; rolling it back");
+        SqliteTransactionManager::rollback(writer).await?;
+    }
+    Ok(())
 }
 
 /// The last HLC stamp persisted by [`store_clock`], to resume the clock after a restart.
@@ -355,4 +388,118 @@ async fn write_meta(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, reason = "a test fails by panicking")]
+
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    use super::*;
+
+    async fn create(dir: &tempfile::TempDir) -> Database {
+        Database::create(
+            &dir.path().join("library.db"),
+            Arc::new(crate::reference_registry().unwrap()),
+            LibraryId(Uuid::from_bytes([1; 16])),
+            DeviceId::from_bytes([2; 16]),
+            &StoreOptions::default(),
+        )
+        .await
+        .unwrap()
+    }
+
+    async fn put(db: &Database, key: &str) -> Result<(), StoreError> {
+        db.write(async |conn| write_meta(conn, key, b"v").await).await
+    }
+
+    async fn stored(db: &Database, key: &str) -> bool {
+        let mut conn = db.reader().acquire().await.unwrap();
+        read_meta(&mut conn, key).await.unwrap().is_some()
+    }
+
+    #[tokio::test]
+    async fn a_transaction_left_open_by_a_cancelled_write_is_rolled_back_before_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = create(&dir).await;
+        // The state a `begin_with` cancelled between SQLite's BEGIN and sqlx's `Transaction`
+        // leaves behind: a transaction on the writer that nothing owns.
+        SqliteTransactionManager::begin(
+            &mut *db.writer.lock().await,
+            Some("BEGIN IMMEDIATE".into()),
+        )
+        .await
+        .unwrap();
+        put(&db, "after").await.unwrap();
+        assert!(stored(&db, "after").await, "the next write committed");
+        db.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn close_rolls_back_a_transaction_left_open_and_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = create(&dir).await;
+        put(&db, "before").await.unwrap();
+        SqliteTransactionManager::begin(
+            &mut *db.writer.lock().await,
+            Some("BEGIN IMMEDIATE".into()),
+        )
+        .await
+        .unwrap();
+        db.close().await.unwrap();
+        let wal = dir.path().join("library.db-wal");
+        assert_eq!(std::fs::metadata(&wal).map_or(0, |meta| meta.len()), 0, "WAL checkpointed");
+        let db = Database::open(
+            &dir.path().join("library.db"),
+            Arc::new(crate::reference_registry().unwrap()),
+            &StoreOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert!(stored(&db, "before").await);
+        db.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn writes_cancelled_at_any_point_leave_the_writer_usable() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = create(&dir).await;
+        let mut cx = Context::from_waker(Waker::noop());
+        for polls in 0..64 {
+            let key = format!("cancelled-{polls}");
+            let mut write = Box::pin(put(&db, &key));
+            for _ in 0..polls {
+                if write.as_mut().poll(&mut cx).is_ready() {
+                    break;
+                }
+                // Let SQLite's worker thread move on, so the write is dropped at varied points.
+                tokio::task::yield_now().await;
+                std::thread::yield_now();
+            }
+            drop(write);
+            let key = format!("after-{polls}");
+            put(&db, &key).await.unwrap();
+            assert!(stored(&db, &key).await, "write after {polls} polls committed");
+        }
+        db.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn held_writes_wait_and_then_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = create(&dir).await;
+        let held = db.hold_writes().await;
+        {
+            let mut write = pin!(put(&db, "waited"));
+            let mut cx = Context::from_waker(Waker::noop());
+            assert!(matches!(write.as_mut().poll(&mut cx), Poll::Pending), "a held write waits");
+            assert!(!stored(&db, "waited").await);
+            drop(held);
+            write.await.unwrap();
+        }
+        assert!(stored(&db, "waited").await);
+        db.close().await.unwrap();
+    }
 }

@@ -18,6 +18,10 @@
 //!   a re-created copy gets a new random epoch.
 //! - A table whose columns differ from the registry is refused at open, never silently altered.
 //! - The persisted clock ([`store_clock`]) only grows.
+//! - A write cancelled at any point (its future dropped) commits nothing and never leaves the
+//!   writer connection inside a transaction: the next write, and `close`, first roll back what a
+//!   cancelled `BEGIN` left open. [`Database::hold_writes`] lets whoever stops the writers wait
+//!   for the write in progress instead of cancelling it.
 //!
 //! # What this crate does not do
 //! It knows no merge rules, logs or watermarks: `state-sync`, `shared-sync`, `peer-log` and
@@ -33,7 +37,7 @@ mod reference;
 mod registry;
 pub mod sql;
 
-pub use db::{Database, Durability, Identity, StoreOptions, load_clock, store_clock};
+pub use db::{Database, Durability, Identity, StoreOptions, WritesHeld, load_clock, store_clock};
 pub use dump::dump_tables;
 pub use reference::{ENTRY_KIND_DIRECTORY, ENTRY_KIND_FILE, reference_models, reference_registry};
 pub use registry::{Column, ColumnType, MergeStrategy, ModelDef, Ownership, Registry, SchemaError};

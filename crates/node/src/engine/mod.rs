@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use lsync_hlc::{DeviceId, HlcTime};
 use lsync_protocol::{Message as WireMessage, SharedBatch, SharedChange, StateBatch, StateRow};
+use lsync_store::Database;
 use lsync_transport::{DisconnectReason, Transport, TransportEvent};
 use tokio::sync::mpsc;
 
@@ -125,15 +126,22 @@ impl<T: Transport> Engine for EngineHandle<T> {
         Box::pin(async move { self.supervisor.send(GetStatus).await.unwrap_or_default() })
     }
 
-    fn shutdown(&self) -> BoxFuture<'_, ()> {
+    fn shutdown<'a>(&'a self, db: &'a Database) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             let _ = self.supervisor.send(Shutdown).await;
+            // Stopping the system drops every future of the actors where it stands. Let the write
+            // in progress finish and keep later ones from starting: a write dropped while it waits
+            // for its turn has done nothing, one dropped inside its transaction could leave it
+            // open. (A batch not applied was not acknowledged, so its sender sends it again;
+            // acks and watermarks are exchanged again on the next connection.)
+            let held = db.hold_writes().await;
             self.system.stop();
             let thread =
                 self.thread.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
             if let Some(thread) = thread {
                 let _ = tokio::task::spawn_blocking(move || thread.join()).await;
             }
+            drop(held);
         })
     }
 }
@@ -154,7 +162,7 @@ impl Engine for DeadEngine {
     fn status(&self) -> BoxFuture<'_, EngineStatus> {
         Box::pin(async { EngineStatus::default() })
     }
-    fn shutdown(&self) -> BoxFuture<'_, ()> {
+    fn shutdown<'a>(&'a self, _: &'a Database) -> BoxFuture<'a, ()> {
         Box::pin(async {})
     }
 }
