@@ -288,6 +288,105 @@ async fn a_device_re_created_under_its_identity_gets_its_data_back_and_numbers_o
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_restored_from_an_old_file_fetches_back_what_it_lost_and_numbers_on() {
+    let library = new_library();
+    let (mut a, mut b) = (Node::start(library, "a").await, Node::start(library, "b").await);
+    pair(&mut a, &mut b).await;
+    a.library.write_shared((0..3).map(|i| tag(&format!("kept{i}"))).collect()).await.unwrap();
+    let kept = a
+        .library
+        .write_rows("entries", (0..10).map(|i| entry(&format!("kept{i}"))).collect())
+        .await
+        .unwrap();
+    converge(&mut [&mut a, &mut b]).await;
+
+    // A backup of a's file, taken while it runs.
+    let db = a.dir.path().join("library.db");
+    let backup = a.dir.path().join("backup.db");
+    sqlx::query("VACUUM INTO ?1")
+        .bind(backup.to_str().unwrap())
+        .execute(a.library.reader())
+        .await
+        .unwrap();
+
+    // After the backup: new shared changes (numbered after the backup's), rows, a delete.
+    a.library.write_shared((0..4).map(|i| tag(&format!("lost{i}"))).collect()).await.unwrap();
+    a.library
+        .write_rows("entries", (0..5).map(|i| entry(&format!("lost{i}"))).collect())
+        .await
+        .unwrap();
+    a.library.write_rows("entries", vec![RowEdit::Delete { id: kept[0].id }]).await.unwrap();
+    let before = converge(&mut [&mut a, &mut b]).await;
+    let old_epoch = a.library.identity().epoch;
+
+    // The backup is restored over the file.
+    let a_dir = a.close().await;
+    for file in ["library.db-wal", "library.db-shm"] {
+        let _ = std::fs::remove_file(a_dir.path().join(file));
+    }
+    std::fs::copy(&backup, &db).unwrap();
+    let mut a = Node::start_as(a_dir, library, "a", test_config(), How::Reopen).await;
+    assert_ne!(a.library.identity().epoch, old_epoch, "a restored copy announces a new epoch");
+    assert!(
+        matches!(
+            a.library.write_shared(vec![tag("too early")]).await,
+            Err(lsync_node::LibraryError::NotReady { .. })
+        ),
+        "no shared change is numbered before the copy knows its peers' numbering"
+    );
+    backfilled(&mut a).await;
+    // The lost tags and rows are back, the deleted row is gone again.
+    assert_eq!(converge(&mut [&mut a, &mut b]).await, before);
+
+    // New changes continue after what b holds from a: b applies them instead of dropping them
+    // as duplicates of the lost ones.
+    a.library.write_shared(vec![tag("after restore")]).await.unwrap();
+    a.library.write_rows("entries", vec![entry("after restore")]).await.unwrap();
+    let tables = converge(&mut [&mut a, &mut b]).await;
+    assert_eq!(tables["tags"].len(), 8);
+    assert_eq!(tables["entries"].len(), 15);
+    a.close().await;
+    b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_restored_with_its_generation_file_learns_it_from_its_peer_and_resyncs() {
+    let library = new_library();
+    let (mut a, mut b) = (Node::start(library, "a").await, Node::start(library, "b").await);
+    pair(&mut a, &mut b).await;
+    a.library.write_shared((0..3).map(|i| tag(&format!("kept{i}"))).collect()).await.unwrap();
+    converge(&mut [&mut a, &mut b]).await;
+    let db = a.dir.path().join("library.db");
+    let (backup, generation) =
+        (a.dir.path().join("backup.db"), a.dir.path().join("library.db-generation"));
+    sqlx::query("VACUUM INTO ?1")
+        .bind(backup.to_str().unwrap())
+        .execute(a.library.reader())
+        .await
+        .unwrap();
+    let backup_generation = std::fs::read(&generation).unwrap();
+    a.library.write_shared((0..4).map(|i| tag(&format!("lost{i}"))).collect()).await.unwrap();
+    let before = converge(&mut [&mut a, &mut b]).await;
+
+    // Both files restored: the file count cannot tell; b's watermarks can.
+    let a_dir = a.close().await;
+    for file in ["library.db-wal", "library.db-shm"] {
+        let _ = std::fs::remove_file(a_dir.path().join(file));
+    }
+    std::fs::copy(&backup, &db).unwrap();
+    std::fs::write(&generation, backup_generation).unwrap();
+    let mut a = Node::start_as(a_dir, library, "a", test_config(), How::Reopen).await;
+    assert_eq!(a.library.status().await.unwrap().backfill.phase, BackfillPhase::Ready);
+    backfilled(&mut a).await;
+    assert_eq!(converge(&mut [&mut a, &mut b]).await, before);
+    a.library.write_shared(vec![tag("after restore")]).await.unwrap();
+    let tables = converge(&mut [&mut a, &mut b]).await;
+    assert_eq!(tables["tags"].len(), 8, "b applied the new tag instead of taking it for lost2");
+    a.close().await;
+    b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_left_behind_by_retention_resyncs_fully() {
     let library = new_library();
     // a keeps at most 10 log entries per origin and collects tombstones at once.

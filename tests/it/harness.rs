@@ -301,15 +301,21 @@ pub async fn converge(nodes: &mut [&mut Node]) -> BTreeMap<String, Vec<Vec<Value
     }
 }
 
-/// Waits for the first event on `node` after which `check` holds, checking first.
+/// Waits until `check` holds: checked first, after every event on `node`, and every 50 ms for
+/// conditions no event announces (a retry, an acknowledgement). Fails after [`WAIT`].
 pub async fn eventually<F: Future<Output = bool>>(
     node: &mut Node,
     mut check: impl FnMut(Library) -> F,
 ) {
     let deadline = tokio::time::Instant::now() + WAIT;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
     while !check(node.library.clone()).await {
-        if tokio::time::timeout_at(deadline, node.events.recv()).await.is_err() {
+        if tokio::time::Instant::now() >= deadline {
             panic!("{}: condition not reached within {WAIT:?}", node.name);
+        }
+        tokio::select! {
+            _ = node.events.recv() => {}
+            _ = tick.tick() => {}
         }
     }
 }

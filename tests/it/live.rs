@@ -197,6 +197,8 @@ async fn writes_made_while_sync_is_disabled_arrive_once_it_is_enabled() {
     assert_eq!(b.library.status().await.unwrap().sync, lsync_node::SyncState::Disabled);
     a.library.write_rows("entries", vec![entry("from a while b is off")]).await.unwrap();
     b.library.write_shared(vec![tag("from b while off")]).await.unwrap();
+    // a's batch went out and was not acknowledged: a sends it again.
+    eventually(&mut a, async |library| library.status().await.unwrap().retries > 0).await;
     assert!(b.tables().await["entries"].is_empty(), "b applies nothing while disabled");
     b.library.set_sync_enabled(true).await;
     let tables = converge(&mut [&mut a, &mut b]).await;

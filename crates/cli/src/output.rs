@@ -198,6 +198,7 @@ pub(crate) fn status_text(status: &StatusView, now_ms: u64) -> String {
             "LAST SEEN".to_owned(),
             "RTT".to_owned(),
             "LAG".to_owned(),
+            "ROWS LAG".to_owned(),
             String::new(),
         ]];
         for peer in &status.peers {
@@ -208,6 +209,10 @@ pub(crate) fn status_text(status: &StatusView, now_ms: u64) -> String {
                 peer.last_seen_ms.map_or_else(|| "never".to_owned(), |ms| ago(ms, now_ms)),
                 peer.rtt_ms.map_or_else(|| "-".to_owned(), |ms| format!("{ms:.1} ms")),
                 group_digits(peer.lag),
+                peer.rows_lag_ms.map_or_else(
+                    || "none acked".to_owned(),
+                    |ms| format!("{:.1} s", ms as f64 / 1_000.0),
+                ),
                 if peer.needs_resync { "needs a full resync".to_owned() } else { String::new() },
             ]);
         }
@@ -416,6 +421,7 @@ mod tests {
                 last_seen_ms: Some(1_000),
                 rtt_ms: Some(0.42),
                 lag: 3,
+                rows_lag_ms: Some(1_200),
                 needs_resync: false,
                 acked_shared: vec![],
             }],
@@ -438,7 +444,7 @@ mod tests {
         for expected in [
             "node     running, sync running",
             "copy     ready",
-            "desktop  0194cccc  online  30 s ago   0.4 ms  3",
+            "desktop  0194cccc  online  30 s ago   0.4 ms  3    1.2 s",
             "peer log 12 entries, parked 0, retry queue 1, waiting in batch 0",
             "  laptop  1,234",
         ] {

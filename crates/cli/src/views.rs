@@ -128,6 +128,9 @@ pub(crate) struct PeerStatusView {
     pub(crate) rtt_ms: Option<f64>,
     /// This device's own shared changes it has not acknowledged.
     pub(crate) lag: u64,
+    /// How far (ms of row versions) its acknowledgement of this device's rows trails the newest
+    /// of them; absent when it acknowledged none.
+    pub(crate) rows_lag_ms: Option<u64>,
     /// It fell behind what this device still holds and needs a full resync.
     pub(crate) needs_resync: bool,
     /// What it acknowledged of shared changes, per origin.
@@ -196,6 +199,7 @@ impl StatusView {
                     last_seen_ms: peer.last_seen_ms,
                     rtt_ms: peer.rtt_us.map(|us| us as f64 / 1_000.0),
                     lag: peer.lag,
+                    rows_lag_ms: peer.rows_lag_ms,
                     needs_resync: peer.needs_resync,
                     acked_shared: shared(&peer.acked_shared),
                 })

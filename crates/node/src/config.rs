@@ -52,10 +52,19 @@ pub const ENV_PREFIX: &str = "LSYNC_";
 
 /// Environment variables that start with [`ENV_PREFIX`] but are not configuration keys, and so
 /// are ignored by [`SyncConfig::apply_env`]. Every other `LSYNC_*` variable must name a key, so
-/// that a misspelt override is an error rather than silently ignored. `LSYNC_BENCH_QUICK` makes
-/// the benchmarks (`cargo xtask bench`) run briefly. A new non-configuration variable must be
-/// added here.
-pub const NON_CONFIG_ENV_VARS: &[&str] = &["LSYNC_BENCH_QUICK"];
+/// that a misspelt override is an error rather than silently ignored. The benchmarks' own
+/// variables (`cargo xtask bench`: `LSYNC_BENCH_QUICK` for short runs, `LSYNC_BENCH_ONLY` to pick
+/// groups, and those it hands its child processes) and the test suite's `LSYNC_TEST_LOG` are
+/// not keys. A new non-configuration variable must be added here.
+pub const NON_CONFIG_ENV_VARS: &[&str] = &[
+    "LSYNC_BENCH_QUICK",
+    "LSYNC_BENCH_ONLY",
+    "LSYNC_BENCH_CHILD",
+    "LSYNC_BENCH_DIR",
+    "LSYNC_BENCH_LIBRARY",
+    "LSYNC_BENCH_TOKEN",
+    "LSYNC_TEST_LOG",
+];
 
 /// The longest duration any key accepts: 100 years (`"36500d"`). Far beyond every sensible
 /// setting, and small enough that adding it to a clock reading never overflows.
@@ -140,9 +149,11 @@ sync_config! {
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
     #[serde(deny_unknown_fields, default)]
     pub struct SyncConfig {
-        /// Whether this device syncs. While false it neither connects to peers nor accepts their
-        /// connections, but local writes still go to the log, so peers receive them once sync is
-        /// on again. The engine can also switch sync on and off at run time; this is the state it
+        /// Whether this device syncs. While false the transport stays connected (heartbeats keep
+        /// peers' online state), but the engine sends nothing, ignores batches from peers (they
+        /// are not acknowledged, so their senders keep them) and answers their requests with
+        /// `Busy`; local writes still go to the log, so peers receive them once sync is on
+        /// again. The engine can also switch sync on and off at run time; this is the state it
         /// starts in. Default true: a library is set up in order to be synced.
         pub enabled: bool = true,
 

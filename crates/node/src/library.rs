@@ -97,6 +97,10 @@ pub struct PeerStatus {
     pub acked_state: Vec<StateMark>,
     /// How many of this device's own shared changes it has not acknowledged yet.
     pub lag: u64,
+    /// How far its acknowledgement of this device's own rows trails this device's newest rows:
+    /// milliseconds of row versions, the largest over models (0: it has every row). `None`
+    /// when it acknowledged none of a model this device wrote rows of.
+    pub rows_lag_ms: Option<u64>,
     /// Whether it fell behind what this device still holds and needs a full resync.
     pub needs_resync: bool,
 }
@@ -154,6 +158,16 @@ pub enum LibraryError {
     /// The library is closing or closed.
     #[error("the library is closed")]
     Closed,
+    /// A shared write on a copy that is still backfilling (joining, or resyncing after a
+    /// restore): it numbers its shared changes after what its peers hold from it, which it
+    /// learns from the backfill.
+    #[error(
+        "this copy is still backfilling ({phase}); shared data can be written once it is ready"
+    )]
+    NotReady {
+        /// The backfill's phase.
+        phase: Phase,
+    },
     /// Sync was already started.
     #[error("sync is already running")]
     AlreadyStarted,
@@ -286,10 +300,25 @@ impl Library {
     ) -> Result<Self, LibraryError> {
         let (last, checkpoint) = db
             .write(async |conn| {
-                Ok::<_, StoreError>((
-                    load_clock(conn).await?,
-                    lsync_backfill::sql::load(conn).await?,
-                ))
+                let mut checkpoint = lsync_backfill::sql::load(conn).await?;
+                if let Some(old_epoch) = lsync_store::restore_pending(conn).await? {
+                    // The file is an old copy: peers hold changes and rows of this device that
+                    // it lost. Fetch everything back (deleting what the peers no longer hold)
+                    // before numbering new shared changes; the scheduled resync and the cleared
+                    // flag commit together.
+                    let mut backfill = lsync_backfill::Backfill::new(
+                        checkpoint.clone().unwrap_or_else(Checkpoint::ready),
+                    );
+                    backfill.resync(lsync_backfill::Scope::Everything, true);
+                    lsync_backfill::sql::store(conn, backfill.checkpoint()).await?;
+                    lsync_store::clear_restore_pending(conn).await?;
+                    tracing::warn!(
+                        old_epoch = old_epoch.0,
+                        "this copy was restored from an old file: resyncing from a peer"
+                    );
+                    checkpoint = Some(backfill.checkpoint().clone());
+                }
+                Ok::<_, StoreError>((load_clock(conn).await?, checkpoint))
             })
             .await?;
         // No checkpoint: a copy made before backfill existed, complete by construction.
@@ -373,9 +402,22 @@ impl Library {
 
     /// Writes shared data (create, update fields, delete; set add and remove): validated,
     /// stamped, numbered, logged and committed in one transaction, then broadcast in the next
-    /// batch.
+    /// batch. Refused with [`LibraryError::NotReady`] while the copy backfills: until then it
+    /// does not know how far its peers numbered its own changes (a device re-created under its
+    /// identity or restored from an old file would reuse numbers its peers already hold, and
+    /// they would drop the new changes as duplicates). Device-owned writes are accepted.
     pub async fn write_shared(&self, edits: Vec<Edit>) -> Result<Vec<SharedChange>, LibraryError> {
         self.check_open()?;
+        if !self.inner.is_ready() {
+            let phase = self
+                .inner
+                .backfill
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_ref()
+                .map_or(Phase::Uninitialized, |progress| progress.phase);
+            return Err(LibraryError::NotReady { phase });
+        }
         let inner = &self.inner;
         let registry = inner.registry().clone();
         let changes = inner
@@ -484,6 +526,11 @@ impl Library {
                     last_seen_ms: peer.last_seen,
                     rtt_us: rtt.and_then(|(_, rtt)| *rtt),
                     lag: own_seq.saturating_sub(shared.get(identity.device)),
+                    rows_lag_ms: rows_lag_ms(
+                        &watermarks.state,
+                        acks_state.get(&peer.device),
+                        identity.device,
+                    ),
                     acked_shared: shared.to_wire(),
                     acked_state: acks_state
                         .get(&peer.device)
@@ -538,11 +585,10 @@ impl Library {
         if let Some(engine) = self.inner.engine.lock().await.take() {
             engine.shutdown(&self.inner.db).await;
         }
-        // If another handle (a clone the app holds) is still alive, the connections close when the
-        // last one goes; the data is committed either way.
-        if let Ok(inner) = Arc::try_unwrap(self.inner) {
-            inner.db.close().await?;
-        }
+        // Closed now even if another handle (a clone the app holds, a transport's watermark
+        // source) is still alive: the file is complete when `close` returns, and later calls
+        // through those handles fail with `Closed`.
+        self.inner.db.close().await?;
         Ok(())
     }
 
@@ -555,7 +601,52 @@ impl Library {
     }
 }
 
+/// See [`PeerStatus::rows_lag_ms`].
+fn rows_lag_ms(
+    own: &[StateMark],
+    acked: Option<&lsync_watermark::StateProgress>,
+    device: DeviceId,
+) -> Option<u64> {
+    own.iter().filter(|mark| mark.owner == device).try_fold(0, |lag: u64, mark| {
+        let acked = acked.and_then(|acked| acked.get(device, &mark.model))?;
+        Some(lag.max(mark.version.physical_ms().saturating_sub(acked.physical_ms())))
+    })
+}
+
 /// Wall-clock milliseconds for bookkeeping timestamps (log entry ages, last seen).
 pub(crate) fn now_ms() -> u64 {
     SystemClock.now_ms()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "a test fails by panicking")]
+
+    use super::*;
+
+    #[test]
+    fn rows_lag_is_the_largest_gap_over_models_and_unknown_without_an_ack() {
+        let (me, other) = (DeviceId::from_bytes([1; 16]), DeviceId::from_bytes([2; 16]));
+        let mark = |owner, model: &str, ms| StateMark {
+            owner,
+            model: model.to_owned(),
+            version: HlcTime::new(ms, 0).unwrap(),
+        };
+        let own = vec![
+            mark(me, "entries", 10_000),
+            mark(me, "locations", 5_000),
+            mark(other, "entries", 99_000),
+        ];
+        let acked = lsync_watermark::StateProgress::from_wire(&[
+            mark(me, "entries", 9_000),
+            mark(me, "locations", 5_000),
+        ]);
+        assert_eq!(rows_lag_ms(&own, Some(&acked), me), Some(1_000));
+        let caught_up = lsync_watermark::StateProgress::from_wire(&own);
+        assert_eq!(rows_lag_ms(&own, Some(&caught_up), me), Some(0));
+        let partial = lsync_watermark::StateProgress::from_wire(&[mark(me, "entries", 10_000)]);
+        assert_eq!(rows_lag_ms(&own, Some(&partial), me), None, "locations never acknowledged");
+        assert_eq!(rows_lag_ms(&own, None, me), None);
+        assert_eq!(rows_lag_ms(&[], None, me), Some(0), "no rows written: nothing to lag");
+    }
 }

@@ -33,6 +33,30 @@ pub(crate) async fn own_watermarks(inner: &LibraryInner) -> Result<Watermarks, S
     Ok(watermarks)
 }
 
+/// Whether `theirs` shows the peer holding more of this device's own shared changes than this
+/// device does (it was rolled back to an old copy); the peer's sequence for this device if so.
+pub(crate) async fn own_rollback(
+    inner: &LibraryInner,
+    theirs: &Watermarks,
+) -> Result<Option<u64>, StoreError> {
+    let device = inner.identity().device;
+    let Some(their_view) = theirs
+        .shared
+        .iter()
+        .find(|progress| progress.origin == device)
+        .map(|progress| progress.seq)
+    else {
+        return Ok(None);
+    };
+    let mine = own_watermarks(inner)
+        .await?
+        .shared
+        .iter()
+        .find(|progress| progress.origin == device)
+        .map_or(0, |progress| progress.seq);
+    Ok(lsync_watermark::own_rollback(mine, their_view))
+}
+
 /// The acknowledgement this device sends: everything it has applied.
 pub(crate) fn ack_of(watermarks: &Watermarks) -> Ack {
     Ack { shared: watermarks.shared.clone(), state: watermarks.state.clone() }
@@ -49,6 +73,19 @@ pub(crate) async fn apply_state_batch(
     let registry = inner.registry().clone();
     let started = Instant::now();
     let rows = batch.rows.len();
+    let versions: Vec<HlcTime> = batch.rows.iter().map(|row| row.version).collect();
+    // The owner's stamps are observed like shared changes' stamps (causality: a later local
+    // write is stamped after what this device has seen), within the drift bound.
+    if let Some(newest) = versions.iter().max()
+        && let Err(lsync_hlc::HlcError::DriftExceeded { .. }) =
+            inner.clock.update(lsync_hlc::Hlc::new(*newest, batch.owner))
+    {
+        let bound = lsync_hlc::Clock::now_ms(&lsync_hlc::SystemClock)
+            .saturating_add(u64::try_from(inner.config.max_drift.as_millis()).unwrap_or(u64::MAX));
+        let skewed = versions.iter().filter(|version| version.physical_ms() > bound).count();
+        inner.counters.skewed.fetch_add(skewed as u64, std::sync::atomic::Ordering::AcqRel);
+        metrics::counter!("lsync_skewed_changes_total").increment(skewed as u64);
+    }
     let applied = inner
         .db
         .write(async |conn| {
@@ -78,6 +115,12 @@ pub(crate) async fn apply_state_batch(
         .await?;
     let (applied, gap) = applied;
     record_applied("state", rows, applied.rejected, started);
+    let now = lsync_hlc::Clock::now_ms(&lsync_hlc::SystemClock);
+    for version in versions {
+        let lag_ms = now.saturating_sub(version.physical_ms());
+        metrics::histogram!("lsync_replication_lag_seconds", "kind" => "state")
+            .record(lag_ms as f64 / 1_000.0);
+    }
     if applied.rejected > 0 {
         metrics::counter!("lsync_rejected_rows_total", "kind" => "state")
             .increment(applied.rejected as u64);
@@ -138,7 +181,8 @@ pub(crate) async fn apply_shared_changes(
     let now = lsync_hlc::Clock::now_ms(&lsync_hlc::SystemClock);
     for change in &batch.changes {
         let lag_ms = now.saturating_sub(change.time.physical_ms());
-        metrics::histogram!("lsync_replication_lag_seconds").record(lag_ms as f64 / 1_000.0);
+        metrics::histogram!("lsync_replication_lag_seconds", "kind" => "shared")
+            .record(lag_ms as f64 / 1_000.0);
     }
     emit_projection(inner, peer, received.projection);
     Ok(())
@@ -585,10 +629,18 @@ pub(crate) async fn apply_backfill_page(
                     )
                     .await?;
                     let mut deleted = applied.deleted;
-                    // Never for this device's own rows: it is their authority, and some may
-                    // not have reached the serving peer yet.
-                    if let Some((after, through)) = outcome.delete_missing
-                        && page.owner != device
+                    // Only rows the serving peer has seen the owner's changes up to: a newer
+                    // row (this device's own, written since; another owner's, received
+                    // directly) is one the peer does not know yet. This device's own rows are
+                    // included: a copy restored from an old file resyncs them, and rows it
+                    // deleted after the backup must go.
+                    let peer_mark = checkpoint
+                        .state_marks
+                        .iter()
+                        .find(|mark| mark.owner == page.owner && mark.model == page.model)
+                        .map(|mark| mark.version);
+                    if let (Some((after, through)), Some(peer_mark)) =
+                        (outcome.delete_missing, peer_mark)
                     {
                         deleted.extend(
                             lsync_state_sync::sql::delete_missing(
@@ -598,6 +650,7 @@ pub(crate) async fn apply_backfill_page(
                                 &page.model,
                                 after,
                                 through,
+                                peer_mark,
                                 &keys,
                             )
                             .await?,

@@ -445,9 +445,12 @@ pub async fn rows_by_key(
 }
 
 /// A full resync's authoritative deletion: removes `owner`'s rows of `model` whose key lies in
-/// `(after, through]` (`through = None`: to the end) and is not in `keep` — rows the serving peer
-/// no longer holds, whose tombstones were collected before this device saw them. Returns the
-/// removed keys.
+/// `(after, through]` (`through = None`: to the end), whose version is at most `peer_mark` (the
+/// serving peer's mark for the (owner, model): it holds every row up to there that is alive),
+/// and which are not in `keep` — rows the serving peer no longer holds, whose tombstones were
+/// collected before this device saw them. A newer row is one the peer has not seen yet (written
+/// since, or received from the owner directly) and stays. Returns the removed keys.
+#[expect(clippy::too_many_arguments, reason = "one range of one owner's model, and a bound")]
 pub async fn delete_missing(
     conn: &mut SqliteConnection,
     registry: &Registry,
@@ -455,18 +458,23 @@ pub async fn delete_missing(
     model_name: &str,
     after: Option<Uuid>,
     through: Option<Uuid>,
+    peer_mark: HlcTime,
     keep: &[Uuid],
 ) -> Result<Vec<Uuid>, StateError> {
     device_owned(registry, model_name)?;
     let after = after.map_or_else(Vec::new, |id| id.as_bytes().to_vec());
     let upper = if through.is_some() { " AND id <= ?3" } else { "" };
     // `+owner`: a range of the primary key, filtered (see `rows_by_key`).
-    let sql = format!("SELECT id FROM {} WHERE +owner = ?1 AND id > ?2{upper}", ident(model_name));
+    let sql = format!(
+        "SELECT id FROM {} WHERE +owner = ?1 AND id > ?2{upper} AND version <= ?4",
+        ident(model_name)
+    );
     let through = through.map(|id| id.as_bytes().to_vec()).unwrap_or_default();
     let held: Vec<Vec<u8>> = sqlx::query_scalar(&sql)
         .bind(owner.as_bytes().as_slice())
         .bind(after.as_slice())
         .bind(through.as_slice())
+        .bind(time_to_sql(peer_mark)?)
         .fetch_all(&mut *conn)
         .await?;
     let keep: std::collections::HashSet<&Uuid> = keep.iter().collect();

@@ -1,6 +1,7 @@
 //! The library database: one SQLite file per device, opened in WAL mode, with one writer
 //! connection and a small pool of readers.
 
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,17 +63,41 @@ pub struct Identity {
     pub epoch: Epoch,
 }
 
+/// What [`Database::open`] found when the file was older than the device's last write: it was
+/// restored from an old copy (a backup, a snapshot, a copy of the file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restored {
+    /// The epoch the old copy carried (the device now announces a new one).
+    pub old_epoch: Epoch,
+    /// Write transactions the restored file had committed.
+    pub file_generation: u64,
+    /// Write transactions the device had committed before the file was replaced.
+    pub last_generation: u64,
+}
+
 /// An open library database.
 ///
 /// All writes go through one connection, one transaction at a time ([`Database::write`]), so
 /// writes never contend inside the process; reads use a separate pool and see committed data.
+///
+/// # Restored copies
+/// Every write transaction also counts itself (`generation` in `sync_meta`), and after the
+/// commit the count is copied to a small file beside the database (`<file>-generation`). A
+/// library file restored from an old copy has a smaller count than that file remembers:
+/// [`Database::open`] then gives the copy a new epoch and records a pending restore
+/// ([`restore_pending`]) for the sync engine, which must fetch back what the copy lost before
+/// the device numbers new changes. (Restoring the two files together hides the restore; a copy
+/// of only the database, the usual restore, is caught.)
 #[derive(Debug)]
 pub struct Database {
-    writer: Mutex<SqliteConnection>,
+    /// `None` once closed.
+    writer: Mutex<Option<SqliteConnection>>,
     readers: SqlitePool,
     registry: Arc<Registry>,
     identity: Identity,
     path: PathBuf,
+    generation: std::sync::Mutex<Option<std::fs::File>>,
+    restored: Option<Restored>,
 }
 
 impl Database {
@@ -99,7 +124,9 @@ impl Database {
         write_meta(&mut tx, "epoch", &epoch.0.to_be_bytes()).await?;
         sqlx::raw_sql(&registry.ddl()).execute(&mut *tx).await?;
         tx.commit().await?;
-        Self::finish_open(path, writer, registry, options).await
+        // A generation file left by an earlier library at this path says nothing of this one.
+        let generation = open_generation_file(path, Some(0));
+        Self::finish_open(path, writer, registry, options, generation, None).await
     }
 
     /// Opens an existing library file, applying pending migrations and creating tables of models
@@ -116,7 +143,16 @@ impl Database {
         let mut writer = connect(path, options, false).await?;
         migrate(&mut writer).await?;
         sqlx::raw_sql(&registry.ddl()).execute(&mut writer).await?;
-        Self::finish_open(path, writer, registry, options).await
+        let mut generation = open_generation_file(path, None);
+        let restored = match generation.as_mut().and_then(read_generation_file) {
+            Some(last) => detect_restore(&mut writer, path, last).await?,
+            None => None,
+        };
+        if let Some(file) = generation.as_mut() {
+            // Remember the file's own count from now on: the restore is recorded in the file.
+            write_generation_file(file, read_generation(&mut writer).await?);
+        }
+        Self::finish_open(path, writer, registry, options, generation, restored).await
     }
 
     async fn finish_open(
@@ -124,6 +160,8 @@ impl Database {
         mut writer: SqliteConnection,
         registry: Arc<Registry>,
         options: &StoreOptions,
+        generation: Option<std::fs::File>,
+        restored: Option<Restored>,
     ) -> Result<Self, StoreError> {
         check_tables(&mut writer, &registry).await?;
         let identity = read_identity(&mut writer, path).await?;
@@ -131,7 +169,21 @@ impl Database {
             .max_connections(options.readers.max(1))
             .connect_with(connect_options(path, options, false).read_only(true))
             .await?;
-        Ok(Self { writer: Mutex::new(writer), readers, registry, identity, path: path.to_owned() })
+        Ok(Self {
+            writer: Mutex::new(Some(writer)),
+            readers,
+            registry,
+            identity,
+            path: path.to_owned(),
+            generation: std::sync::Mutex::new(generation),
+            restored,
+        })
+    }
+
+    /// Whether [`Database::open`] found the file restored from an old copy (and gave it a new
+    /// epoch). See [`restore_pending`] for what the sync engine must do about it.
+    pub fn restored(&self) -> Option<Restored> {
+        self.restored
     }
 
     /// Runs `work` in one write transaction: committed if it returns `Ok`, rolled back otherwise.
@@ -144,14 +196,17 @@ impl Database {
         E: From<StoreError>,
     {
         let mut writer = self.writer.lock().await;
-        end_abandoned_transaction(&mut writer).await.map_err(E::from)?;
+        let writer = writer.as_mut().ok_or(StoreError::Closed).map_err(E::from)?;
+        end_abandoned_transaction(writer).await.map_err(E::from)?;
         // IMMEDIATE takes the write lock up front, so a transaction that reads then writes cannot
         // fail half-way on another process's lock.
         let mut tx =
             writer.begin_with("BEGIN IMMEDIATE").await.map_err(|error| E::from(error.into()))?;
         match work(&mut tx).await {
             Ok(value) => {
+                let generation = bump_generation(&mut tx).await.map_err(|error| E::from(error))?;
                 tx.commit().await.map_err(|error| E::from(error.into()))?;
+                self.remember_generation(generation);
                 Ok(value)
             }
             Err(error) => {
@@ -160,6 +215,16 @@ impl Database {
                 }
                 Err(error)
             }
+        }
+    }
+
+    /// Copies a committed generation to the file beside the database. Best effort: a count
+    /// that lags behind the database only makes a restore to a very recent copy go unnoticed;
+    /// it is never ahead of a committed count.
+    fn remember_generation(&self, generation: u64) {
+        let mut file = self.generation.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(file) = file.as_mut() {
+            write_generation_file(file, generation);
         }
     }
 
@@ -210,10 +275,17 @@ impl Database {
         &self.path
     }
 
-    /// Closes all connections, waiting for them; the WAL is checkpointed into the main file.
-    pub async fn close(self) -> Result<(), StoreError> {
+    /// Closes all connections, waiting for the write in progress and then for them; the WAL is
+    /// checkpointed into the main file. Later writes and reads fail ([`StoreError::Closed`] for
+    /// writes); closing again does nothing. Takes `&self` so that a database shared with other
+    /// holders (an `Arc`) is still closed when its owner says so, not when the last holder
+    /// lets go.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        let mut writer = self.writer.lock().await;
         self.readers.close().await;
-        let mut writer = self.writer.into_inner();
+        let Some(mut writer) = writer.take() else {
+            return Ok(());
+        };
         end_abandoned_transaction(&mut writer).await?;
         sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&mut writer).await?;
         writer.close().await?;
@@ -221,11 +293,127 @@ impl Database {
     }
 }
 
+/// Whether this copy was restored from an old copy and the sync engine has not yet fetched back
+/// what it lost: returns the epoch it had before. While a restore is pending, this device's own
+/// numbering of shared changes may lag behind what its peers already hold from it, so it must
+/// not number new shared changes until it fetched them back (a full resync). Cleared by
+/// [`clear_restore_pending`] in the transaction that schedules that resync.
+pub async fn restore_pending(conn: &mut SqliteConnection) -> Result<Option<Epoch>, StoreError> {
+    match read_meta(conn, "restored_from").await? {
+        Some(bytes) => {
+            let bytes: [u8; 8] = bytes
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("sync_meta restored_from".into()))?;
+            Ok(Some(Epoch(u64::from_be_bytes(bytes))))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Clears the pending restore; see [`restore_pending`].
+pub async fn clear_restore_pending(conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM sync_meta WHERE key = 'restored_from'").execute(conn).await?;
+    Ok(())
+}
+
+/// Compares the file's generation with `last`, the generation the device last committed (from
+/// the file beside it); on a restore gives the copy a new epoch and records the restore.
+async fn detect_restore(
+    writer: &mut SqliteConnection,
+    path: &Path,
+    last: u64,
+) -> Result<Option<Restored>, StoreError> {
+    let file_generation = read_generation(writer).await?;
+    if file_generation >= last {
+        return Ok(None);
+    }
+    let old_epoch = read_identity(writer, path).await?.epoch;
+    let epoch = Epoch(Uuid::new_v4().as_u64_pair().0);
+    let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
+    write_meta(&mut tx, "epoch", &epoch.0.to_be_bytes()).await?;
+    // Kept until the engine scheduled the resync (a second restore before that keeps the
+    // first old epoch: either way the peers see a new one).
+    if restore_pending(&mut tx).await?.is_none() {
+        write_meta(&mut tx, "restored_from", &old_epoch.0.to_be_bytes()).await?;
+    }
+    tx.commit().await?;
+    tracing::warn!(
+        file = %path.display(),
+        file_generation,
+        last_generation = last,
+        "the library file is older than this device's last write: it was restored from an old copy; it takes a new epoch and resyncs"
+    );
+    Ok(Some(Restored { old_epoch, file_generation, last_generation: last }))
+}
+
+async fn read_generation(conn: &mut SqliteConnection) -> Result<u64, StoreError> {
+    let generation: Option<i64> =
+        sqlx::query_scalar("SELECT value FROM sync_meta WHERE key = 'generation'")
+            .fetch_optional(conn)
+            .await?;
+    Ok(generation.map_or(0, i64::cast_unsigned))
+}
+
+async fn bump_generation(conn: &mut SqliteConnection) -> Result<u64, StoreError> {
+    // An integer in the BLOB column (SQLite keeps the value's own type), so it adds in place.
+    let generation: i64 = sqlx::query_scalar(
+        "INSERT INTO sync_meta (key, value) VALUES ('generation', 1)
+         ON CONFLICT (key) DO UPDATE SET value = value + 1
+         RETURNING value",
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(generation.cast_unsigned())
+}
+
+/// The file beside the database that remembers the last committed generation.
+fn generation_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push("-generation");
+    PathBuf::from(name)
+}
+
+/// Opens (creating it if needed) the generation file, writing `reset` into it if given. `None`
+/// when it cannot be opened: restores then go unnoticed, which is logged, and nothing else
+/// changes.
+fn open_generation_file(path: &Path, reset: Option<u64>) -> Option<std::fs::File> {
+    let at = generation_path(path);
+    match std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&at)
+    {
+        Ok(mut file) => {
+            if let Some(generation) = reset {
+                write_generation_file(&mut file, generation);
+            }
+            Some(file)
+        }
+        Err(error) => {
+            tracing::warn!(file = %at.display(), %error, "cannot open the generation file: a restore from an old copy would go unnoticed");
+            None
+        }
+    }
+}
+
+/// The generation the file holds; `None` when it is empty or unreadable (nothing to compare).
+fn read_generation_file(file: &mut std::fs::File) -> Option<u64> {
+    let mut bytes = [0; 8];
+    file.seek(SeekFrom::Start(0)).ok()?;
+    file.read_exact(&mut bytes).ok()?;
+    Some(u64::from_be_bytes(bytes))
+}
+
+fn write_generation_file(file: &mut std::fs::File, generation: u64) {
+    let result =
+        file.seek(SeekFrom::Start(0)).and_then(|_| file.write_all(&generation.to_be_bytes()));
+    if let Err(error) = result {
+        tracing::warn!(%error, "cannot record the write generation beside the library");
+    }
+}
+
 /// Holds back writes while alive; see [`Database::hold_writes`].
 #[derive(Debug)]
 #[must_use = "writes resume as soon as the guard is dropped"]
 pub struct WritesHeld<'a> {
-    _writer: MutexGuard<'a, SqliteConnection>,
+    _writer: MutexGuard<'a, Option<SqliteConnection>>,
 }
 
 /// Rolls back a transaction that a cancelled write left open on the writer connection.
@@ -427,7 +615,7 @@ mod tests {
         // The state a `begin_with` cancelled between SQLite's BEGIN and sqlx's `Transaction`
         // leaves behind: a transaction on the writer that nothing owns.
         SqliteTransactionManager::begin(
-            &mut *db.writer.lock().await,
+            db.writer.lock().await.as_mut().unwrap(),
             Some("BEGIN IMMEDIATE".into()),
         )
         .await
@@ -443,7 +631,7 @@ mod tests {
         let db = create(&dir).await;
         put(&db, "before").await.unwrap();
         SqliteTransactionManager::begin(
-            &mut *db.writer.lock().await,
+            db.writer.lock().await.as_mut().unwrap(),
             Some("BEGIN IMMEDIATE".into()),
         )
         .await
@@ -484,6 +672,85 @@ mod tests {
             assert!(stored(&db, &key).await, "write after {polls} polls committed");
         }
         db.close().await.unwrap();
+    }
+
+    async fn reopen(dir: &tempfile::TempDir) -> Database {
+        Database::open(
+            &dir.path().join("library.db"),
+            Arc::new(crate::reference_registry().unwrap()),
+            &StoreOptions::default(),
+        )
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_file_restored_from_an_old_copy_gets_a_new_epoch_and_a_pending_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = create(&dir).await;
+        put(&db, "one").await.unwrap();
+        let backup = dir.path().join("backup.db");
+        sqlx::query("VACUUM INTO ?1")
+            .bind(backup.to_str().unwrap())
+            .execute(db.reader())
+            .await
+            .unwrap();
+        put(&db, "two").await.unwrap();
+        let epoch = db.identity().epoch;
+        db.close().await.unwrap();
+
+        // Reopening the file as it was restores nothing.
+        let db = reopen(&dir).await;
+        assert_eq!(db.restored(), None);
+        assert_eq!(db.identity().epoch, epoch);
+        db.close().await.unwrap();
+
+        std::fs::copy(&backup, dir.path().join("library.db")).unwrap();
+        let db = reopen(&dir).await;
+        let restored = db.restored().expect("the restore is noticed");
+        assert_eq!(restored.old_epoch, epoch);
+        assert!(restored.file_generation < restored.last_generation);
+        assert_ne!(db.identity().epoch, epoch, "a new epoch");
+        assert!(!stored(&db, "two").await);
+        let pending = db.write(async |conn| restore_pending(conn).await).await.unwrap();
+        assert_eq!(pending, Some(epoch));
+        db.write(async |conn| clear_restore_pending(conn).await).await.unwrap();
+        let new_epoch = db.identity().epoch;
+        db.close().await.unwrap();
+
+        // Noticed once: the next open is an ordinary one.
+        let db = reopen(&dir).await;
+        assert_eq!(db.restored(), None);
+        assert_eq!(db.identity().epoch, new_epoch);
+        assert_eq!(db.write(async |conn| restore_pending(conn).await).await.unwrap(), None);
+        db.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_library_created_where_an_old_one_was_is_not_taken_for_a_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = create(&dir).await;
+        for key in ["a", "b", "c"] {
+            put(&db, key).await.unwrap();
+        }
+        db.close().await.unwrap();
+        std::fs::remove_file(dir.path().join("library.db")).unwrap();
+        let db = create(&dir).await;
+        db.close().await.unwrap();
+        assert_eq!(reopen(&dir).await.restored(), None);
+    }
+
+    #[tokio::test]
+    async fn a_shared_database_closes_when_told_and_refuses_later_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(create(&dir).await);
+        let other = db.clone();
+        put(&db, "before").await.unwrap();
+        db.close().await.unwrap();
+        assert!(matches!(put(&other, "after").await, Err(StoreError::Closed)));
+        db.close().await.unwrap();
+        let wal = dir.path().join("library.db-wal");
+        assert_eq!(std::fs::metadata(&wal).map_or(0, |meta| meta.len()), 0, "WAL checkpointed");
     }
 
     #[tokio::test]

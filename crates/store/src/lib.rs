@@ -14,8 +14,11 @@
 //!   one transaction each through [`Database::write`]) and a pool of readers.
 //!
 //! # Invariants
-//! - The file's identity (library, device, epoch) is written once at creation and never changes;
-//!   a re-created copy gets a new random epoch.
+//! - The file's library and device are written once at creation and never change. Its epoch is
+//!   chosen at random at creation and again when [`Database::open`] finds the file restored from
+//!   an old copy (its write count, `generation`, below the count kept beside it in
+//!   `<file>-generation`); the restore then stays pending ([`restore_pending`]) until the sync
+//!   engine scheduled a full resync.
 //! - A table whose columns differ from the registry is refused at open, never silently altered.
 //! - The persisted clock ([`store_clock`]) only grows.
 //! - A write cancelled at any point (its future dropped) commits nothing and never leaves the
@@ -37,7 +40,10 @@ mod reference;
 mod registry;
 pub mod sql;
 
-pub use db::{Database, Durability, Identity, StoreOptions, WritesHeld, load_clock, store_clock};
+pub use db::{
+    Database, Durability, Identity, Restored, StoreOptions, WritesHeld, clear_restore_pending,
+    load_clock, restore_pending, store_clock,
+};
 pub use dump::dump_tables;
 pub use reference::{ENTRY_KIND_DIRECTORY, ENTRY_KIND_FILE, reference_models, reference_registry};
 pub use registry::{Column, ColumnType, MergeStrategy, ModelDef, Ownership, Registry, SchemaError};
@@ -77,6 +83,9 @@ pub enum StoreError {
         /// Columns the file has.
         found: Vec<String>,
     },
+    /// The database was closed.
+    #[error("the library database is closed")]
+    Closed,
     /// Stored bookkeeping is not what lsync wrote.
     #[error("corrupt library: {0}")]
     Corrupt(String),

@@ -25,6 +25,7 @@ use lsync_protocol::{Message as WireMessage, SharedBatch, SharedChange, StateBat
 use lsync_store::Database;
 use lsync_transport::{DisconnectReason, Transport, TransportEvent};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::core::batcher::{Batcher, Flush};
 use crate::core::retry::{Coverage, RetryConfig, RetryQueue};
@@ -398,6 +399,7 @@ impl<T: Transport> Supervisor<T> {
                     online: false,
                     catching_up: false,
                     outbound: None,
+                    span: tracing::info_span!("peer", %peer),
                 }
                 .start()
             })
@@ -424,7 +426,7 @@ impl<T: Transport> Supervisor<T> {
     fn broadcast(&mut self, flushes: Vec<Flush>) {
         let device = self.inner.identity().device;
         for flush in flushes {
-            let (message, covers, rows) = match flush {
+            let (message, covers, rows, kind) = match flush {
                 Flush::State { model, since, rows } => {
                     let Some(newest) = rows.iter().map(|row| row.version).max() else { continue };
                     let columns = self
@@ -437,7 +439,7 @@ impl<T: Transport> Supervisor<T> {
                     let covers =
                         Coverage::State { owner: device, model: model.clone(), version: newest };
                     let batch = StateBatch { owner: device, model, columns, rows, since };
-                    (WireMessage::StateBatch(batch), covers, count)
+                    (WireMessage::StateBatch(batch), covers, count, "state")
                 }
                 Flush::Shared { changes } => {
                     let batch = SharedBatch { changes };
@@ -447,10 +449,11 @@ impl<T: Transport> Supervisor<T> {
                         WireMessage::SharedBatch(batch),
                         Coverage::Shared { origin: mark.origin, seq: mark.seq },
                         count,
+                        "shared",
                     )
                 }
             };
-            metrics::histogram!("lsync_batch_rows").record(rows as f64);
+            metrics::histogram!("lsync_batch_rows", "kind" => kind).record(rows as f64);
             for (peer, addr) in &self.peers {
                 if self.online.contains_key(peer) {
                     push(
@@ -839,6 +842,8 @@ struct PeerActor<T: Transport> {
     online: bool,
     catching_up: bool,
     outbound: Option<mpsc::Sender<Outbound>>,
+    /// `peer{peer=…}`: every log line of the actor, its futures and its sender task is inside.
+    span: tracing::Span,
 }
 
 /// What a peer actor's sender task takes, in order.
@@ -867,7 +872,9 @@ impl<T: Transport> Actor for PeerActor<T> {
         let (transport, peer, retry) = (self.transport.clone(), self.peer, self.retry.clone());
         // Its own task, not a future of the actor's context: the actor waits on the database
         // (and on catch-up requests) without holding up the peer's outgoing messages.
-        actix::spawn(async move {
+        let span = self.span.clone();
+        actix::spawn(
+            async move {
             while let Some(item) = queue.recv().await {
                 let (message, covers) = match item {
                     Outbound::Message(message, covers) => (message, covers),
@@ -883,17 +890,28 @@ impl<T: Transport> Actor for PeerActor<T> {
                 if let (Some(retry), Some(covers)) = (&retry, covers) {
                     retry.do_send(Sent { peer, message: message.clone(), covers });
                 }
+                let changes = match &message {
+                    WireMessage::StateBatch(batch) => Some(("state", batch.rows.len())),
+                    WireMessage::SharedBatch(batch) => Some(("shared", batch.changes.len())),
+                    _ => None,
+                };
                 match transport.send(peer, message).await {
                     Ok(()) => {
                         metrics::counter!("lsync_messages_sent_total", "kind" => kind).increment(1);
                         metrics::counter!("lsync_bytes_sent_total").increment(bytes as u64);
+                        if let Some((kind, count)) = changes {
+                            metrics::counter!("lsync_changes_sent_total", "kind" => kind)
+                                .increment(count as u64);
+                        }
                     }
                     Err(error) => {
                         tracing::debug!(%peer, %error, "send failed; due again after the ack timeout")
                     }
                 }
             }
-        });
+        }
+            .instrument(span),
+        );
     }
 }
 
@@ -936,6 +954,18 @@ impl<T: Transport> PeerActor<T> {
                 });
                 return Ok((false, None));
             }
+            if let Some(seq) = sync::own_rollback(&inner, &theirs).await? {
+                // The peer holds more of this device's own changes than it does: its file was
+                // rolled back (restored together with the file that would have told at open).
+                // Fetch everything back before numbering on; shared writes wait meanwhile.
+                tracing::error!(%peer, seq, "the peer holds changes of this device that it lost: resyncing fully");
+                metrics::counter!("lsync_rollbacks_detected_total").increment(1);
+                supervisor.do_send(ResyncNeeded {
+                    scope: lsync_backfill::Scope::Everything,
+                    delete_missing: true,
+                });
+                return Ok((false, None));
+            }
             sync::record_ack(&inner, peer, &sync::ack_of(&theirs)).await?;
             let outcome = sync::catch_up(&inner, &*transport, peer, &theirs).await?;
             let pulled = outcome.pulled;
@@ -952,7 +982,7 @@ impl<T: Transport> PeerActor<T> {
             };
             Ok::<_, sync::CatchUpError>((pulled, ack))
         };
-        ctx.wait(work.into_actor(self).map(|result, actor, _| {
+        ctx.wait(work.instrument(self.span.clone()).into_actor(self).map(|result, actor, _| {
             actor.catching_up = false;
             match result {
                 Ok((pulled, ack)) => {
@@ -999,7 +1029,7 @@ impl<T: Transport> PeerActor<T> {
             let mine = sync::own_watermarks(&inner).await?;
             Ok::<_, crate::library::LibraryError>(Some((sync::ack_of(&mine), gap)))
         };
-        ctx.wait(work.into_actor(self).map(|result, actor, ctx| {
+        ctx.wait(work.instrument(self.span.clone()).into_actor(self).map(|result, actor, ctx| {
             tracing::trace!(peer = %actor.peer, "apply done");
             if let Ok(Some((ack, gap))) = &result {
                 actor.queue(WireMessage::Ack(ack.clone()), None);
@@ -1025,6 +1055,7 @@ impl<T: Transport> PeerActor<T> {
 impl<T: Transport> Handler<FromPeer> for PeerActor<T> {
     type Result = ();
     fn handle(&mut self, FromPeer(event): FromPeer, ctx: &mut Self::Context) {
+        let _span = self.span.clone().entered();
         match event {
             TransportEvent::Connected { hello, .. } => {
                 self.online = true;
@@ -1056,6 +1087,7 @@ impl<T: Transport> Handler<FromPeer> for PeerActor<T> {
                             tracing::warn!(%peer, %error, "cannot record the peer");
                         }
                     }
+                    .instrument(self.span.clone())
                     .into_actor(self),
                 );
                 self.supervisor.do_send(PeerState {
@@ -1094,6 +1126,7 @@ impl<T: Transport> Handler<FromPeer> for PeerActor<T> {
                             tracing::warn!(%peer, %error, "cannot record an acknowledgement");
                         }
                     }
+                    .instrument(self.span.clone())
                     .into_actor(self),
                 );
             }
@@ -1126,6 +1159,7 @@ impl<T: Transport> Handler<FromPeer> for PeerActor<T> {
                             _ => None,
                         }
                     }
+                    .instrument(self.span.clone())
                     .into_actor(self)
                     .map(|behind, actor, ctx| {
                         if let Some(pruner) = &actor.pruner {
@@ -1154,6 +1188,7 @@ impl<T: Transport> Handler<FromPeer> for PeerActor<T> {
                             })
                             .await;
                     }
+                    .instrument(self.span.clone())
                     .into_actor(self),
                 );
             }
