@@ -43,6 +43,9 @@ pub(crate) trait Engine: Send + Sync {
     /// Flushes, stops the actors and the transport, and waits for them. Writes to `db` are held
     /// while the actors stop, so none is cancelled half-way.
     fn shutdown<'a>(&'a self, db: &'a Database) -> BoxFuture<'a, ()>;
+    /// The running engine, for tests that reach into it.
+    #[cfg(test)]
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 /// What the running engine knows beyond the database.
@@ -188,7 +191,7 @@ pub(crate) struct LibraryInner {
     pub(crate) enabled: AtomicBool,
     pub(crate) events: EventBus,
     accepting: AtomicBool,
-    engine: Mutex<Option<Box<dyn Engine>>>,
+    pub(crate) engine: Mutex<Option<Box<dyn Engine>>>,
     /// The latest watermarks, for heartbeats (which must not wait for the database).
     pub(crate) snapshot: std::sync::Mutex<Option<Watermarks>>,
     pub(crate) counters: Counters,
@@ -229,7 +232,7 @@ impl LibraryInner {
 /// ([`Library::start_sync`]), which may be long after opening.
 #[derive(Clone)]
 pub struct Library {
-    inner: Arc<LibraryInner>,
+    pub(crate) inner: Arc<LibraryInner>,
 }
 
 impl Library {

@@ -33,6 +33,7 @@ pub(super) struct BackfillActor<T: Transport> {
     failures: u32,
     /// The next page, requested while the current one is applied.
     prefetch: Option<(Command, PendingPage)>,
+    _watch: super::Watch,
 }
 
 /// A page being fetched.
@@ -44,6 +45,7 @@ impl<T: Transport> BackfillActor<T> {
         transport: Arc<T>,
         supervisor: Addr<Supervisor<T>>,
         checkpoint: lsync_backfill::Checkpoint,
+        watch: super::Watch,
     ) -> Self {
         let mut machine = Backfill::new(checkpoint);
         if !inner.enabled.load(std::sync::atomic::Ordering::Acquire) {
@@ -58,6 +60,7 @@ impl<T: Transport> BackfillActor<T> {
             busy: false,
             failures: 0,
             prefetch: None,
+            _watch: watch,
         }
     }
 
@@ -366,5 +369,13 @@ impl<T: Transport> Handler<Resync> for BackfillActor<T> {
         self.busy = true;
         self.inner.ready.store(false, std::sync::atomic::Ordering::Release);
         self.persist(ctx, next);
+    }
+}
+
+#[cfg(test)]
+impl<T: Transport> Handler<super::Crash> for BackfillActor<T> {
+    type Result = ();
+    fn handle(&mut self, _: super::Crash, _: &mut Self::Context) {
+        panic!("injected failure of the backfill actor");
     }
 }

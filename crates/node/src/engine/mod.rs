@@ -34,6 +34,8 @@ use crate::library::{BoxFuture, Engine, EngineStatus, LibraryInner};
 use crate::sync;
 
 mod backfill;
+#[cfg(test)]
+mod tests;
 
 use backfill::BackfillActor;
 
@@ -93,7 +95,7 @@ async fn pump<T: Transport>(
     }
 }
 
-struct EngineHandle<T: Transport> {
+pub(crate) struct EngineHandle<T: Transport> {
     supervisor: Addr<Supervisor<T>>,
     system: System,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -125,6 +127,11 @@ impl<T: Transport> Engine for EngineHandle<T> {
 
     fn status(&self) -> BoxFuture<'_, EngineStatus> {
         Box::pin(async move { self.supervisor.send(GetStatus).await.unwrap_or_default() })
+    }
+
+    #[cfg(test)]
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 
     fn shutdown<'a>(&'a self, db: &'a Database) -> BoxFuture<'a, ()> {
@@ -165,6 +172,10 @@ impl Engine for DeadEngine {
     }
     fn shutdown<'a>(&'a self, _: &'a Database) -> BoxFuture<'a, ()> {
         Box::pin(async {})
+    }
+    #[cfg(test)]
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }
 
@@ -326,13 +337,89 @@ impl<T: Transport> Handler<ResyncNeeded> for Supervisor<T> {
     }
 }
 
-/// Child → supervisor: stop with a failure (restarted with backoff).
+/// Child → supervisor: what went wrong, just before the child stops (it is then restarted
+/// with backoff, see [`ChildStopped`]).
 struct ChildFailed {
-    child: &'static str,
+    child: Child,
     error: String,
 }
 impl Message for ChildFailed {
     type Result = ();
+}
+
+/// One of the supervisor's children.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Child {
+    Pruner,
+    Retry,
+    Backfill,
+    Peer(DeviceId),
+}
+
+impl Child {
+    fn name(self) -> &'static str {
+        match self {
+            Child::Pruner => "pruner",
+            Child::Retry => "retry",
+            Child::Backfill => "backfill",
+            Child::Peer(_) => "peer",
+        }
+    }
+}
+
+/// Lives inside every child actor. When the actor goes — it stopped, or a handler panicked and
+/// the runtime dropped it — dropping the watch tells the supervisor, which restarts it unless
+/// the engine is shutting down.
+pub(super) struct Watch {
+    child: Child,
+    generation: u64,
+    supervisor: Recipient<ChildStopped>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.supervisor.do_send(ChildStopped { child: self.child, generation: self.generation });
+    }
+}
+
+/// Watch → supervisor: a child is gone.
+pub(super) struct ChildStopped {
+    child: Child,
+    generation: u64,
+}
+impl Message for ChildStopped {
+    type Result = ();
+}
+
+/// How often a child failed lately, for its restart backoff.
+#[derive(Debug, Clone, Copy)]
+struct Failures {
+    count: u32,
+    last: Instant,
+}
+
+/// A child that ran this long since its last failure starts its backoff afresh.
+const FAILURES_FORGOTTEN_AFTER: Duration = Duration::from_secs(300);
+
+/// The retry actor and pruner as they are now: peer actors and their sender tasks read them here
+/// at each use, so a restarted child is reached without restarting every peer actor.
+struct Siblings<T: Transport> {
+    retry: std::sync::RwLock<Option<Addr<RetryActor<T>>>>,
+    pruner: std::sync::RwLock<Option<Addr<PrunerActor>>>,
+}
+
+impl<T: Transport> Siblings<T> {
+    fn retry(&self) -> Option<Addr<RetryActor<T>>> {
+        self.retry.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+    fn pruner(&self) -> Option<Addr<PrunerActor>> {
+        self.pruner.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+    fn prune_soon(&self) {
+        if let Some(pruner) = self.pruner() {
+            pruner.do_send(PruneSoon);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -344,8 +431,7 @@ struct Supervisor<T: Transport> {
     transport: Arc<T>,
     peers: HashMap<DeviceId, Addr<PeerActor<T>>>,
     online: HashMap<DeviceId, Option<u64>>,
-    retry: Option<Addr<RetryActor<T>>>,
-    pruner: Option<Addr<PrunerActor>>,
+    siblings: Arc<Siblings<T>>,
     backfill: Option<Addr<BackfillActor<T>>>,
     /// The stored backfill checkpoint, until the backfill actor takes it.
     checkpoint: Option<lsync_backfill::Checkpoint>,
@@ -353,7 +439,14 @@ struct Supervisor<T: Transport> {
     /// When the pending flush timer fires, if one is pending.
     flush_at: Option<Instant>,
     enabled: bool,
-    failures: u32,
+    /// The generation of each running child: a stop reported by an older one is stale.
+    generations: HashMap<Child, u64>,
+    next_generation: u64,
+    failures: HashMap<Child, Failures>,
+    /// What a child reported before it stopped.
+    last_errors: HashMap<Child, String>,
+    /// Shutting down: children that stop are not restarted.
+    stopping: bool,
 }
 
 impl<T: Transport> Supervisor<T> {
@@ -370,40 +463,49 @@ impl<T: Transport> Supervisor<T> {
             transport,
             peers: HashMap::new(),
             online: HashMap::new(),
-            retry: None,
-            pruner: None,
+            siblings: Arc::new(Siblings {
+                retry: std::sync::RwLock::new(None),
+                pruner: std::sync::RwLock::new(None),
+            }),
             backfill: None,
             checkpoint: Some(checkpoint),
             batcher,
             flush_at: None,
             enabled,
-            failures: 0,
+            generations: HashMap::new(),
+            next_generation: 0,
+            failures: HashMap::new(),
+            last_errors: HashMap::new(),
+            stopping: false,
         }
     }
 
+    /// A watch for a new `child`, which becomes the current one.
+    fn watch(&mut self, child: Child, ctx: &Context<Self>) -> Watch {
+        self.next_generation += 1;
+        self.generations.insert(child, self.next_generation);
+        Watch { child, generation: self.next_generation, supervisor: ctx.address().recipient() }
+    }
+
     fn peer(&mut self, peer: DeviceId, ctx: &mut Context<Self>) -> Addr<PeerActor<T>> {
-        let supervisor = ctx.address();
-        let retry = self.retry.clone();
-        let pruner = self.pruner.clone();
-        let (inner, transport) = (self.inner.clone(), self.transport.clone());
-        self.peers
-            .entry(peer)
-            .or_insert_with(|| {
-                PeerActor {
-                    peer,
-                    inner,
-                    transport,
-                    supervisor,
-                    retry,
-                    pruner,
-                    online: false,
-                    catching_up: false,
-                    outbound: None,
-                    span: tracing::info_span!("peer", %peer),
-                }
-                .start()
-            })
-            .clone()
+        if let Some(addr) = self.peers.get(&peer) {
+            return addr.clone();
+        }
+        let addr = PeerActor {
+            peer,
+            inner: self.inner.clone(),
+            transport: self.transport.clone(),
+            supervisor: ctx.address(),
+            siblings: self.siblings.clone(),
+            online: false,
+            catching_up: false,
+            outbound: None,
+            span: tracing::info_span!("peer", %peer),
+            _watch: self.watch(Child::Peer(peer), ctx),
+        }
+        .start();
+        self.peers.insert(peer, addr.clone());
+        addr
     }
 
     /// Schedules the next flush at the batcher's earliest deadline.
@@ -467,15 +569,34 @@ impl<T: Transport> Supervisor<T> {
     }
 
     fn start_children(&mut self, ctx: &mut Context<Self>, checkpoint: lsync_backfill::Checkpoint) {
-        self.backfill = Some(
-            BackfillActor::new(
-                self.inner.clone(),
-                self.transport.clone(),
-                ctx.address(),
-                checkpoint,
-            )
-            .start(),
-        );
+        self.start_backfill(ctx, checkpoint);
+        self.start_retry(ctx);
+        self.start_pruner(ctx);
+    }
+
+    fn start_backfill(&mut self, ctx: &mut Context<Self>, checkpoint: lsync_backfill::Checkpoint) {
+        let watch = self.watch(Child::Backfill, ctx);
+        let backfill = BackfillActor::new(
+            self.inner.clone(),
+            self.transport.clone(),
+            ctx.address(),
+            checkpoint,
+            watch,
+        )
+        .start();
+        // (It starts paused if sync is off.) What is known of the peers now; readiness comes with their next heartbeat.
+        for (peer, rtt_us) in &self.online {
+            backfill.do_send(backfill::PeerUpdate {
+                peer: *peer,
+                online: true,
+                rtt_us: *rtt_us,
+                ready: None,
+            });
+        }
+        self.backfill = Some(backfill);
+    }
+
+    fn start_retry(&mut self, ctx: &mut Context<Self>) {
         let config = &self.inner.config;
         let retry_config = RetryConfig {
             ack_timeout: config.ack_timeout,
@@ -487,22 +608,107 @@ impl<T: Transport> Supervisor<T> {
         let seed = u64::from_le_bytes(
             self.inner.identity().device.as_bytes()[..8].try_into().unwrap_or([0; 8]),
         );
-        self.retry = Some(
-            RetryActor {
-                queue: RetryQueue::new(retry_config, seed),
-                supervisor: ctx.address(),
-                timer: None,
+        let watch = self.watch(Child::Retry, ctx);
+        let retry = RetryActor {
+            queue: RetryQueue::new(retry_config, seed),
+            supervisor: ctx.address(),
+            timer: None,
+            _watch: watch,
+        }
+        .start();
+        *self.siblings.retry.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(retry);
+    }
+
+    fn start_pruner(&mut self, ctx: &mut Context<Self>) {
+        let watch = self.watch(Child::Pruner, ctx);
+        let pruner = PrunerActor {
+            inner: self.inner.clone(),
+            supervisor: ctx.address().recipient(),
+            pending: false,
+            _watch: watch,
+        }
+        .start();
+        *self.siblings.pruner.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(pruner);
+    }
+
+    /// Starts a child again, in place of one that stopped.
+    fn restart(&mut self, child: Child, ctx: &mut Context<Self>) {
+        match child {
+            Child::Pruner => self.start_pruner(ctx),
+            Child::Retry => self.start_retry(ctx),
+            Child::Peer(peer) => {
+                self.peers.remove(&peer);
+                let addr = self.peer(peer, ctx);
+                if self.online.contains_key(&peer) {
+                    addr.do_send(Restarted);
+                }
             }
-            .start(),
-        );
-        self.pruner = Some(
-            PrunerActor {
-                inner: self.inner.clone(),
-                supervisor: ctx.address().recipient(),
-                pending: false,
+            Child::Backfill => {
+                // From its last checkpoint, read beside the writer (a plain read).
+                let inner = self.inner.clone();
+                ctx.wait(
+                    async move {
+                        inner.db.read(async |conn| lsync_backfill::sql::load(conn).await).await
+                    }
+                    .into_actor(self)
+                    .map(|loaded, supervisor, ctx| match loaded {
+                        Ok(checkpoint) => {
+                            let checkpoint =
+                                checkpoint.unwrap_or_else(lsync_backfill::Checkpoint::ready);
+                            supervisor.start_backfill(ctx, checkpoint);
+                        }
+                        Err(error) => {
+                            supervisor.last_errors.insert(
+                                Child::Backfill,
+                                format!("cannot read the checkpoint: {error}"),
+                            );
+                            supervisor.child_stopped(Child::Backfill, ctx);
+                        }
+                    }),
+                );
             }
-            .start(),
-        );
+        }
+    }
+
+    /// A current child is gone: report it and start it again after a backoff that grows with
+    /// its recent failures (100 ms doubling to a minute).
+    fn child_stopped(&mut self, child: Child, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let failures = self
+            .failures
+            .entry(child)
+            .and_modify(|failures| {
+                if now.duration_since(failures.last) > FAILURES_FORGOTTEN_AFTER {
+                    failures.count = 0;
+                }
+                failures.count += 1;
+                failures.last = now;
+            })
+            .or_insert(Failures { count: 1, last: now });
+        let count = failures.count;
+        let delay = Duration::from_millis(100u64.saturating_mul(1 << (count - 1).min(10)))
+            .min(Duration::from_secs(60));
+        let error =
+            self.last_errors.remove(&child).unwrap_or_else(|| "stopped unexpectedly".to_owned());
+        metrics::counter!("lsync_actor_restarts_total", "actor" => child.name()).increment(1);
+        let which = match child {
+            Child::Peer(peer) => format!("the actor of peer {peer}"),
+            other => format!("the {} actor", other.name()),
+        };
+        tracing::error!(child = child.name(), %error, failures = count, ?delay, "restarting a failed actor");
+        self.inner.emit(Event::Error {
+            message: format!(
+                "{which} failed ({count} time{} in a row): {error}; restarting in {delay:?}",
+                if count == 1 { "" } else { "s" }
+            ),
+        });
+        ctx.run_later(delay, move |supervisor, ctx| {
+            if !supervisor.stopping {
+                supervisor.restart(child, ctx);
+            }
+        });
     }
 }
 
@@ -595,7 +801,7 @@ impl<T: Transport> Handler<GetStatus> for Supervisor<T> {
         let online: Vec<(DeviceId, Option<u64>)> =
             self.online.iter().map(|(peer, rtt)| (*peer, *rtt)).collect();
         let pending = self.batcher.pending_rows();
-        let retry = self.retry.clone();
+        let retry = self.siblings.retry();
         Box::pin(
             async move {
                 let retry_queue = match retry {
@@ -641,7 +847,7 @@ impl<T: Transport> Handler<FromTransport> for Supervisor<T> {
             {
                 ahead.abort();
             }
-            if let Some(retry) = &self.retry {
+            if let Some(retry) = self.siblings.retry() {
                 retry.do_send(PeerGone(peer));
             }
         }
@@ -679,12 +885,10 @@ impl<T: Transport> Handler<FromTransport> for Supervisor<T> {
         // and catch-up by watermark closes any gap.
         if let TransportEvent::Message { message: WireMessage::Ack(ack), .. } = event {
             // Acks never queue behind batches: they stop re-sends and drive pruning.
-            if let Some(retry) = &self.retry {
+            if let Some(retry) = self.siblings.retry() {
                 retry.do_send(Acked { peer, ack: ack.clone() });
             }
-            if let Some(pruner) = &self.pruner {
-                pruner.do_send(PruneSoon);
-            }
+            self.siblings.prune_soon();
             let inner = self.inner.clone();
             actix::spawn(async move {
                 if let Err(error) = sync::record_ack(&inner, peer, &ack).await {
@@ -754,37 +958,27 @@ impl<T: Transport> Handler<PeerState> for Supervisor<T> {
 
 impl<T: Transport> Handler<ChildFailed> for Supervisor<T> {
     type Result = ();
-    fn handle(&mut self, failure: ChildFailed, ctx: &mut Self::Context) {
-        self.failures += 1;
-        metrics::counter!("lsync_actor_restarts_total", "actor" => failure.child).increment(1);
-        tracing::error!(child = failure.child, error = %failure.error, failures = self.failures, "restarting a failed actor");
-        self.inner.emit(Event::Error {
-            message: format!(
-                "{} failed ({} failures so far): {}",
-                failure.child, self.failures, failure.error
-            ),
-        });
-        // Exponential backoff, capped at a minute, so a persistent fault does not spin.
-        let delay = Duration::from_millis(100u64.saturating_mul(1 << self.failures.min(10)))
-            .min(Duration::from_secs(60));
-        ctx.run_later(delay, |supervisor, ctx| {
-            if supervisor.pruner.as_ref().is_none_or(|pruner| !pruner.connected()) {
-                supervisor.pruner = Some(
-                    PrunerActor {
-                        inner: supervisor.inner.clone(),
-                        supervisor: ctx.address().recipient(),
-                        pending: false,
-                    }
-                    .start(),
-                );
-            }
-        });
+    fn handle(&mut self, failure: ChildFailed, _: &mut Self::Context) {
+        self.last_errors.insert(failure.child, failure.error);
+    }
+}
+
+impl<T: Transport> Handler<ChildStopped> for Supervisor<T> {
+    type Result = ();
+    fn handle(&mut self, stopped: ChildStopped, ctx: &mut Self::Context) {
+        // A stop during shutdown, or of a child already replaced, needs nothing.
+        if self.stopping || self.generations.get(&stopped.child) != Some(&stopped.generation) {
+            return;
+        }
+        self.generations.remove(&stopped.child);
+        self.child_stopped(stopped.child, ctx);
     }
 }
 
 impl<T: Transport> Handler<Shutdown> for Supervisor<T> {
     type Result = ResponseActFuture<Self, ()>;
     fn handle(&mut self, _: Shutdown, _: &mut Self::Context) -> Self::Result {
+        self.stopping = true;
         // Order: stop intake (the library already refuses writes), flush what is pending to the
         // connected peers, let the sends drain, then close the transport.
         let flushes = self.batcher.flush_all();
@@ -817,6 +1011,12 @@ impl Message for CatchUpNow {
     type Result = ();
 }
 
+/// Supervisor → a restarted peer actor: the peer is connected; catch up with it.
+struct Restarted;
+impl Message for Restarted {
+    type Result = ();
+}
+
 /// Supervisor → peer actor: answered once every message queued for the peer before it was
 /// handed to the transport.
 struct Drain;
@@ -837,13 +1037,13 @@ struct PeerActor<T: Transport> {
     inner: Arc<LibraryInner>,
     transport: Arc<T>,
     supervisor: Addr<Supervisor<T>>,
-    retry: Option<Addr<RetryActor<T>>>,
-    pruner: Option<Addr<PrunerActor>>,
+    siblings: Arc<Siblings<T>>,
     online: bool,
     catching_up: bool,
     outbound: Option<mpsc::Sender<Outbound>>,
     /// `peer{peer=…}`: every log line of the actor, its futures and its sender task is inside.
     span: tracing::Span,
+    _watch: Watch,
 }
 
 /// What a peer actor's sender task takes, in order.
@@ -869,7 +1069,8 @@ impl<T: Transport> Actor for PeerActor<T> {
         // doing that to each other would wait forever.
         let (outbound, mut queue) = mpsc::channel::<Outbound>(OUTBOUND_CAPACITY);
         self.outbound = Some(outbound);
-        let (transport, peer, retry) = (self.transport.clone(), self.peer, self.retry.clone());
+        let (transport, peer, siblings) =
+            (self.transport.clone(), self.peer, self.siblings.clone());
         // Its own task, not a future of the actor's context: the actor waits on the database
         // (and on catch-up requests) without holding up the peer's outgoing messages.
         let span = self.span.clone();
@@ -887,7 +1088,7 @@ impl<T: Transport> Actor for PeerActor<T> {
                 let kind = message.name();
                 // Registered before sending, so an acknowledgement can never arrive first.
                 // A failed send is simply due again after the acknowledgement timeout.
-                if let (Some(retry), Some(covers)) = (&retry, covers) {
+                if let (Some(retry), Some(covers)) = (siblings.retry(), covers) {
                     retry.do_send(Sent { peer, message: message.clone(), covers });
                 }
                 let changes = match &message {
@@ -991,9 +1192,7 @@ impl<T: Transport> PeerActor<T> {
                     if let Some(ack) = ack {
                         actor.queue(WireMessage::Ack(ack), None);
                     }
-                    if let Some(pruner) = &actor.pruner {
-                        pruner.do_send(PruneSoon);
-                    }
+                    actor.siblings.prune_soon();
                 }
                 Err(error) => {
                     metrics::counter!("lsync_catch_up_failures_total").increment(1);
@@ -1114,12 +1313,10 @@ impl<T: Transport> Handler<FromPeer> for PeerActor<T> {
             }
             TransportEvent::Message { message: lsync_protocol::Message::Ack(ack), .. } => {
                 let (inner, peer) = (self.inner.clone(), self.peer);
-                if let Some(retry) = &self.retry {
+                if let Some(retry) = self.siblings.retry() {
                     retry.do_send(Acked { peer, ack: ack.clone() });
                 }
-                if let Some(pruner) = &self.pruner {
-                    pruner.do_send(PruneSoon);
-                }
+                self.siblings.prune_soon();
                 ctx.wait(
                     async move {
                         if let Err(error) = sync::record_ack(&inner, peer, &ack).await {
@@ -1162,9 +1359,7 @@ impl<T: Transport> Handler<FromPeer> for PeerActor<T> {
                     .instrument(self.span.clone())
                     .into_actor(self)
                     .map(|behind, actor, ctx| {
-                        if let Some(pruner) = &actor.pruner {
-                            pruner.do_send(PruneSoon);
-                        }
+                        actor.siblings.prune_soon();
                         if let Some(theirs) = behind {
                             actor.catch_up(ctx, Some(theirs));
                         }
@@ -1207,6 +1402,14 @@ impl<T: Transport> Handler<Push> for PeerActor<T> {
     }
 }
 
+impl<T: Transport> Handler<Restarted> for PeerActor<T> {
+    type Result = ();
+    fn handle(&mut self, _: Restarted, ctx: &mut Self::Context) {
+        self.online = true;
+        self.catch_up(ctx, None);
+    }
+}
+
 impl<T: Transport> Handler<CatchUpNow> for PeerActor<T> {
     type Result = ();
     fn handle(&mut self, _: CatchUpNow, ctx: &mut Self::Context) {
@@ -1238,6 +1441,7 @@ struct RetryActor<T: Transport> {
     queue: RetryQueue<WireMessage>,
     supervisor: Addr<Supervisor<T>>,
     timer: Option<SpawnHandle>,
+    _watch: Watch,
 }
 
 impl<T: Transport> RetryActor<T> {
@@ -1319,6 +1523,7 @@ struct PrunerActor {
     inner: Arc<LibraryInner>,
     supervisor: Recipient<ChildFailed>,
     pending: bool,
+    _watch: Watch,
 }
 
 impl PrunerActor {
@@ -1337,9 +1542,10 @@ impl PrunerActor {
                         }
                     }
                     Err(error) => {
-                        actor
-                            .supervisor
-                            .do_send(ChildFailed { child: "pruner", error: error.to_string() });
+                        actor.supervisor.do_send(ChildFailed {
+                            child: Child::Pruner,
+                            error: error.to_string(),
+                        });
                         ctx.stop();
                     }
                 }
@@ -1364,5 +1570,77 @@ impl Handler<PruneSoon> for PrunerActor {
             self.pending = true;
             ctx.run_later(Duration::from_secs(1), |actor, ctx| actor.run(ctx));
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Test hooks: make a child fail, see the children.
+
+/// Test → any child actor: panic in a handler, as a bug would.
+#[cfg(test)]
+pub(crate) struct Crash;
+#[cfg(test)]
+impl Message for Crash {
+    type Result = ();
+}
+
+#[cfg(test)]
+impl Handler<Crash> for PrunerActor {
+    type Result = ();
+    fn handle(&mut self, _: Crash, _: &mut Self::Context) {
+        panic!("injected failure of the pruner");
+    }
+}
+
+#[cfg(test)]
+impl<T: Transport> Handler<Crash> for RetryActor<T> {
+    type Result = ();
+    fn handle(&mut self, _: Crash, _: &mut Self::Context) {
+        panic!("injected failure of the retry actor");
+    }
+}
+
+#[cfg(test)]
+impl<T: Transport> Handler<Crash> for PeerActor<T> {
+    type Result = ();
+    fn handle(&mut self, _: Crash, _: &mut Self::Context) {
+        panic!("injected failure of a peer actor");
+    }
+}
+
+/// Test → supervisor: crash a child.
+#[cfg(test)]
+pub(crate) struct CrashChild(pub(crate) Child);
+#[cfg(test)]
+impl Message for CrashChild {
+    type Result = ();
+}
+
+#[cfg(test)]
+impl<T: Transport> Handler<CrashChild> for Supervisor<T> {
+    type Result = ();
+    fn handle(&mut self, CrashChild(child): CrashChild, _: &mut Self::Context) {
+        match child {
+            Child::Pruner => self.siblings.pruner().map(|addr| addr.do_send(Crash)),
+            Child::Retry => self.siblings.retry().map(|addr| addr.do_send(Crash)),
+            Child::Backfill => self.backfill.as_ref().map(|addr| addr.do_send(Crash)),
+            Child::Peer(peer) => self.peers.get(&peer).map(|addr| addr.do_send(Crash)),
+        };
+    }
+}
+
+/// Test → supervisor: the generation of every running child.
+#[cfg(test)]
+pub(crate) struct Generations;
+#[cfg(test)]
+impl Message for Generations {
+    type Result = HashMap<Child, u64>;
+}
+
+#[cfg(test)]
+impl<T: Transport> Handler<Generations> for Supervisor<T> {
+    type Result = MessageResult<Generations>;
+    fn handle(&mut self, _: Generations, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.generations.clone())
     }
 }
