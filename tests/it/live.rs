@@ -106,38 +106,6 @@ async fn three_peers_converge() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-
-async fn a_burst_of_ten_thousand_edits_is_sent_in_far_fewer_messages() {
-    let library = new_library();
-    let (mut a, mut b) = (Node::start(library, "a").await, Node::start(library, "b").await);
-    pair(&mut a, &mut b).await;
-    let ids: Vec<Uuid> = (0..100).map(|_| Uuid::now_v7()).collect();
-    // 100 rows, each written 100 times, one write call per edit.
-    for round in 0..100 {
-        for id in &ids {
-            let RowEdit::Upsert { values, .. } = entry(&format!("round {round}")) else {
-                unreachable!()
-            };
-            a.library
-                .write_rows("entries", vec![RowEdit::Upsert { id: *id, values }])
-                .await
-                .unwrap();
-        }
-    }
-    let tables = converge(&mut [&mut a, &mut b]).await;
-    assert_eq!(tables["entries"].len(), 100);
-    assert!(tables["entries"].iter().all(|row| row[5] == Value::from("round 99")));
-    let status = a.library.status().await.unwrap();
-    let first_sends = status.batches_sent - status.retries;
-    assert!(
-        first_sends > 0 && first_sends <= 1_000,
-        "10,000 edits went out in {first_sends} batches"
-    );
-    a.close().await;
-    b.close().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_is_pruned_once_every_peer_acknowledged() {
     let library = new_library();
     let (mut a, mut b) = (Node::start(library, "a").await, Node::start(library, "b").await);

@@ -1086,16 +1086,20 @@ impl<T: Transport> Actor for PeerActor<T> {
                 };
                 let bytes = lsync_protocol::encode(&message).map_or(0, |bytes| bytes.len());
                 let kind = message.name();
+                // First sends only (they register for acknowledgement); re-sends are counted by
+                // `lsync_retries_total`.
+                let changes = match (&message, &covers) {
+                    (WireMessage::StateBatch(batch), Some(_)) => Some(("state", batch.rows.len())),
+                    (WireMessage::SharedBatch(batch), Some(_)) => {
+                        Some(("shared", batch.changes.len()))
+                    }
+                    _ => None,
+                };
                 // Registered before sending, so an acknowledgement can never arrive first.
                 // A failed send is simply due again after the acknowledgement timeout.
                 if let (Some(retry), Some(covers)) = (siblings.retry(), covers) {
                     retry.do_send(Sent { peer, message: message.clone(), covers });
                 }
-                let changes = match &message {
-                    WireMessage::StateBatch(batch) => Some(("state", batch.rows.len())),
-                    WireMessage::SharedBatch(batch) => Some(("shared", batch.changes.len())),
-                    _ => None,
-                };
                 match transport.send(peer, message).await {
                     Ok(()) => {
                         metrics::counter!("lsync_messages_sent_total", "kind" => kind).increment(1);
