@@ -157,6 +157,46 @@ async fn a_dropped_send_is_retried_until_acknowledged() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_batch_is_repaired_by_heartbeat_watermarks_without_a_reconnect() {
+    let library = new_library();
+    // No retry within the test: only the heartbeats can bring the row.
+    let config = lsync_node::config::SyncConfig {
+        ack_timeout: std::time::Duration::from_secs(600),
+        ..test_config()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let a_library = open_library(dir.path(), library, &config, true).await;
+    let (transport, events) = quic(dir.path(), &a_library, "a", &config).await;
+    let failures = Arc::new(AtomicUsize::new(1));
+    let flaky = FlakyTransport { inner: transport.clone(), failures: failures.clone() };
+    a_library.start_sync(flaky, events).await.unwrap();
+    let mut a = Node {
+        name: "a".into(),
+        dir,
+        events: a_library.subscribe(),
+        library: a_library,
+        transport,
+    };
+    let mut b =
+        Node::start_in(tempfile::tempdir().unwrap(), library, "b", config.clone(), true).await;
+    pair(&mut a, &mut b).await;
+    let a_id = a.device();
+    a.library.write_rows("entries", vec![entry("lost on the way")]).await.unwrap();
+    // b learns from a's heartbeat that it is behind, and catches up.
+    let mut reconnected = false;
+    while b.tables().await["entries"].is_empty() {
+        let event = b.wait_for(|event| Some(event.clone())).await;
+        reconnected |= matches!(event, Event::PeerOffline { peer, .. } if peer == a_id);
+    }
+    assert_eq!(failures.load(std::sync::atomic::Ordering::Acquire), 0, "the send did fail");
+    assert!(!reconnected, "repaired without a reconnect");
+    assert_eq!(a.library.status().await.unwrap().retries, 0, "and without a retry");
+    assert_eq!(converge(&mut [&mut a, &mut b]).await["entries"].len(), 1);
+    a.close().await;
+    b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_made_while_sync_is_disabled_arrive_once_it_is_enabled() {
     let library = new_library();
     let (mut a, mut b) = (Node::start(library, "a").await, Node::start(library, "b").await);
