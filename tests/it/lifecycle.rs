@@ -82,3 +82,31 @@ async fn writes_after_close_are_refused() {
         Err(lsync_node::LibraryError::Closed)
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_library_aborted_like_a_crash_reopens_with_every_committed_write() {
+    let library_id = new_library();
+    let (mut a, mut b) = (Node::start(library_id, "a").await, Node::start(library_id, "b").await);
+    pair(&mut a, &mut b).await;
+    a.library
+        .write_rows("entries", (0..300).map(|i| entry(&format!("e{i}"))).collect())
+        .await
+        .unwrap();
+    a.library.write_shared(vec![tag("last")]).await.unwrap();
+    let expected = a.tables().await;
+    // No flush, no checkpoint: the WAL is left for the next open to recover from.
+    let Node { library, dir, transport, .. } = a;
+    library.clone().abort().await;
+    assert!(matches!(
+        library.write_rows("entries", vec![entry("late")]).await,
+        Err(lsync_node::LibraryError::Closed)
+    ));
+    drop((library, transport));
+    let a = Node::start_in(dir, library_id, "a", test_config(), false).await;
+    assert_eq!(a.tables().await, expected, "every committed write is there after recovery");
+    // And b gets everything, from the live batches or by catch-up after the restart.
+    let mut a = a;
+    assert_eq!(converge(&mut [&mut a, &mut b]).await, expected);
+    a.close().await;
+    b.close().await;
+}

@@ -43,6 +43,9 @@ pub(crate) trait Engine: Send + Sync {
     /// Flushes, stops the actors and the transport, and waits for them. Writes to `db` are held
     /// while the actors stop, so none is cancelled half-way.
     fn shutdown<'a>(&'a self, db: &'a Database) -> BoxFuture<'a, ()>;
+    /// Stops the actors where they stand, as a crash would: nothing flushed, writes in progress
+    /// dropped (their transactions roll back); then stops the transport.
+    fn abort(&self) -> BoxFuture<'_, ()>;
     /// The running engine, for tests that reach into it.
     #[cfg(test)]
     fn as_any(&self) -> &dyn std::any::Any;
@@ -593,6 +596,20 @@ impl Library {
         // through those handles fail with `Closed`.
         self.inner.db.close().await?;
         Ok(())
+    }
+
+    /// Stops as a crashing process would, for crash tests and simulations: refuses writes, stops
+    /// the engine where it stands (pending batches are not flushed; writes in progress are
+    /// dropped and their transactions roll back; the transport is stopped, as the process's
+    /// sockets would be), and drops the database connections without
+    /// a checkpoint. What was committed is in the file; reopening it is recovery, as after a
+    /// crash. Prefer [`Library::close`] everywhere else.
+    pub async fn abort(self) {
+        self.inner.accepting.store(false, Ordering::Release);
+        if let Some(engine) = self.inner.engine.lock().await.take() {
+            engine.abort().await;
+        }
+        self.inner.db.abandon().await;
     }
 
     fn check_open(&self) -> Result<(), LibraryError> {

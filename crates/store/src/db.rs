@@ -275,6 +275,15 @@ impl Database {
         &self.path
     }
 
+    /// Drops the connections as a crash would: no checkpoint, and a transaction still open is
+    /// rolled back by SQLite (the next open recovers from the WAL). Later writes fail with
+    /// [`StoreError::Closed`]. For crash tests and simulations.
+    pub async fn abandon(&self) {
+        let mut writer = self.writer.lock().await;
+        self.readers.close().await;
+        drop(writer.take());
+    }
+
     /// Closes all connections, waiting for the write in progress and then for them; the WAL is
     /// checkpointed into the main file. Later writes and reads fail ([`StoreError::Closed`] for
     /// writes); closing again does nothing. Takes `&self` so that a database shared with other

@@ -54,10 +54,12 @@ pub(crate) async fn start<T: Transport>(
         }
     };
     let (ready, ready_rx) = tokio::sync::oneshot::channel();
+    let transport = Arc::new(transport);
+    let engine_transport = transport.clone();
     let thread = std::thread::Builder::new().name("lsync-engine".into()).spawn(move || {
         let system = System::new();
         system.block_on(async move {
-            let supervisor = Supervisor::new(inner, Arc::new(transport), checkpoint).start();
+            let supervisor = Supervisor::new(inner, engine_transport, checkpoint).start();
             actix::spawn(pump(events, supervisor.clone()));
             let _ = ready.send((supervisor, System::current()));
         });
@@ -71,6 +73,7 @@ pub(crate) async fn start<T: Transport>(
                 supervisor,
                 system,
                 thread: std::sync::Mutex::new(Some(thread)),
+                transport,
             }),
             Err(_) => Box::new(DeadEngine),
         },
@@ -99,6 +102,8 @@ pub(crate) struct EngineHandle<T: Transport> {
     supervisor: Addr<Supervisor<T>>,
     system: System,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// For `abort`, which stops the transport without the supervisor.
+    transport: Arc<T>,
 }
 
 impl<T: Transport> Engine for EngineHandle<T> {
@@ -127,6 +132,21 @@ impl<T: Transport> Engine for EngineHandle<T> {
 
     fn status(&self) -> BoxFuture<'_, EngineStatus> {
         Box::pin(async move { self.supervisor.send(GetStatus).await.unwrap_or_default() })
+    }
+
+    fn abort(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.system.stop();
+            let thread =
+                self.thread.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+            if let Some(thread) = thread {
+                let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            }
+            // A dead process's connections die with it; in-process, the transport's tasks would
+            // live on and answer heartbeats for a device that no longer listens. The actors are
+            // gone, so nothing new is sent.
+            let _ = self.transport.shutdown().await;
+        })
     }
 
     #[cfg(test)]
@@ -171,6 +191,9 @@ impl Engine for DeadEngine {
         Box::pin(async { EngineStatus::default() })
     }
     fn shutdown<'a>(&'a self, _: &'a Database) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+    fn abort(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
     }
     #[cfg(test)]

@@ -12,9 +12,10 @@
 //! simulator waits (on events) until every peer holds the same tables, and checks them against the
 //! tables the workload expects from its own record of acknowledged writes.
 //!
-//! A killed peer has its links cut on both sides before its engine is shut down, so nothing it
-//! still held in memory (batches in the window, re-send queues) reaches anyone: to the others it
-//! vanished. A process dying in the middle of a SQLite commit is not simulated; SQLite's atomic
+//! A killed peer has its links cut on both sides, then its library is aborted
+//! (`Library::abort`: the engine stops where it stands, nothing is flushed, no checkpoint), so
+//! nothing it still held in memory (batches in the window, re-send queues) reaches anyone: to the
+//! others it vanished. A process dying in the middle of a SQLite commit is not simulated; SQLite's atomic
 //! commit is trusted for that.
 
 mod peer;
@@ -644,10 +645,10 @@ impl<'a> Sim<'a> {
                         self.set_link(victim, other, true).await;
                     }
                 }
-                self.peers[victim].stop().await?;
+                self.peers[victim].kill().await;
                 self.phase = format!("{} down", self.peers[victim].name);
                 self.log_fault(format!(
-                    "killed {} (links cut, nothing flushed)",
+                    "killed {} (links cut, engine stopped where it stood, nothing flushed)",
                     self.peers[victim].name
                 ));
             }

@@ -397,6 +397,16 @@ impl Peer {
         closed.map_err(|error| SimError::Setup(format!("{}: closing: {error}", self.name)))
     }
 
+    /// Kills the peer as a crash would ([`Library::abort`]): nothing flushed, writes in
+    /// progress dropped, no checkpoint. Its links should be cut first, so that what its
+    /// connections still carry reaches no one.
+    pub(super) async fn kill(&mut self) {
+        let Some(running) = self.running.take() else { return };
+        self.traffic.add_gate(&running.gate);
+        running.library.abort().await;
+        running.forwarder.abort();
+    }
+
     /// This peer's traffic so far, current run included.
     pub(super) fn traffic(&self) -> Traffic {
         let mut traffic = self.traffic.clone();
