@@ -173,8 +173,9 @@ async fn kill_mid_backfill(rows: usize) -> Option<(Node, tempfile::TempDir, Chec
             a.close().await;
             return None;
         };
-        started |= line == CHILD_STARTED;
-        let Some(done) = line.strip_prefix(CHILD_PROGRESS) else { continue };
+        // The test harness's own output may share the line (`test <name> ... CHILD started`).
+        started |= line.ends_with(CHILD_STARTED);
+        let Some((_, done)) = line.split_once(CHILD_PROGRESS) else { continue };
         // The progress is published after its page committed; the file confirms it.
         if done.parse::<u64>().unwrap() >= threshold {
             let persisted = persisted_checkpoint(b_dir.path()).await;
