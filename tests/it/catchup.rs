@@ -1,9 +1,15 @@
 //! Catch-up on reconnect, relay, backfill with checkpoints, re-created devices.
 
+use std::ffi::OsStr;
+use std::os::unix::process::ExitStatusExt;
+use std::time::Duration;
+
+use lsync_backfill::{Checkpoint, StepKind};
 use lsync_node::config::SyncConfig;
-use lsync_node::{BackfillPhase, Edit, RowEdit};
-use lsync_protocol::Value;
+use lsync_node::{BackfillPhase, Edit, Event, RowEdit};
+use lsync_protocol::{LibraryId, Value};
 use lsync_store::ENTRY_KIND_DIRECTORY;
+use lsync_transport::Invitation;
 use uuid::Uuid;
 
 use crate::harness::*;
@@ -44,14 +50,17 @@ async fn a_new_device_backfills_a_hundred_thousand_entries() {
     b.close().await;
 }
 
+/// A device closed (gracefully) in the middle of its backfill resumes from its checkpoint: the
+/// close path — writes held while the actors stop, the page read ahead dropped — loses and
+/// repeats nothing. (A kill is the test below.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backfill_resumes_from_its_checkpoint_after_a_crash() {
+async fn a_backfill_closed_mid_way_resumes_from_its_checkpoint() {
     let library = new_library();
     let mut a = Node::start(library, "a").await;
     write_entries(&a, 20_000, "file ").await;
     let mut b =
         Node::start_as(tempfile::tempdir().unwrap(), library, "b", small_pages(), How::Join).await;
-    let invitation = a.transport.invite(std::time::Duration::from_secs(60)).await.unwrap();
+    let invitation = a.transport.invite(Duration::from_secs(60)).await.unwrap();
     b.transport.join(&invitation).await.unwrap();
     // Stop b's engine once a few pages of entries are in.
     backfill_reached(&mut b, 5_000).await;
@@ -61,36 +70,212 @@ async fn a_backfill_resumes_from_its_checkpoint_after_a_crash() {
     let stopped = reopened.status().await.unwrap().backfill;
     reopened.close().await.unwrap();
     assert_eq!(stopped.phase, BackfillPhase::Backfilling);
-    let entries_step = |progress: &lsync_node::BackfillProgress| {
-        progress
-            .steps
-            .iter()
-            .find(|(name, _, _)| name.starts_with("entries@"))
-            .map_or(0, |step| step.1)
-    };
-    let done_before = entries_step(&stopped);
+    let done_before = entries_done(&stopped);
     assert!(done_before >= 4_000, "{stopped:?}");
     let mut b = Node::start_as(b_dir, library, "b", small_pages(), How::Reopen).await;
     // The first page after the restart continues from the checkpoint: one page more, not one
     // page from zero.
     let first = b
         .wait_for(|event| match event {
-            lsync_node::Event::Backfill(progress) if entries_step(progress) > done_before => {
+            Event::Backfill(progress) if entries_done(progress) > done_before => {
                 Some(progress.clone())
             }
             _ => None,
         })
         .await;
-    assert_eq!(entries_step(&first), done_before + 1_000, "{first:?}");
+    assert_eq!(entries_done(&first), done_before + 1_000, "{first:?}");
     let finished = backfilled(&mut b).await;
     // Every row was fetched exactly once over both runs.
-    assert_eq!(entries_step(&finished), 20_000, "{finished:?}");
+    assert_eq!(entries_done(&finished), 20_000, "{finished:?}");
     let tables = converge(&mut [&mut a, &mut b]).await;
     assert_eq!(tables["entries"].len(), 20_000);
     a.close().await;
     b.close().await;
 }
 
+/// The harness's name of [`the_joining_device_that_is_killed`], to run it alone.
+const KILLED_CHILD: &str = "catchup::the_joining_device_that_is_killed";
+/// The child's first line: it runs, and has what it needs.
+const CHILD_STARTED: &str = "CHILD started";
+/// The start of the child's line for each backfill progress: `CHILD progress <entries done>`.
+const CHILD_PROGRESS: &str = "CHILD progress ";
+
+/// The joining device of [`a_backfill_resumes_from_its_checkpoint_after_its_process_is_killed`],
+/// which runs it in a child process: joins the library in `IT_CHILD_DIR` by the invitation
+/// `IT_CHILD_TOKEN` and prints every backfill progress, until it is killed (or, if the kill comes
+/// too late, until its backfill finished). Without that environment it does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a child process of a_backfill_resumes_from_its_checkpoint_after_its_process_is_killed"]
+async fn the_joining_device_that_is_killed() {
+    let (Some(dir), Ok(library), Ok(token)) = (
+        std::env::var_os("IT_CHILD_DIR"),
+        std::env::var("IT_CHILD_LIBRARY"),
+        std::env::var("IT_CHILD_TOKEN"),
+    ) else {
+        return;
+    };
+    println!("{CHILD_STARTED}");
+    let dir = std::path::PathBuf::from(dir);
+    let library = LibraryId(library.parse().unwrap());
+    let library = open_library_as(&dir, library, &small_pages(), How::Join).await;
+    let mut events = library.subscribe();
+    let transport = start_transport(&dir, &library, "b", &small_pages()).await;
+    transport.join(&Invitation::from_token(&token).unwrap()).await.unwrap();
+    loop {
+        let event = tokio::time::timeout(WAIT, events.recv()).await.unwrap().unwrap();
+        if let Event::Backfill(progress) = event {
+            println!("{CHILD_PROGRESS}{}", entries_done(&progress));
+            if progress.phase == BackfillPhase::Ready {
+                break;
+            }
+        }
+    }
+    library.close().await.unwrap();
+}
+
+/// Whether `checkpoint` is in the middle of the `entries` step: some of its pages applied, not
+/// all, so a restart has a cursor to continue after.
+fn mid_entries(checkpoint: &Checkpoint) -> bool {
+    checkpoint.phase == lsync_backfill::Phase::Backfilling
+        && checkpoint.cursor.is_some()
+        && checkpoint.steps.get(checkpoint.current).is_some_and(
+            |step| matches!(&step.kind, StepKind::State { model, .. } if model == "entries"),
+        )
+}
+
+/// A device holding `rows` entries, and a device joining it in a child process that is killed
+/// (SIGKILL) once its persisted checkpoint shows a sixth of the entries applied. Returns the
+/// serving device, the killed device's folder and the checkpoint it left; `None` if the backfill
+/// was past the entries step before the kill landed.
+async fn kill_mid_backfill(rows: usize) -> Option<(Node, tempfile::TempDir, Checkpoint)> {
+    let library = new_library();
+    let a = Node::start(library, "a").await;
+    write_entries(&a, rows, "file ").await;
+    let b_dir = tempfile::tempdir().unwrap();
+    let token = a.transport.invite(Duration::from_secs(60)).await.unwrap().to_token();
+    let library_text = library.0.to_string();
+    let mut child = ChildTest::spawn(
+        KILLED_CHILD,
+        &[
+            ("IT_CHILD_DIR", b_dir.path().as_os_str()),
+            ("IT_CHILD_LIBRARY", OsStr::new(&library_text)),
+            ("IT_CHILD_TOKEN", OsStr::new(&token)),
+        ],
+    );
+    let threshold = rows as u64 / 6;
+    let mut started = false;
+    loop {
+        let Some(line) = child.line().await else {
+            let status = child.wait();
+            assert!(started, "the child test {KILLED_CHILD} did not run ({status})");
+            assert!(status.success(), "the child failed before the kill: {status}");
+            // It finished: the kill would have come too late.
+            a.close().await;
+            return None;
+        };
+        // The test harness's own output may share the line (`test <name> ... CHILD started`).
+        started |= line.ends_with(CHILD_STARTED);
+        let Some((_, done)) = line.split_once(CHILD_PROGRESS) else { continue };
+        // The progress is published after its page committed; the file confirms it.
+        if done.parse::<u64>().unwrap() >= threshold {
+            let persisted = persisted_checkpoint(b_dir.path()).await;
+            if mid_entries(&persisted) && persisted.steps[persisted.current].done >= threshold {
+                break;
+            }
+        }
+    }
+    let status = child.kill();
+    assert_eq!(status.signal(), Some(SIGKILL), "the child was killed, not stopped: {status}");
+    // The checkpoint the killed process left, whatever it committed after the check above.
+    let killed = persisted_checkpoint(b_dir.path()).await;
+    if mid_entries(&killed) {
+        Some((a, b_dir, killed))
+    } else {
+        assert!(
+            killed.current
+                > killed.steps.iter().position(|s| s.name().starts_with("entries@")).unwrap(),
+            "a checkpoint that went backwards: {killed:?}"
+        );
+        a.close().await;
+        None
+    }
+}
+
+/// SIGKILL's number (Linux).
+const SIGKILL: i32 = 9;
+
+/// The receiver's engine is killed mid-backfill — its process, with SIGKILL: no close, no flush,
+/// maybe in the middle of a page's transaction — and its library reopened: the backfill resumes
+/// from the checkpoint the killed process committed and fetches exactly the rows it lacked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_resumes_from_its_checkpoint_after_its_process_is_killed() {
+    let mut rows = 30_000;
+    let (mut a, b_dir, killed) = loop {
+        if let Some(landed) = kill_mid_backfill(rows).await {
+            break landed;
+        }
+        assert!(rows < 120_000, "the backfill of {rows} entries finished before the kill landed");
+        rows *= 2;
+    };
+    let rows = rows as u64;
+    let (done_at_kill, cursor) = (killed.steps[killed.current].done, killed.cursor);
+    assert!(0 < done_at_kill && done_at_kill < rows, "{killed:?}");
+    println!("killed with {done_at_kill} of {rows} entries applied, cursor {cursor:?}");
+
+    // Reopened, before sync starts: the backfill stands where the killed process left it.
+    let library = a.library.identity().library;
+    let reopened = open_library_as(b_dir.path(), library, &small_pages(), How::Reopen).await;
+    let resumed = reopened.status().await.unwrap().backfill;
+    assert_eq!(resumed.phase, BackfillPhase::Backfilling, "{resumed:?}");
+    assert_eq!(entries_done(&resumed), done_at_kill, "{resumed:?}");
+    let (mut b, log) = Node::sync_recording(b_dir, reopened, "b", &small_pages()).await;
+    // Its first page is the one after the checkpoint: one page more, not one page from zero.
+    let first = b
+        .wait_for(|event| match event {
+            Event::Backfill(progress) if entries_done(progress) > done_at_kill => {
+                Some(progress.clone())
+            }
+            _ => None,
+        })
+        .await;
+    assert_eq!(entries_done(&first), done_at_kill + 1_000.min(rows - done_at_kill), "{first:?}");
+    let finished = backfilled(&mut b).await;
+    assert_eq!(entries_done(&finished), rows, "every row applied once over both runs");
+
+    // What the resumed run asked for: first the page after the checkpoint's cursor, and nothing
+    // of the steps the killed process had finished, nor anything from the start of a step.
+    let requests = log.lock().unwrap().clone();
+    assert_eq!(
+        requests.first().map(|request| (request.model.as_str(), request.after)),
+        Some(("entries", cursor)),
+        "{requests:?}"
+    );
+    let finished_steps: Vec<String> = killed.steps[..killed.current]
+        .iter()
+        .map(|step| match &step.kind {
+            StepKind::Shared { model } | StepKind::State { model, .. } => model.clone(),
+        })
+        .collect();
+    assert!(
+        requests.iter().all(|request| !finished_steps.contains(&request.model)),
+        "a finished step was fetched again: {requests:?}"
+    );
+    assert!(
+        requests.iter().filter(|request| request.model == "entries").all(|r| r.after.is_some()),
+        "entries were fetched from the start again: {requests:?}"
+    );
+    let served: usize = answered_pages(&log, a.device(), "entries").values().sum();
+    println!("resumed: {} page requests, {served} entries served", requests.len());
+    assert_eq!(served as u64, rows - done_at_kill, "the resumed run fetched only what it lacked");
+    // No row missing, none twice: b holds exactly a's tables.
+    let tables = converge(&mut [&mut a, &mut b]).await;
+    assert_eq!(tables["entries"].len() as u64, rows);
+    a.close().await;
+    b.close().await;
+}
+
+/// The serving peer goes away mid-backfill: the other peer continues from the checkpoint (after
+/// its cursor, with the rows already applied kept), it does not start over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backfill_continues_from_another_peer_when_its_peer_goes_away() {
     let library = new_library();
@@ -98,27 +283,82 @@ async fn a_backfill_continues_from_another_peer_when_its_peer_goes_away() {
     pair(&mut a, &mut c).await;
     write_entries(&a, 20_000, "file ").await;
     converge(&mut [&mut a, &mut c]).await;
-    let mut b =
-        Node::start_as(tempfile::tempdir().unwrap(), library, "b", small_pages(), How::Join).await;
+    let (mut b, log) =
+        Node::start_recording(tempfile::tempdir().unwrap(), library, "b", small_pages(), How::Join)
+            .await;
     for inviter in [&a, &c] {
-        let invitation =
-            inviter.transport.invite(std::time::Duration::from_secs(60)).await.unwrap();
+        let invitation = inviter.transport.invite(Duration::from_secs(60)).await.unwrap();
         b.transport.join(&invitation).await.unwrap();
     }
     online(&mut b, a.device()).await;
     online(&mut b, c.device()).await;
     let progress = backfill_reached(&mut b, 5_000).await;
+    let seen = entries_done(&progress);
     let serving = progress.peer.unwrap();
     let (mut stays, gone) = if serving == a.device() { (c, a) } else { (a, c) };
-    let gone_id = gone.device();
+    let (stays_id, gone_id) = (stays.device(), gone.device());
     gone.close().await;
+    // The switch: the rebased checkpoint is stored and published before any page of the other
+    // peer. It still holds every row applied from the first one.
+    let switched = b
+        .wait_for(|event| match event {
+            Event::Backfill(progress)
+                if progress.peer == Some(stays_id) || progress.phase == BackfillPhase::Ready =>
+            {
+                Some(progress.clone())
+            }
+            _ => None,
+        })
+        .await;
+    assert_eq!(switched.phase, BackfillPhase::Backfilling, "finished before any switch");
+    let at_switch = entries_done(&switched);
+    assert!(
+        at_switch >= seen,
+        "the checkpoint was reset at the switch ({seen} seen): {switched:?}"
+    );
+    // The first page of the other peer continues from there: one page more.
+    let first = b
+        .wait_for(|event| match event {
+            Event::Backfill(progress) if entries_done(progress) > at_switch => {
+                Some(progress.clone())
+            }
+            _ => None,
+        })
+        .await;
+    assert_eq!(first.peer, Some(stays_id), "{first:?}");
+    assert_eq!(entries_done(&first), (at_switch + 1_000).min(20_000), "{first:?}");
     let finished = backfilled(&mut b).await;
-    assert_eq!(finished.done, finished.total);
-    let switched = b.library.status().await.unwrap();
-    assert_eq!(switched.backfill.phase, BackfillPhase::Ready);
+    // A restart from the step's start would count more rows than there are.
+    assert_eq!(entries_done(&finished), 20_000, "{finished:?}");
+
+    // What b asked: the other peer's first page starts after the last key of the first peer's
+    // pages that the checkpoint counted, and it served exactly the rest.
+    let requests = log.lock().unwrap().clone();
+    let mut from_gone: Vec<&PageRequest> = Vec::new();
+    for request in requests.iter().filter(|r| r.peer == gone_id && r.model == "entries") {
+        if request.rows.is_some() && !from_gone.iter().any(|seen| seen.after == request.after) {
+            from_gone.push(request);
+        }
+    }
+    let resumed_after = requests
+        .iter()
+        .find(|request| request.peer == stays_id && request.model == "entries")
+        .and_then(|request| request.after)
+        .expect("the other peer is asked for entries after a key, not from the start");
+    let through = from_gone
+        .iter()
+        .position(|page| page.last == Some(resumed_after))
+        .expect("the other peer continues after a key the first one served");
+    let applied_before: usize = from_gone[..=through].iter().filter_map(|page| page.rows).sum();
+    assert_eq!(applied_before as u64, at_switch, "the cursor and the count agree at the switch");
+    let served: usize = answered_pages(&log, stays_id, "entries").values().sum();
+    assert_eq!(served as u64, 20_000 - at_switch, "the other peer served only the rest");
+
+    let status = b.library.status().await.unwrap();
+    assert_eq!(status.backfill.phase, BackfillPhase::Ready);
     let tables = converge(&mut [&mut stays, &mut b]).await;
     assert_eq!(tables["entries"].len(), 20_000);
-    assert!(switched.peers.iter().any(|peer| peer.device == gone_id && !peer.online));
+    assert!(status.peers.iter().any(|peer| peer.device == gone_id && !peer.online));
     stays.close().await;
     b.close().await;
 }
@@ -392,7 +632,7 @@ async fn a_device_left_behind_by_retention_resyncs_fully() {
     // a keeps at most 10 log entries per origin and collects tombstones at once.
     let short_memory = SyncConfig {
         log_max_entries_per_origin: 10,
-        tombstone_retention: std::time::Duration::from_millis(1),
+        tombstone_retention: Duration::from_millis(1),
         ..test_config()
     };
     let mut a =
@@ -521,9 +761,7 @@ async fn a_peer_that_stops_answering_heartbeats_goes_offline_and_catches_up_when
     b.transport.set_answer_heartbeats(false);
     let reason = a
         .wait_for(|event| match event {
-            lsync_node::Event::PeerOffline { peer, reason } if *peer == b_id => {
-                Some(reason.clone())
-            }
+            Event::PeerOffline { peer, reason } if *peer == b_id => Some(reason.clone()),
             _ => None,
         })
         .await;

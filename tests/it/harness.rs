@@ -376,3 +376,209 @@ impl<T: Transport + Clone> Transport for FlakyTransport<T> {
         self.inner.shutdown()
     }
 }
+
+/// One backfill page a device asked a peer for, and how many rows the answer carried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageRequest {
+    /// The peer asked.
+    pub peer: DeviceId,
+    /// The model (device-owned: `BackfillRequest`; shared: `SharedSnapshotRequest`).
+    pub model: String,
+    /// The key the page starts after (`None`: from the start of the step).
+    pub after: Option<Uuid>,
+    /// Rows (or records) in the answer: `None` while it is pending, or if the request failed.
+    pub rows: Option<usize>,
+    /// The key of the answer's last row, if it had rows.
+    pub last: Option<Uuid>,
+}
+
+/// Every backfill page request a device sent, in the order it sent them.
+pub type PageLog = Arc<std::sync::Mutex<Vec<PageRequest>>>;
+
+/// The requests in `log` for `model` to `peer` that were answered, one per start key (a request
+/// repeated after a failure counts once): start key → rows served.
+pub fn answered_pages(log: &PageLog, peer: DeviceId, model: &str) -> BTreeMap<Option<Uuid>, usize> {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter(|request| request.peer == peer && request.model == model)
+        .filter_map(|request| Some((request.after, request.rows?)))
+        .collect()
+}
+
+/// A transport that records every backfill page request its device sends ([`PageLog`]) and
+/// otherwise is the real transport underneath.
+#[derive(Clone)]
+pub struct RecordingTransport<T> {
+    pub inner: T,
+    pub log: PageLog,
+}
+
+impl<T: Transport + Clone> Transport for RecordingTransport<T> {
+    fn local_device(&self) -> DeviceId {
+        self.inner.local_device()
+    }
+
+    fn send(
+        &self,
+        peer: DeviceId,
+        message: Message,
+    ) -> impl Future<Output = Result<(), SendError>> + Send {
+        self.inner.send(peer, message)
+    }
+
+    fn request(
+        &self,
+        peer: DeviceId,
+        message: Message,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Message, RequestError>> + Send {
+        let page = match &message {
+            Message::BackfillRequest(request) => Some((request.model.clone(), request.after)),
+            Message::SharedSnapshotRequest(request) => Some((request.model.clone(), request.after)),
+            _ => None,
+        };
+        let index = page.map(|(model, after)| {
+            let mut log = self.log.lock().unwrap();
+            log.push(PageRequest { peer, model, after, rows: None, last: None });
+            log.len() - 1
+        });
+        let (inner, log) = (self.inner.clone(), self.log.clone());
+        async move {
+            let response = inner.request(peer, message, timeout).await;
+            if let Some(index) = index {
+                let keys: Option<Vec<Uuid>> = match &response {
+                    Ok(Message::StatePage(page)) => Some(page.rows.iter().map(|r| r.id).collect()),
+                    Ok(Message::SharedSnapshotPage(page)) => {
+                        Some(page.records.iter().map(|r| r.id).collect())
+                    }
+                    _ => None,
+                };
+                let mut log = log.lock().unwrap();
+                log[index].rows = keys.as_ref().map(Vec::len);
+                log[index].last = keys.and_then(|keys| keys.last().copied());
+            }
+            response
+        }
+    }
+
+    fn connected_peers(&self) -> Vec<PeerInfo> {
+        self.inner.connected_peers()
+    }
+
+    fn shutdown(&self) -> impl Future<Output = ShutdownReport> + Send {
+        self.inner.shutdown()
+    }
+}
+
+impl Node {
+    /// Like [`Node::start_as`], with every backfill page request recorded.
+    pub async fn start_recording(
+        dir: tempfile::TempDir,
+        library_id: LibraryId,
+        name: &str,
+        config: SyncConfig,
+        how: How,
+    ) -> (Node, PageLog) {
+        let library = open_library_as(dir.path(), library_id, &config, how).await;
+        Node::sync_recording(dir, library, name, &config).await
+    }
+
+    /// Starts sync on an open `library` in `dir`, recording every backfill page request. The
+    /// subscription starts before sync does, so it sees the backfill's first progress.
+    pub async fn sync_recording(
+        dir: tempfile::TempDir,
+        library: Library,
+        name: &str,
+        config: &SyncConfig,
+    ) -> (Node, PageLog) {
+        let events = library.subscribe();
+        let (transport, transport_events) = quic(dir.path(), &library, name, config).await;
+        let log = PageLog::default();
+        let recording = RecordingTransport { inner: transport.clone(), log: log.clone() };
+        library.start_sync(recording, transport_events).await.unwrap();
+        (Node { name: name.to_owned(), dir, library, transport, events }, log)
+    }
+}
+
+/// Rows done of the `entries` step (of its one owner) in `progress`; 0 before the plan.
+pub fn entries_done(progress: &lsync_node::BackfillProgress) -> u64 {
+    progress.steps.iter().find(|(name, _, _)| name.starts_with("entries@")).map_or(0, |step| step.1)
+}
+
+/// The backfill checkpoint persisted in the library file in `dir`, read through a read-only
+/// connection of its own: the file may belong to another process, running or killed.
+pub async fn persisted_checkpoint(dir: &Path) -> lsync_backfill::Checkpoint {
+    use sqlx::{ConnectOptions, Connection};
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(dir.join("library.db"))
+        .read_only(true)
+        .connect()
+        .await
+        .unwrap();
+    let checkpoint = lsync_backfill::sql::load(&mut conn).await.unwrap();
+    conn.close().await.unwrap();
+    checkpoint.expect("a joining copy stores its checkpoint when it is created")
+}
+
+/// One test of this binary running alone in a child process, its stdout read line by line.
+/// Dropping it kills the process, so a failing test leaves none behind.
+pub struct ChildTest {
+    child: std::process::Child,
+    lines: mpsc::UnboundedReceiver<String>,
+}
+
+impl ChildTest {
+    /// Runs the test named `test` (as the harness names it: `module::function`; it may be
+    /// `#[ignore]`d) in a child process with `env` added to the environment.
+    pub fn spawn(test: &str, env: &[(&str, &std::ffi::OsStr)]) -> ChildTest {
+        use std::io::BufRead;
+        let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+        command
+            .args([test, "--exact", "--include-ignored", "--nocapture", "--test-threads=1"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped());
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child = command.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (sender, lines) = mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        ChildTest { child, lines }
+    }
+
+    /// The next line the child printed; `None` once it closed its output (it exited). Fails
+    /// after [`WAIT`].
+    pub async fn line(&mut self) -> Option<String> {
+        tokio::time::timeout(WAIT, self.lines.recv())
+            .await
+            .unwrap_or_else(|_| panic!("the child process printed nothing within {WAIT:?}"))
+    }
+
+    /// Kills the child with SIGKILL (no handler runs, nothing is flushed or closed) and reaps
+    /// it; returns how it ended.
+    pub fn kill(&mut self) -> std::process::ExitStatus {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap()
+    }
+
+    /// Waits for the child to exit by itself.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for ChildTest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

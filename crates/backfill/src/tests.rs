@@ -178,23 +178,109 @@ fn losing_another_peer_changes_nothing() {
     assert!(matches!(backfill.next(), Command::Fetch { peer, .. } if peer == device(1)));
 }
 
-#[test]
-fn pausing_stops_fetching_and_resuming_continues() {
-    let mut backfill = planned();
+/// Pauses `backfill` (in `phase`, about to do `command`) and resumes it: while paused it reports
+/// `paused_phase`, does nothing and keeps its checkpoint as it was; resumed, it is back in `phase`
+/// and does `command` again, from the same checkpoint.
+fn pause_and_resume(mut backfill: Backfill, phase: Phase, paused_phase: Phase, command: Command) {
+    assert_eq!(backfill.phase(), phase);
+    assert_eq!(backfill.next(), command);
+    let before = backfill.checkpoint().clone();
     backfill.pause();
-    assert_eq!(backfill.phase(), Phase::Paused);
+    assert_eq!(backfill.phase(), paused_phase);
+    assert_eq!(backfill.next(), Command::Idle, "nothing is done while paused");
+    assert_eq!(backfill.checkpoint(), &before, "pausing changes no checkpoint (nor is persisted)");
+    // Pausing twice is pausing.
+    backfill.pause();
     assert_eq!(backfill.next(), Command::Idle);
-    assert_eq!(backfill.checkpoint().phase, Phase::Backfilling, "pausing is not persisted");
+    // A restart while paused resumes from the same checkpoint (the engine pauses it again if
+    // sync is still off).
+    assert_eq!(Backfill::new(backfill.checkpoint().clone()).next(), command);
     backfill.resume();
-    assert_eq!(backfill.phase(), Phase::Backfilling);
-    assert!(matches!(backfill.next(), Command::Fetch { .. }));
+    assert_eq!(backfill.phase(), phase);
+    assert_eq!(backfill.next(), command, "resuming continues where the pause stopped");
+    assert_eq!(backfill.checkpoint(), &before, "resuming changes no checkpoint");
+}
+
+#[test]
+fn pausing_before_the_plan_stops_planning_and_resuming_plans() {
+    let backfill = Backfill::new(Checkpoint::uninitialized());
+    pause_and_resume(backfill, Phase::Uninitialized, Phase::Paused, Command::Plan);
+}
+
+#[test]
+fn pausing_stops_fetching_and_resuming_continues_after_the_cursor() {
+    let mut backfill = planned();
+    backfill.page(&[key(1), key(2)], true, 10, 10);
+    let resumed = Command::Fetch {
+        peer: device(1),
+        step: StepKind::Shared { model: "tags".into() },
+        after: Some(key(2)),
+    };
+    pause_and_resume(backfill, Phase::Backfilling, Phase::Paused, resumed);
+}
+
+#[test]
+fn pausing_while_the_serving_peer_is_gone_waits_and_resuming_rebases() {
+    let mut backfill = planned();
+    backfill.page(&[key(1)], true, 10, 10);
+    backfill.peer_lost(device(1));
+    pause_and_resume(backfill, Phase::Backfilling, Phase::Paused, Command::Rebase);
+}
+
+#[test]
+fn pausing_while_catching_up_stops_it_and_resuming_catches_up() {
+    let mut backfill = planned();
+    backfill.page(&[key(1)], false, 1, 10);
+    backfill.page(&[], false, 0, 20);
+    backfill.page(&[key(7)], false, 1, 30);
+    let resumed = Command::CatchUp { peer: Some(device(1)) };
+    pause_and_resume(backfill, Phase::CatchingUp, Phase::Paused, resumed);
 }
 
 #[test]
 fn a_ready_copy_stays_ready_when_paused() {
+    let backfill = Backfill::new(Checkpoint::ready());
+    pause_and_resume(backfill.clone(), Phase::Ready, Phase::Ready, Command::Idle);
+    let mut paused = backfill;
+    paused.pause();
+    assert!(paused.is_ready(), "a paused complete copy still applies what it is given");
+}
+
+#[test]
+fn a_resync_of_a_paused_ready_copy_waits_for_resume() {
     let mut backfill = Backfill::new(Checkpoint::ready());
     backfill.pause();
-    assert_eq!(backfill.phase(), Phase::Ready);
+    backfill.resync(Scope::Everything, true);
+    assert_eq!(backfill.phase(), Phase::Paused, "not ready any more, and paused");
+    assert_eq!(backfill.next(), Command::Idle);
+    backfill.resume();
+    assert_eq!(backfill.phase(), Phase::Uninitialized);
+    assert_eq!(backfill.next(), Command::Plan);
+}
+
+#[test]
+fn results_that_arrive_while_paused_are_kept_and_nothing_follows_until_resume() {
+    // A plan asked for before the pause.
+    let mut backfill = Backfill::new(Checkpoint::uninitialized());
+    backfill.pause();
+    let theirs = watermarks(device(1), &[(device(2), 10)], &[(device(2), "entries", 500)]);
+    backfill.planned(device(1), &theirs, &models());
+    assert_eq!(backfill.checkpoint().phase, Phase::Backfilling);
+    assert_eq!(backfill.phase(), Phase::Paused);
+    assert_eq!(backfill.next(), Command::Idle);
+    // A page fetched before the pause.
+    backfill.page(&[key(1)], true, 10, 10);
+    assert_eq!(backfill.checkpoint().cursor, Some(key(1)));
+    assert_eq!(backfill.next(), Command::Idle);
+    backfill.resume();
+    assert_eq!(
+        backfill.next(),
+        Command::Fetch {
+            peer: device(1),
+            step: StepKind::Shared { model: "tags".into() },
+            after: Some(key(1))
+        }
+    );
 }
 
 #[test]
