@@ -1,5 +1,6 @@
 //! `lsync run`: the node. Opens the library, starts the QUIC transport and the sync engine,
-//! serves the control endpoint and (if configured) Prometheus metrics, logs what happens, draws
+//! serves the control endpoint and (if configured) Prometheus metrics, says `ready` once its copy
+//! of the library is complete (at once, unless it backfills), logs what happens, draws
 //! catch-up progress on a terminal, and on SIGINT or SIGTERM stops in order: no new control
 //! requests, the ones in progress finish, then the library closes (flush, persist, stop the
 //! transport). A second signal while stopping exits at once.
@@ -52,7 +53,8 @@ pub(crate) fn init_logging(format: LogFormat, default: Option<&str>) -> Result<(
     Ok(())
 }
 
-/// What `lsync run` prints once it is ready.
+/// What `lsync run` prints once it is ready: its copy is complete (a backfill, if one was needed,
+/// finished), so that commands see the whole library and may write shared data.
 #[derive(Debug, Serialize)]
 struct Ready {
     device: String,
@@ -152,6 +154,8 @@ pub(crate) async fn run(
 
     let library = open_library(home, &config).await?;
     let events = library.subscribe();
+    // Taken before sync starts, so that a backfill finishing at once is not missed.
+    let completion = library.subscribe();
     ops::ensure_device_row(&library, &config.device_name).await?;
     let (transport, transport_events) =
         ops::start_transport(home, &library, &config, false).await?;
@@ -182,12 +186,39 @@ pub(crate) async fn run(
         metrics: metrics.map(|address| format!("http://{address}/metrics")),
         pid: std::process::id(),
     };
-    if json {
-        output::json(&ready)?;
-    } else {
-        output::answer(&ready_text(&ready));
+    // `ready` means ready to use: the whole library is here and shared data can be written. A
+    // copy that is not complete yet (a device that just joined, one resyncing after a restore)
+    // backfills first, while the control endpoint already serves `lsync status` and the rest.
+    let wait = !library.is_ready() && config.enabled;
+    if !json {
+        output::answer(&header_text(&ready));
+        if !library.is_ready() {
+            output::answer(if config.enabled {
+                "copy     incomplete: backfilling first (`lsync status` shows how far)"
+            } else {
+                "copy     not complete, and sync is off (enabled = false): it cannot backfill"
+            });
+        }
     }
-    info!(device = %identity.device, %listen, "node ready");
+    if wait {
+        info!(device = %identity.device, %listen, "node started; the copy backfills");
+    }
+    let announce = tokio::spawn({
+        let library = library.clone();
+        async move {
+            if wait {
+                copy_complete(&library, completion).await;
+            }
+            if json {
+                if let Err(error) = output::json(&ready) {
+                    output::error(&error);
+                }
+            } else {
+                output::answer(READY_LINE);
+            }
+            info!(device = %identity.device, %listen, "node ready");
+        }
+    });
 
     let (stop_sender, stop_receiver) = tokio::sync::oneshot::channel::<&'static str>();
     tokio::spawn(async move {
@@ -204,6 +235,8 @@ pub(crate) async fn run(
         info!(signal, "stopping");
     };
     server.serve(device.clone(), stop).await;
+    // Stopped before the copy was complete: never `ready`.
+    announce.abort();
 
     drop(device);
     let closed = library.close().await;
@@ -218,7 +251,14 @@ pub(crate) async fn run(
     Ok(())
 }
 
-fn ready_text(ready: &Ready) -> String {
+/// The last line `lsync run` prints once it is ready (as text).
+const READY_LINE: &str = "ready    (stop with Ctrl-C)";
+
+/// How often the wait for a complete copy looks again when no event came.
+const COMPLETE_RECHECK: Duration = Duration::from_secs(1);
+
+/// What `lsync run` prints as text once it is started, before its `ready` line.
+fn header_text(ready: &Ready) -> String {
     let mut lines = vec![
         format!("device   {}  {}", ready.device, ready.name),
         format!("library  {}", ready.library),
@@ -228,8 +268,19 @@ fn ready_text(ready: &Ready) -> String {
     if let Some(metrics) = &ready.metrics {
         lines.push(format!("metrics  {metrics}"));
     }
-    lines.push("ready    (stop with Ctrl-C)".to_owned());
     lines.join("\n")
+}
+
+/// Waits until the copy is complete: looks again on every engine event (a finished backfill is
+/// one) and at least every [`COMPLETE_RECHECK`].
+async fn copy_complete(library: &Library, mut events: mpsc::Receiver<Event>) {
+    while !library.is_ready() {
+        match tokio::time::timeout(COMPLETE_RECHECK, events.recv()).await {
+            Ok(Some(_)) | Err(_) => {}
+            // No more events (the library is closing): look again on the interval only.
+            Ok(None) => tokio::time::sleep(COMPLETE_RECHECK).await,
+        }
+    }
 }
 
 fn lock_progress(progress: &Mutex<Progress>) -> std::sync::MutexGuard<'_, Progress> {

@@ -455,6 +455,13 @@ impl Library {
         })
     }
 
+    /// Whether this copy is complete (its backfill `Ready`): only then does it accept shared
+    /// writes and apply live changes. A device that joined, or one resyncing after a restore,
+    /// is not until its backfill finishes, which [`Event::Backfill`] with phase `Ready` tells.
+    pub fn is_ready(&self) -> bool {
+        self.inner.is_ready()
+    }
+
     /// A new subscription to [`Event`]s.
     pub fn subscribe(&self) -> mpsc::Receiver<Event> {
         self.inner.events.subscribe()

@@ -5,4 +5,5 @@
 
 mod errors;
 mod harness;
+mod readme;
 mod sync;
