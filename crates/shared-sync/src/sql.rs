@@ -183,7 +183,8 @@ pub async fn write_local<C: Clock>(
     let device = clock.device();
     let keys: Vec<RowKey> =
         edits.iter().map(|edit| (edit.key().0.to_owned(), edit.key().1)).collect();
-    let mut states = load_states(conn, &keys).await?;
+    let stored = load_states(conn, &keys).await?;
+    let mut states = stored.clone();
     let progress = load_shared_progress(conn).await?;
     let mut changes = Vec::with_capacity(edits.len());
     for (seq, edit) in (progress.get(device) + 1..).zip(edits) {
@@ -222,7 +223,7 @@ pub async fn write_local<C: Clock>(
         changes.push(change);
     }
     let refs: Vec<&SharedChange> = changes.iter().collect();
-    let projection = merge(conn, registry, &refs, now_ms).await?;
+    let projection = merge_into(conn, registry, &refs, now_ms, stored).await?;
     lsync_peer_log::sql::append_new(conn, &changes, &progress, now_ms).await?;
     if let Some(last) = changes.last() {
         raise_shared_progress(conn, &[OriginSeq { origin: device, seq: last.seq }]).await?;
@@ -240,7 +241,18 @@ async fn merge(
 ) -> Result<Projection, StoreError> {
     let keys: Vec<RowKey> =
         changes.iter().map(|change| (change.model.clone(), change.record)).collect();
-    let mut states = load_states(conn, &keys).await?;
+    let states = load_states(conn, &keys).await?;
+    merge_into(conn, registry, changes, now_ms, states).await
+}
+
+/// [`merge`] onto `states`, the stored registers of the changes' records, already loaded.
+async fn merge_into(
+    conn: &mut SqliteConnection,
+    registry: &Registry,
+    changes: &[&SharedChange],
+    now_ms: u64,
+    mut states: HashMap<RowKey, RecordState>,
+) -> Result<Projection, StoreError> {
     let mut dirty = BTreeSet::new();
     for change in changes {
         let key = (change.model.clone(), change.record);

@@ -19,8 +19,14 @@ use uuid::Uuid;
 use crate::{Registry, StoreError};
 
 /// The schema migrations of lsync's own `sync_` tables, applied in order, each in one transaction.
-const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "sync tables", include_str!("../migrations/0001_sync_tables.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "sync tables", include_str!("../migrations/0001_sync_tables.sql")),
+    (
+        2,
+        "shared references by record",
+        include_str!("../migrations/0002_shared_refs_by_record.sql"),
+    ),
+];
 
 /// How hard SQLite works to keep a committed transaction across a power loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -81,8 +87,9 @@ pub struct Restored {
 /// writes never contend inside the process; reads use a separate pool and see committed data.
 ///
 /// # Restored copies
-/// Every write transaction also counts itself (`generation` in `sync_meta`), and after the
-/// commit the count is copied to a small file beside the database (`<file>-generation`). A
+/// Every write transaction that changes something also counts itself (`generation` in
+/// `sync_meta`), and after the commit the count is copied to a small file beside the database
+/// (`<file>-generation`). A
 /// library file restored from an old copy has a smaller count than that file remembers:
 /// [`Database::open`] then gives the copy a new epoch and records a pending restore
 /// ([`restore_pending`]) for the sync engine, which must fetch back what the copy lost before
@@ -202,11 +209,21 @@ impl Database {
         // fail half-way on another process's lock.
         let mut tx =
             writer.begin_with("BEGIN IMMEDIATE").await.map_err(|error| E::from(error.into()))?;
+        let changes_before = total_changes(&mut tx).await.map_err(E::from)?;
         match work(&mut tx).await {
             Ok(value) => {
-                let generation = bump_generation(&mut tx).await.map_err(|error| E::from(error))?;
+                // Only a transaction that changed something counts (and costs a sync to disk):
+                // many "writes" only read a consistent view under the write lock.
+                let changed = total_changes(&mut tx).await.map_err(E::from)? != changes_before;
+                let generation = if changed {
+                    Some(bump_generation(&mut tx).await.map_err(E::from)?)
+                } else {
+                    None
+                };
                 tx.commit().await.map_err(|error| E::from(error.into()))?;
-                self.remember_generation(generation);
+                if let Some(generation) = generation {
+                    self.remember_generation(generation);
+                }
                 Ok(value)
             }
             Err(error) => {
@@ -361,6 +378,11 @@ async fn read_generation(conn: &mut SqliteConnection) -> Result<u64, StoreError>
             .fetch_optional(conn)
             .await?;
     Ok(generation.map_or(0, i64::cast_unsigned))
+}
+
+/// Rows inserted, updated or deleted on this connection since it was opened.
+async fn total_changes(conn: &mut SqliteConnection) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar("SELECT total_changes()").fetch_one(conn).await?)
 }
 
 async fn bump_generation(conn: &mut SqliteConnection) -> Result<u64, StoreError> {
@@ -760,6 +782,66 @@ mod tests {
         db.close().await.unwrap();
         let wal = dir.path().join("library.db-wal");
         assert_eq!(std::fs::metadata(&wal).map_or(0, |meta| meta.len()), 0, "WAL checkpointed");
+    }
+
+    #[tokio::test]
+    async fn a_file_of_schema_one_is_migrated_and_references_are_found_by_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = create(&dir).await;
+        // Back to what a file written before migration 2 holds.
+        db.write(async |conn| {
+            sqlx::raw_sql(
+                "DROP INDEX sync_shared_refs_by_record; DELETE FROM sync_migrations WHERE version = 2;",
+            )
+            .execute(conn)
+            .await
+            .map_err(StoreError::from)
+        })
+        .await
+        .unwrap();
+        db.close().await.unwrap();
+
+        let db = reopen(&dir).await;
+        let (version, plan) = db
+            .write(async |conn| {
+                let version: i64 = sqlx::query_scalar("SELECT max(version) FROM sync_migrations")
+                    .fetch_one(&mut *conn)
+                    .await?;
+                let plan: Vec<String> = sqlx::query(
+                    "EXPLAIN QUERY PLAN
+                     DELETE FROM sync_shared_refs WHERE model = 'tags' AND id IN (x'01', x'02')",
+                )
+                .fetch_all(&mut *conn)
+                .await?
+                .iter()
+                .map(|row| row.try_get::<String, _>(3))
+                .collect::<Result<_, _>>()?;
+                Ok::<_, StoreError>((version, plan))
+            })
+            .await
+            .unwrap();
+        assert_eq!(version, 2);
+        assert!(
+            plan.iter().any(|step| step.contains("sync_shared_refs_by_record")),
+            "replacing a record's references uses the index, not a scan: {plan:?}"
+        );
+        db.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn only_transactions_that_change_something_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = create(&dir).await;
+        let generation =
+            async |db: &Database| db.write(async |conn| read_generation(conn).await).await.unwrap();
+        let start = generation(&db).await;
+        put(&db, "one").await.unwrap();
+        assert_eq!(generation(&db).await, start + 1);
+        for _ in 0..3 {
+            db.write(async |conn| read_meta(conn, "one").await).await.unwrap();
+        }
+        assert_eq!(generation(&db).await, start + 1, "reads under the write lock change nothing");
+        db.close().await.unwrap();
     }
 
     #[tokio::test]
