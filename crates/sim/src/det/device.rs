@@ -6,9 +6,10 @@
 //! to the [`Batcher`]; flushes go to every connected peer and wait in the [`RetryQueue`] for an
 //! ack; receivers merge shared changes into [`RecordState`] registers, apply device-owned rows
 //! through [`decide`], advance watermarks ([`advance_contiguous`], batches' `since`) and ack;
-//! heartbeats carry watermarks, and a peer that holds more is pulled from page by page
-//! ([`shared_needs`], [`state_needs`]); the log is pruned by [`plan_prune`]. A joining device
-//! drives the backfill state machine ([`lsync_backfill::Backfill`], see [`backfill`]).
+//! heartbeats carry watermarks (which count as acknowledgements for pruning, as in the engine),
+//! and a peer that holds more is pulled from page by page ([`shared_needs`], [`state_needs`]);
+//! the log is pruned by [`plan_prune`]. A joining device drives the backfill state machine
+//! ([`lsync_backfill::Backfill`], see [`backfill`]).
 
 mod backfill;
 
@@ -22,8 +23,8 @@ use lsync_node::core::retry::{Coverage, RetryQueue};
 use lsync_peer_log::{OriginLog, PrunePeer, RetentionPolicy, plan_prune};
 use lsync_protocol::{
     Ack, Heartbeat, Message, OriginSeq, SharedBatch, SharedCatchUpRequest, SharedCatchUpResponse,
-    SharedChange, SharedOp, StateBatch, StateCatchUpRequest, StateCursor, StateOp, StatePage,
-    StateRow, Value, Watermarks,
+    SharedChange, SharedOp, StateBatch, StateCatchUpRequest, StateCursor, StateMark, StateOp,
+    StatePage, StateRow, Value, Watermarks,
 };
 use lsync_shared_sync::RecordState;
 use lsync_state_sync::{Current, Decision, TombstoneGroup, decide, plan_tombstone_gc};
@@ -742,20 +743,16 @@ impl Device {
                 self.ack(ctx, from);
             }
             Wire::OneWay(Message::Ack(ack)) => {
-                self.durable
-                    .acks
-                    .entry(from)
-                    .or_default()
-                    .raise_all(&SharedProgress::from_wire(&ack.shared));
-                let state_acks = self.durable.state_acks.entry(from).or_default();
-                for mark in &ack.state {
-                    state_acks.raise(mark.owner, &mark.model, mark.version);
-                }
+                self.record_ack(from, &ack.shared, &ack.state);
                 if let Some(volatile) = self.volatile.as_mut() {
                     volatile.retry.acked(from, &ack);
                 }
             }
             Wire::OneWay(Message::Heartbeat(Heartbeat { watermarks: Some(theirs), .. })) => {
+                // As the engine does (`record_ack` of `ack_of` the heartbeat's watermarks): what
+                // a peer's watermarks show it holds counts as acknowledged, for pruning and
+                // tombstone collection (not for the retry queue, which waits for an `Ack`).
+                self.record_ack(from, &theirs.shared, &theirs.state);
                 self.backfill_peer_state(from, theirs.ready);
                 self.start_pull(ctx, from, &theirs);
             }
@@ -783,6 +780,15 @@ impl Device {
             Wire::OneWay(other) | Wire::Request(_, other) => {
                 ctx.fail(format!("{} got an unexpected message {}", self.id, other.name()));
             }
+        }
+    }
+
+    /// Records what `peer` acknowledged holding: shared changes and device-owned marks.
+    fn record_ack(&mut self, peer: DeviceId, shared: &[OriginSeq], state: &[StateMark]) {
+        self.durable.acks.entry(peer).or_default().raise_all(&SharedProgress::from_wire(shared));
+        let state_acks = self.durable.state_acks.entry(peer).or_default();
+        for mark in state {
+            state_acks.raise(mark.owner, &mark.model, mark.version);
         }
     }
 
