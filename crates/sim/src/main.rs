@@ -179,6 +179,9 @@ fn run_deterministic(cli: &Cli) -> Result<bool, String> {
             "steps": outcome.steps,
             "crashes": outcome.stats.crashes,
             "backfills": outcome.stats.backfills,
+            "backfill_pages": outcome.stats.backfill_pages,
+            "backfill_rebases": outcome.stats.backfill_rebases,
+            "backfill_resumes": outcome.stats.backfill_resumes,
             "tombstones_collected": outcome.stats.tombstones_collected,
             "late_rows_refused": outcome.stats.late_rows_refused,
         });
@@ -252,6 +255,14 @@ fn print_seed(outcome: &det::SeedOutcome, config: &DetConfig) {
         stats.tombstones_collected,
         stats.late_rows_refused
     );
+    println!(
+        "  backfill: {} pages, {} rebases onto another peer, {} resumes after a crash, {} failed \
+         requests",
+        stats.backfill_pages,
+        stats.backfill_rebases,
+        stats.backfill_resumes,
+        stats.backfill_failures
+    );
     println!("  trace: {} events, hash {:016x}", outcome.events, outcome.trace_hash);
 }
 
@@ -269,6 +280,9 @@ fn det_seed_json(outcome: &det::SeedOutcome) -> serde_json::Value {
         "shared_writes": outcome.stats.shared_writes,
         "row_writes": outcome.stats.row_writes,
         "crashes": outcome.stats.crashes,
+        "backfill_pages": outcome.stats.backfill_pages,
+        "backfill_rebases": outcome.stats.backfill_rebases,
+        "backfill_resumes": outcome.stats.backfill_resumes,
         "messages_delivered": outcome.network.delivered,
         "messages_lost": outcome.network.lost,
     })

@@ -35,4 +35,10 @@ fn every_seed_converges_and_keeps_every_invariant() {
         failures.len(),
         failures.join("\n")
     );
+    // The joining device drives the backfill machine through every path: paged steps, rebases
+    // onto another peer, resumes from the checkpoint after a crash.
+    let stats = outcome.stats;
+    assert_eq!(stats.backfills, seeds, "every joining device became ready: {stats:?}");
+    assert!(stats.backfill_pages > 5 * seeds, "backfills take several pages: {stats:?}");
+    assert!(stats.backfill_rebases > 0 && stats.backfill_resumes > 0, "{stats:?}");
 }

@@ -6,20 +6,25 @@
 //! to the [`Batcher`]; flushes go to every connected peer and wait in the [`RetryQueue`] for an
 //! ack; receivers merge shared changes into [`RecordState`] registers, apply device-owned rows
 //! through [`decide`], advance watermarks ([`advance_contiguous`], batches' `since`) and ack;
-//! heartbeats carry watermarks, and a peer that holds more is pulled from page by page
-//! ([`shared_needs`], [`state_needs`]); the log is pruned by [`plan_prune`].
+//! heartbeats carry watermarks (which count as acknowledgements for pruning, as in the engine),
+//! and a peer that holds more is pulled from page by page ([`shared_needs`], [`state_needs`]);
+//! the log is pruned by [`plan_prune`]. A joining device drives the backfill state machine
+//! ([`lsync_backfill::Backfill`], see [`backfill`]).
+
+mod backfill;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use lsync_backfill::{Checkpoint, Phase};
 use lsync_hlc::{DeviceId, Hlc, HlcConfig, HlcState, HlcTime, Resume};
 use lsync_node::core::batcher::{Batcher, Flush};
 use lsync_node::core::retry::{Coverage, RetryQueue};
 use lsync_peer_log::{OriginLog, PrunePeer, RetentionPolicy, plan_prune};
 use lsync_protocol::{
-    Ack, ErrorCode, ErrorMessage, Heartbeat, Message, OriginSeq, SharedBatch, SharedCatchUpRequest,
-    SharedCatchUpResponse, SharedChange, SharedOp, SharedRecord, SharedSnapshotRequest, StateBatch,
-    StateCatchUpRequest, StateCursor, StateOp, StatePage, StateRow, Value, Watermarks,
+    Ack, Heartbeat, Message, OriginSeq, SharedBatch, SharedCatchUpRequest, SharedCatchUpResponse,
+    SharedChange, SharedOp, StateBatch, StateCatchUpRequest, StateCursor, StateMark, StateOp,
+    StatePage, StateRow, Value, Watermarks,
 };
 use lsync_shared_sync::RecordState;
 use lsync_state_sync::{Current, Decision, TombstoneGroup, decide, plan_tombstone_gc};
@@ -57,6 +62,22 @@ pub(super) mod tuning {
     pub(in crate::det) const PRUNE_INTERVAL: Duration = Duration::from_millis(300);
     /// Changes or rows per catch-up page (engine default 5,000): small, so pulls take many pages.
     pub(in crate::det) const PAGE_LIMIT: u32 = 16;
+    /// Records or rows per backfill page (engine default 5,000): small, so a joining device's
+    /// backfill takes several pages per step and crashes, partitions and losses hit it mid-step.
+    pub(in crate::det) const BACKFILL_PAGE: u32 = 7;
+    /// Whether a backfill page of rows carries the owner's tombstones too, in key order with its
+    /// live rows. The engine's `rows_by_key` serves live rows only, so a backfilled copy holds
+    /// no tombstone of what was deleted below its marks; a device behind it that catches up from
+    /// it (rows after its own, lower mark) never learns of those deletes, raises its mark over
+    /// them, and keeps the deleted rows for good ("Found by the simulator" in
+    /// `docs/simulator.md`). `false` models the engine as it is: 18 of seeds 0–999 fail with
+    /// "mark … rose … without row …".
+    pub(in crate::det) const BACKFILL_TOMBSTONES: bool = true;
+    /// First delay after a failed backfill request, doubled per failure in a row up to
+    /// [`BACKFILL_BACKOFF_MAX`] (the engine's: 100 ms doubling up to `retry_max`).
+    pub(in crate::det) const BACKFILL_BACKOFF: Duration = Duration::from_millis(25);
+    /// The longest delay between backfill attempts.
+    pub(in crate::det) const BACKFILL_BACKOFF_MAX: Duration = Duration::from_millis(400);
 
     /// Retry settings (engine defaults 5 s, 200 ms, 30 s, 8 attempts, 1,024 entries).
     pub(in crate::det) fn retry() -> lsync_node::core::retry::RetryConfig {
@@ -79,19 +100,6 @@ pub(super) enum Wire {
     Request(u64, Message),
     /// The response to request `id`.
     Response(u64, Message),
-    /// The answer to a backfill request `id`: a whole snapshot at once. (The engine pages it with
-    /// checkpoints; here it is atomic, which the checks below do not depend on.)
-    Snapshot(u64, Box<Snapshot>),
-}
-
-/// Everything a joining device needs to start from: the merged registers, every device-owned row
-/// and tombstone, and the watermarks they cover.
-#[derive(Debug, Clone)]
-pub(super) struct Snapshot {
-    records: Vec<SharedRecord>,
-    rows: Vec<(DeviceId, StateRow)>,
-    shared: SharedProgress,
-    state: StateProgress,
 }
 
 /// One device-owned row as held: a live row or a tombstone.
@@ -145,16 +153,25 @@ pub(super) struct Durable {
     pub(super) state_acks: BTreeMap<DeviceId, StateProgress>,
     /// Per origin, the log was pruned through this sequence number.
     pub(super) pruned: BTreeMap<DeviceId, u64>,
-    /// Per origin, the changes a backfill snapshot covered: never held in the log here.
+    /// Per origin, the changes a backfill's snapshot pages covered (the shared marks raised when
+    /// its last shared step ended): never held in the log here.
     pub(super) snapshot_base: BTreeMap<DeviceId, u64>,
-    /// Whether this copy is complete: from the start, or once its backfill finished.
-    pub(super) ready: bool,
+    /// The backfill checkpoint, as `lsync_backfill::sql` stores it in the library file: `None`
+    /// for a copy that founded the library (complete from the start, as the engine reads a
+    /// missing checkpoint); a joining copy's from `Uninitialized` on. Written with every page it
+    /// records, in the same handler (the engine's one transaction per page).
+    pub(super) backfill: Option<Checkpoint>,
     /// Instrumentation, never read by the flows: every (origin, seq) ever applied here, so the
     /// checker can tell a watermark that claims a change never applied.
     pub(super) applied: BTreeMap<DeviceId, BTreeSet<u64>>,
 }
 
 impl Durable {
+    /// Whether this copy is complete: from the start, or once its backfill reached `Ready`.
+    pub(super) fn ready(&self) -> bool {
+        self.backfill.as_ref().is_none_or(|checkpoint| checkpoint.phase == Phase::Ready)
+    }
+
     /// Raises `origin`'s contiguous watermark over the changes logged right above it.
     fn advance(&mut self, origin: DeviceId) {
         let current = self.shared.get(origin);
@@ -181,6 +198,8 @@ struct Pull {
     deadline: Duration,
     current: PullStep,
     rest: Vec<PullStep>,
+    /// The catch-up that ends a backfill (`Command::CatchUp`): its end makes the copy ready.
+    for_backfill: bool,
 }
 
 /// What the engine holds in memory: a crash loses it.
@@ -192,8 +211,9 @@ struct Volatile {
     next_heartbeat: Duration,
     next_prune: Duration,
     pulls: BTreeMap<DeviceId, Pull>,
-    /// A backfill request in flight: its id and deadline.
-    backfill: Option<(u64, Duration)>,
+    /// The backfill driver of a copy with a checkpoint (a joining one): the machine resumed from
+    /// the durable checkpoint, what is known of the peers, the request in flight.
+    backfill: Option<backfill::Driver>,
 }
 
 /// Everything a device's handlers reach beyond the device itself.
@@ -233,12 +253,9 @@ impl Ctx<'_> {
             Wire::OneWay(message) | Wire::Request(_, message) | Wire::Response(_, message) => {
                 message.kind()
             }
-            Wire::Snapshot(..) => 0,
         };
         let outcome = match wire {
-            Wire::Response(..) | Wire::Snapshot(..) => {
-                self.network.send_response(from, to, wire, self.now)
-            }
+            Wire::Response(..) => self.network.send_response(from, to, wire, self.now),
             _ => self.network.send(from, to, wire, self.now),
         };
         self.trace.record(Event::Send, &[ident(from), ident(to), u64::from(kind)]);
@@ -272,6 +289,14 @@ pub struct Stats {
     pub crashes: u64,
     /// Backfills completed by joining devices.
     pub backfills: u64,
+    /// Backfill pages applied (each with its checkpoint).
+    pub backfill_pages: u64,
+    /// Backfills that continued from another peer (`Backfill::rebased`).
+    pub backfill_rebases: u64,
+    /// Backfills resumed from a persisted checkpoint after a crash mid-backfill.
+    pub backfill_resumes: u64,
+    /// Backfill requests that failed (timeout, disconnect, refusal).
+    pub backfill_failures: u64,
     /// Catch-up requests for an origin the peer no longer held (or never did).
     pub unavailable: u64,
     /// Tombstones collected once every peer acknowledged them.
@@ -296,6 +321,10 @@ impl Stats {
             pruned,
             crashes,
             backfills,
+            backfill_pages,
+            backfill_rebases,
+            backfill_resumes,
+            backfill_failures,
             unavailable,
             tombstones_collected,
             late_rows_refused,
@@ -311,6 +340,10 @@ impl Stats {
         self.pruned += pruned;
         self.crashes += crashes;
         self.backfills += backfills;
+        self.backfill_pages += backfill_pages;
+        self.backfill_rebases += backfill_rebases;
+        self.backfill_resumes += backfill_resumes;
+        self.backfill_failures += backfill_failures;
         self.unavailable += unavailable;
         self.tombstones_collected += tombstones_collected;
         self.late_rows_refused += late_rows_refused;
@@ -355,7 +388,8 @@ impl Device {
     /// A new, running device with nothing stored: a complete copy (`ready`, one of the first
     /// devices) or a joining one that must backfill first.
     pub(super) fn new(id: DeviceId, skew_ms: i64, ready: bool, now: Duration, seed: u64) -> Self {
-        let durable = Durable { ready, ..Durable::default() };
+        let backfill = (!ready).then(Checkpoint::uninitialized);
+        let durable = Durable { backfill, ..Durable::default() };
         let mut device = Self { id, skew_ms, durable, volatile: None, last_stamp: None };
         device.boot(now, seed);
         device
@@ -376,7 +410,7 @@ impl Device {
             next_heartbeat: now,
             next_prune: now + tuning::PRUNE_INTERVAL,
             pulls: BTreeMap::new(),
-            backfill: None,
+            backfill: self.durable.backfill.clone().map(backfill::Driver::new),
         });
     }
 
@@ -497,7 +531,7 @@ impl Device {
             self.push(ctx, connected, flush);
         }
         self.resend_due(ctx);
-        self.backfill_if_needed(ctx, connected);
+        self.drive_backfill(ctx, connected);
         self.heartbeat_if_due(ctx, connected);
         self.prune_if_due(ctx);
         self.expire_pulls(ctx);
@@ -559,7 +593,7 @@ impl Device {
             epoch: lsync_protocol::Epoch(0),
             shared: self.durable.shared.to_wire(),
             state: self.durable.state.to_wire(),
-            ready: true,
+            ready: self.durable.ready(),
             resync: false,
         }
     }
@@ -587,12 +621,13 @@ impl Device {
         }
     }
 
-    /// A peer disconnected: forget what waits for it.
-    pub(super) fn on_disconnect(&mut self, peer: DeviceId) {
+    /// A peer disconnected: forget what waits for it; a backfill served by it must rebase.
+    pub(super) fn on_disconnect(&mut self, ctx: &mut Ctx<'_>, peer: DeviceId) {
         if let Some(volatile) = self.volatile.as_mut() {
             volatile.retry.peer_offline(peer);
             volatile.pulls.remove(&peer);
         }
+        self.backfill_peer_offline(ctx, peer);
     }
 
     fn prune_if_due(&mut self, ctx: &mut Ctx<'_>) {
@@ -685,9 +720,9 @@ impl Device {
     /// Handles a message from `from`.
     pub(super) fn on_wire(&mut self, ctx: &mut Ctx<'_>, from: DeviceId, wire: Wire) {
         // Like the engine, a copy still backfilling neither applies nor acknowledges live
-        // batches: the snapshot and the catch-up after it bring those changes.
+        // batches: the backfill's pages and the catch-up after them bring those changes.
         let live = matches!(wire, Wire::OneWay(Message::SharedBatch(_) | Message::StateBatch(_)));
-        if live && !self.durable.ready {
+        if live && !self.durable.ready() {
             return;
         }
         match wire {
@@ -708,21 +743,22 @@ impl Device {
                 self.ack(ctx, from);
             }
             Wire::OneWay(Message::Ack(ack)) => {
-                self.durable
-                    .acks
-                    .entry(from)
-                    .or_default()
-                    .raise_all(&SharedProgress::from_wire(&ack.shared));
-                let state_acks = self.durable.state_acks.entry(from).or_default();
-                for mark in &ack.state {
-                    state_acks.raise(mark.owner, &mark.model, mark.version);
-                }
+                self.record_ack(from, &ack.shared, &ack.state);
                 if let Some(volatile) = self.volatile.as_mut() {
                     volatile.retry.acked(from, &ack);
                 }
             }
             Wire::OneWay(Message::Heartbeat(Heartbeat { watermarks: Some(theirs), .. })) => {
+                // As the engine does (`record_ack` of `ack_of` the heartbeat's watermarks): what
+                // a peer's watermarks show it holds counts as acknowledged, for pruning and
+                // tombstone collection (not for the retry queue, which waits for an `Ack`).
+                self.record_ack(from, &theirs.shared, &theirs.state);
+                self.backfill_peer_state(from, theirs.ready);
                 self.start_pull(ctx, from, &theirs);
+            }
+            Wire::Request(id, Message::WatermarksRequest(_)) => {
+                let response = Message::WatermarksResponse(self.watermarks());
+                ctx.send(self.id, from, Wire::Response(id, response));
             }
             Wire::Request(id, Message::SharedCatchUpRequest(request)) => {
                 let response = self.serve_shared(&request);
@@ -732,23 +768,27 @@ impl Device {
                 let response = self.serve_state(&request);
                 ctx.send(self.id, from, Wire::Response(id, response));
             }
-            Wire::Request(id, Message::SharedSnapshotRequest(_)) => {
-                let answer = if self.durable.ready {
-                    Wire::Snapshot(id, Box::new(self.snapshot()))
-                } else {
-                    let error = ErrorMessage {
-                        code: ErrorCode::NotAvailable,
-                        message: "this copy is still backfilling".into(),
-                    };
-                    Wire::Response(id, Message::Error(error))
-                };
-                ctx.send(self.id, from, answer);
+            Wire::Request(id, Message::BackfillRequest(request)) => {
+                let response = self.serve_backfill_rows(&request);
+                ctx.send(self.id, from, Wire::Response(id, response));
             }
-            Wire::Snapshot(id, snapshot) => self.on_snapshot(ctx, from, id, &snapshot),
+            Wire::Request(id, Message::SharedSnapshotRequest(request)) => {
+                let response = self.serve_snapshot(&request);
+                ctx.send(self.id, from, Wire::Response(id, response));
+            }
             Wire::Response(id, message) => self.on_response(ctx, from, id, message),
             Wire::OneWay(other) | Wire::Request(_, other) => {
                 ctx.fail(format!("{} got an unexpected message {}", self.id, other.name()));
             }
+        }
+    }
+
+    /// Records what `peer` acknowledged holding: shared changes and device-owned marks.
+    fn record_ack(&mut self, peer: DeviceId, shared: &[OriginSeq], state: &[StateMark]) {
+        self.durable.acks.entry(peer).or_default().raise_all(&SharedProgress::from_wire(shared));
+        let state_acks = self.durable.state_acks.entry(peer).or_default();
+        for mark in state {
+            state_acks.raise(mark.owner, &mark.model, mark.version);
         }
     }
 
@@ -825,12 +865,24 @@ impl Device {
     }
 
     /// Starts pulling from `peer` what its watermarks show this device lacks, unless a pull from it
-    /// is already under way.
+    /// is already under way or this copy is still backfilling (its backfill catches up itself).
     fn start_pull(&mut self, ctx: &mut Ctx<'_>, peer: DeviceId, theirs: &Watermarks) {
-        if !self.durable.ready
-            || self.volatile.as_ref().is_none_or(|volatile| volatile.pulls.contains_key(&peer))
-        {
-            return;
+        if self.durable.ready() {
+            self.begin_pull(ctx, peer, theirs, false);
+        }
+    }
+
+    /// Starts pulling from `peer` what its watermarks show this device lacks; `false` if there is
+    /// nothing to pull (or a pull from it is under way already, or the device is down).
+    fn begin_pull(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        peer: DeviceId,
+        theirs: &Watermarks,
+        for_backfill: bool,
+    ) -> bool {
+        if self.volatile.as_ref().is_none_or(|volatile| volatile.pulls.contains_key(&peer)) {
+            return false;
         }
         let mut steps = Vec::new();
         let shared = shared_needs(&self.durable.shared, &SharedProgress::from_wire(&theirs.shared));
@@ -846,9 +898,9 @@ impl Device {
             }
         }
         let mut steps = steps.into_iter();
-        if let Some(first) = steps.next() {
-            self.send_pull(ctx, peer, first, steps.collect());
-        }
+        let Some(first) = steps.next() else { return false };
+        self.send_pull(ctx, peer, first, steps.collect(), for_backfill);
+        true
     }
 
     fn send_pull(
@@ -857,6 +909,7 @@ impl Device {
         peer: DeviceId,
         step: PullStep,
         rest: Vec<PullStep>,
+        for_backfill: bool,
     ) {
         let request = *ctx.next_request;
         *ctx.next_request += 1;
@@ -883,18 +936,16 @@ impl Device {
         };
         let deadline = ctx.now + tuning::REQUEST_TIMEOUT;
         if let Some(volatile) = self.volatile.as_mut() {
-            volatile.pulls.insert(peer, Pull { request, deadline, current: step, rest });
+            volatile
+                .pulls
+                .insert(peer, Pull { request, deadline, current: step, rest, for_backfill });
         }
         ctx.send(self.id, peer, Wire::Request(request, message));
     }
 
     fn on_response(&mut self, ctx: &mut Ctx<'_>, from: DeviceId, id: u64, message: Message) {
+        let Some(message) = self.on_backfill_response(ctx, from, id, message) else { return };
         let Some(volatile) = self.volatile.as_mut() else { return };
-        if volatile.backfill.is_some_and(|(request, _)| request == id) {
-            // Refused (the peer is backfilling too): ask again, maybe another peer.
-            volatile.backfill = None;
-            return;
-        }
         // A response to an abandoned or finished pull (or a duplicate) is ignored.
         let Some(pull) = volatile.pulls.remove_entry(&from).and_then(|(peer, pull)| {
             if pull.request == id {
@@ -948,88 +999,10 @@ impl Device {
         };
         let mut rest = pull.rest.into_iter();
         if let Some(step) = next.or_else(|| rest.next()) {
-            self.send_pull(ctx, from, step, rest.collect());
+            self.send_pull(ctx, from, step, rest.collect(), pull.for_backfill);
+        } else if pull.for_backfill {
+            self.backfill_caught_up(ctx, from);
         }
-    }
-
-    /// A joining device asks a connected peer for a snapshot, unless a request is in flight.
-    fn backfill_if_needed(&mut self, ctx: &mut Ctx<'_>, connected: &[DeviceId]) {
-        let Some(volatile) = self.volatile.as_mut() else { return };
-        if self.durable.ready
-            || connected.is_empty()
-            || volatile.backfill.is_some_and(|(_, deadline)| deadline > ctx.now)
-        {
-            return;
-        }
-        let request = *ctx.next_request;
-        *ctx.next_request += 1;
-        // Rotate through the connected peers, so one that cannot serve is not asked forever.
-        let index =
-            usize::try_from(request % u64::try_from(connected.len()).unwrap_or(1)).unwrap_or(0);
-        volatile.backfill = Some((request, ctx.now + tuning::REQUEST_TIMEOUT));
-        let ask = SharedSnapshotRequest { model: SHARED_MODEL.to_owned(), after: None, limit: 0 };
-        ctx.send(
-            self.id,
-            connected[index],
-            Wire::Request(request, Message::SharedSnapshotRequest(ask)),
-        );
-    }
-
-    fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            records: self
-                .durable
-                .records
-                .iter()
-                .map(|(id, record)| record.to_record(*id))
-                .collect(),
-            rows: self
-                .durable
-                .rows
-                .iter()
-                .map(|(id, held)| (held.owner, held.to_row(*id)))
-                .collect(),
-            shared: self.durable.shared.clone(),
-            state: self.durable.state.clone(),
-        }
-    }
-
-    /// Starts this copy from a peer's snapshot: merge its registers and rows, take its watermarks
-    /// (the changes below them are covered by the snapshot, never held in this log).
-    fn on_snapshot(&mut self, ctx: &mut Ctx<'_>, from: DeviceId, id: u64, snapshot: &Snapshot) {
-        let Some(volatile) = self.volatile.as_mut() else { return };
-        if volatile.backfill.is_none_or(|(request, _)| request != id) || self.durable.ready {
-            return;
-        }
-        volatile.backfill = None;
-        for record in &snapshot.records {
-            self.durable
-                .records
-                .entry(record.id)
-                .or_default()
-                .merge(&RecordState::from_record(record));
-        }
-        let mut by_owner: BTreeMap<DeviceId, Vec<StateRow>> = BTreeMap::new();
-        for (owner, row) in &snapshot.rows {
-            by_owner.entry(*owner).or_default().push(row.clone());
-        }
-        for (owner, rows) in by_owner {
-            self.apply_rows(ctx, owner, &rows);
-        }
-        for (origin, seq) in snapshot.shared.iter() {
-            let base = self.durable.snapshot_base.entry(origin).or_insert(0);
-            *base = (*base).max(seq);
-            self.durable.applied.entry(origin).or_default().extend(1..=seq);
-            self.durable.shared.raise(origin, seq);
-            self.durable.advance(origin);
-        }
-        for (owner, model, version) in snapshot.state.iter() {
-            self.durable.state.raise(owner, model, version);
-        }
-        self.durable.ready = true;
-        ctx.stats.backfills += 1;
-        ctx.trace.record(Event::Apply, &[ident(self.id), ident(from), 0]);
-        self.ack(ctx, from);
     }
 
     /// Serves a shared catch-up page from the log: per origin, the contiguous run after the

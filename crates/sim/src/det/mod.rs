@@ -19,6 +19,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use lsync_backfill::{Checkpoint, Phase};
 use lsync_hlc::{DeviceId, HlcTime};
 use lsync_protocol::{SharedChange, SharedOp, Stamped, Value};
 use lsync_shared_sync::RecordState;
@@ -104,11 +105,94 @@ impl Oracle {
     }
 }
 
-/// Per device, the watermarks after the previous step.
+/// Per device, the watermarks and the backfill checkpoint after the previous step.
 #[derive(Debug, Clone, Default)]
 struct Marks {
     shared: SharedProgress,
     state: StateProgress,
+    backfill: Option<Checkpoint>,
+}
+
+/// A phase's place in a backfill's one-way progress (the simulator never resyncs a copy, so
+/// a checkpoint's phase never goes back).
+fn phase_rank(phase: Phase) -> u8 {
+    match phase {
+        Phase::Uninitialized => 0,
+        Phase::Backfilling | Phase::Paused => 1,
+        Phase::CatchingUp => 2,
+        Phase::Ready => 3,
+    }
+}
+
+/// How a persisted backfill checkpoint may change from one step to the next (a crash and restart
+/// in between included: the checkpoint is durable): the phase only moves forward, a plan is
+/// never replaced, within it the step index and the cursor only move forward and no step's done
+/// count falls, and marks are never raised before their step ends.
+fn check_checkpoint(
+    device: DeviceId,
+    before: Option<&Checkpoint>,
+    now: Option<&Checkpoint>,
+    durable: &device::Durable,
+    violations: &mut Vec<String>,
+) {
+    let Some(now) = now else {
+        if before.is_some() {
+            violations.push(format!("{device} lost its backfill checkpoint"));
+        }
+        return;
+    };
+    if let Some(before) = before {
+        if phase_rank(now.phase) < phase_rank(before.phase) || now.completed < before.completed {
+            violations.push(format!(
+                "{device}'s backfill went back from {} to {}",
+                before.phase, now.phase
+            ));
+        }
+        if before.phase != Phase::Uninitialized {
+            let same_plan = now.steps.len() == before.steps.len()
+                && now.steps.iter().zip(&before.steps).all(|(a, b)| a.kind == b.kind);
+            if !same_plan {
+                violations.push(format!("{device}'s backfill plan was replaced mid-way"));
+            } else if (now.current, now.cursor) < (before.current, before.cursor) {
+                violations.push(format!(
+                    "{device}'s backfill went back from step {} after {:?} to step {} after {:?}",
+                    before.current, before.cursor, now.current, now.cursor
+                ));
+            } else if let Some((step, was)) =
+                now.steps.iter().zip(&before.steps).find(|(step, was)| step.done < was.done)
+            {
+                violations.push(format!(
+                    "{device}'s backfill of {} went back from {} done to {}",
+                    step.name(),
+                    was.done,
+                    step.done
+                ));
+            }
+        }
+    }
+    // Until a step ends, nothing it covers is claimed: a copy that has not caught up yet applies
+    // nothing but its backfill, so its marks come only from ended steps.
+    if matches!(now.phase, Phase::Uninitialized | Phase::Backfilling) {
+        let ended = &now.steps[..now.current.min(now.steps.len())];
+        let shared_pending = now.steps[ended.len()..]
+            .iter()
+            .any(|step| matches!(step.kind, lsync_backfill::StepKind::Shared { .. }));
+        if shared_pending && durable.shared.iter().next().is_some() {
+            violations.push(format!(
+                "{device} raised shared marks before its backfill's shared steps ended"
+            ));
+        }
+        for (owner, model, _) in durable.state.iter() {
+            let covered = ended.iter().any(|step| {
+                step.kind == lsync_backfill::StepKind::State { owner, model: model.to_owned() }
+            });
+            if !covered {
+                violations.push(format!(
+                    "{device} raised its mark of {owner}'s {model} before that backfill step ended"
+                ));
+            }
+        }
+    }
 }
 
 /// A clean link: 1–5 ms of latency, nothing lost.
@@ -178,6 +262,8 @@ struct World {
     records: Vec<Uuid>,
     /// Who created each device-owned row.
     creators: BTreeMap<Uuid, DeviceId>,
+    /// Every shared change made, by (origin, seq): what a backfilled watermark must cover.
+    changes: BTreeMap<(DeviceId, u64), SharedChange>,
     /// Per device index, its rows.
     owned: Vec<Vec<Uuid>>,
     /// Per owner, its row writes as (version, id), in version order.
@@ -228,6 +314,7 @@ impl World {
             oracle: Oracle::default(),
             records: Vec::new(),
             creators: BTreeMap::new(),
+            changes: BTreeMap::new(),
             owned: vec![Vec::new(); ids.len()],
             writes: BTreeMap::new(),
             marks: vec![Marks::default(); ids.len()],
@@ -404,8 +491,8 @@ impl World {
                     self.with_device(b, |device, ctx| device.on_connect(ctx, id_a));
                 } else {
                     self.connected.remove(&(a, b));
-                    self.devices[a].on_disconnect(id_b);
-                    self.devices[b].on_disconnect(id_a);
+                    self.with_device(a, |device, ctx| device.on_disconnect(ctx, id_b));
+                    self.with_device(b, |device, ctx| device.on_disconnect(ctx, id_a));
                 }
             }
         }
@@ -414,7 +501,7 @@ impl World {
     /// Devices that take writes: running, complete copies.
     fn up_devices(&self) -> Vec<usize> {
         (0..self.born)
-            .filter(|index| self.devices[*index].is_up() && self.devices[*index].durable.ready)
+            .filter(|index| self.devices[*index].is_up() && self.devices[*index].durable.ready())
             .collect()
     }
 
@@ -534,6 +621,7 @@ impl World {
             Ok(change) => {
                 self.trace.record(Event::Write, &[ident(change.origin), 0, change.seq]);
                 self.oracle.shared(&change);
+                self.changes.insert((change.origin, change.seq), change);
                 true
             }
             Err(Refused::NotFound | Refused::NotOwner | Refused::Down) => false,
@@ -574,12 +662,29 @@ impl World {
             }
             for (origin, seq) in durable.shared.iter() {
                 let applied = durable.applied.get(&origin);
-                let first_missing = (before.shared.get(origin) + 1..=seq)
-                    .find(|wanted| applied.is_none_or(|set| !set.contains(wanted)));
+                let base = durable.snapshot_base.get(&origin).copied().unwrap_or(0);
+                // A change below the marks a backfill raised was never applied here: the
+                // snapshot pages brought the records, which must reflect it (applying it again
+                // changes no register).
+                let reflected = |wanted: u64| {
+                    wanted <= base
+                        && self.changes.get(&(origin, wanted)).is_some_and(|change| {
+                            durable.records.get(&change.record).is_some_and(|record| {
+                                !record.clone().apply(change.hlc(), &change.op)
+                            })
+                        })
+                };
+                let first_missing = (before.shared.get(origin) + 1..=seq).find(|wanted| {
+                    applied.is_none_or(|set| !set.contains(wanted)) && !reflected(*wanted)
+                });
                 if let Some(missing) = first_missing {
+                    let how = if missing <= base {
+                        "neither applied nor reflected in the records its backfill brought"
+                    } else {
+                        "never applied"
+                    };
                     violations.push(format!(
-                        "{}'s watermark of {origin} rose to {seq} over change {missing}, never \
-                         applied",
+                        "{}'s watermark of {origin} rose to {seq} over change {missing}, {how}",
                         device.id
                     ));
                 }
@@ -625,9 +730,10 @@ impl World {
                         device.id
                     ));
                 }
-                // A joining device still backfilling needs nothing from the log: it starts from a
-                // snapshot.
-                for other in self.devices[..self.born].iter().filter(|other| other.durable.ready) {
+                // A joining device still backfilling needs nothing from the log: its backfill's
+                // pages bring the records, and its catch-up asks for what follows its marks.
+                for other in self.devices[..self.born].iter().filter(|other| other.durable.ready())
+                {
                     let needs_from = other.durable.shared.get(*origin);
                     if *through > needs_from {
                         violations.push(format!(
@@ -638,11 +744,21 @@ impl World {
                 }
             }
         }
+        for (index, device) in self.devices.iter().enumerate() {
+            check_checkpoint(
+                device.id,
+                self.marks[index].backfill.as_ref(),
+                device.durable.backfill.as_ref(),
+                &device.durable,
+                &mut violations,
+            );
+        }
         self.violations.extend(violations);
         for (index, device) in self.devices.iter().enumerate() {
             self.marks[index] = Marks {
                 shared: device.durable.shared.clone(),
                 state: device.durable.state.clone(),
+                backfill: device.durable.backfill.clone(),
             };
         }
     }
@@ -670,7 +786,7 @@ impl World {
         }
         for device in &self.devices {
             let durable = &device.durable;
-            if !durable.ready {
+            if !durable.ready() {
                 return Some(format!("{} has not finished its backfill", device.id));
             }
             if let Some((id, expected)) = self

@@ -18,6 +18,8 @@ pub(crate) enum Event {
     Fault,
     /// Devices connected or disconnected: a, b, 1 or 0.
     Link,
+    /// A backfill event: device, what (resumed, planned, rebased, page, ready, failed), detail.
+    Backfill,
 }
 
 /// FNV-1a offset basis (64-bit).
