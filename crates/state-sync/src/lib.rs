@@ -13,7 +13,8 @@
 //!   rows via locally kept tombstones, so it survives rows arriving in any order).
 //! - There is no log: a peer that missed changes asks for rows with a version above its mark
 //!   ([`sql::rows_since`], tombstones included) or, when backfilling, for all rows in key order
-//!   ([`sql::rows_by_key`]).
+//!   ([`sql::rows_by_key`], tombstones included too: the backfilled copy serves catch-ups from
+//!   below its new marks, and must hand on the deletes).
 //! - Bulk writes (indexing a million files) go through [`sql::write_local`] in large
 //!   transactions of multi-row statements; new rows should get time-ordered UUIDv7 keys and arrive
 //!   in key order, which SQLite inserts several times faster than random keys.

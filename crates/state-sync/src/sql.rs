@@ -401,8 +401,14 @@ pub async fn rows_since(
     Ok((model.column_names(), rows, more))
 }
 
-/// A page of rows for a backfilling peer: `owner`'s live rows of `model` in key order after
-/// `after`; the flag says whether more follow.
+/// A page of rows for a backfilling peer: `owner`'s rows of `model` in key order after `after`,
+/// with the tombstones of that key range among them (as deletes); the flag says whether more
+/// follow.
+///
+/// The tombstones matter beyond this device: the backfilled copy raises its mark for the owner
+/// to this device's, and from then on serves catch-ups from below that mark to devices that are
+/// behind. Without the tombstones it would hand them the rows alive since and never the deletes,
+/// and they would keep deleted rows for good (found by the deterministic simulator).
 pub async fn rows_by_key(
     conn: &mut SqliteConnection,
     registry: &Registry,
@@ -413,19 +419,28 @@ pub async fn rows_by_key(
 ) -> Result<(Vec<String>, Vec<StateRow>, bool), StateError> {
     let model = device_owned(registry, model_name)?;
     let columns: Vec<String> = model.columns.iter().map(|column| ident(&column.name)).collect();
+    let nulls = vec!["NULL"; columns.len()].join(", ");
     let separator = if columns.is_empty() { "" } else { ", " };
     // `+owner`: walk the primary key from `after` and filter by owner. Left to itself SQLite
     // takes the (owner, version) index and sorts the owner's every row for each page, which makes
-    // a backfill quadratic in the library's size.
+    // a backfill quadratic in the library's size. The tombstones walk their own primary key
+    // (model, id) the same way; the two ordered streams are merged.
     let sql = format!(
-        "SELECT id, version{separator}{} FROM {} WHERE +owner = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
-        columns.join(", "),
-        ident(model_name)
+        "SELECT id, version, -1 AS kind{separator}{cols} FROM {table}
+           WHERE +owner = ?1 AND id > ?2
+         UNION ALL
+         SELECT id, version, kind{separator}{nulls} FROM sync_tombstones
+           WHERE model = ?3 AND +owner = ?1 AND id > ?2
+             AND kind IN ({KIND_DELETE}, {KIND_SUBTREE}, {KIND_DIED})
+         ORDER BY id LIMIT ?4",
+        cols = columns.join(", "),
+        table = ident(model_name),
     );
     let after = after.map_or_else(Vec::new, |id| id.as_bytes().to_vec());
     let fetched = sqlx::query(&sql)
         .bind(owner.as_bytes().as_slice())
         .bind(after.as_slice())
+        .bind(model_name)
         .bind(i64::from(limit) + 1)
         .fetch_all(&mut *conn)
         .await?;
@@ -434,11 +449,14 @@ pub async fn rows_by_key(
         .iter()
         .take(usize::try_from(limit).unwrap_or(usize::MAX))
         .map(|row| {
-            Ok(StateRow {
-                id: read_uuid(row, 0)?,
-                version: time_from_sql(row.try_get(1)?)?,
-                op: StateOp::Upsert(read_values(row, model, 2)?),
-            })
+            let id = read_uuid(row, 0)?;
+            let version = time_from_sql(row.try_get(1)?)?;
+            let op = match row.try_get::<i64, _>(2)? {
+                KIND_DELETE | KIND_DIED => StateOp::Delete,
+                KIND_SUBTREE => StateOp::DeleteSubtree,
+                _ => StateOp::Upsert(read_values(row, model, 3)?),
+            };
+            Ok(StateRow { id, version, op })
         })
         .collect::<Result<_, StateError>>()?;
     Ok((model.column_names(), rows, more))

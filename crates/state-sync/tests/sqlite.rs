@@ -391,6 +391,49 @@ async fn backfill_pages_in_key_order_rebuild_the_table() {
 }
 
 #[tokio::test]
+async fn a_device_catching_up_from_a_backfilled_copy_learns_of_deletes_before_the_backfill() {
+    let (a, b, c) = (Device::new(1).await, Device::new(2).await, Device::new(3).await);
+    let root = Uuid::now_v7();
+    let ids: Vec<Uuid> = (0..20).map(|_| Uuid::now_v7()).collect();
+    let mut edits = vec![dir(root, None, "root")];
+    edits.extend(ids.iter().enumerate().map(|(i, id)| file(*id, root, &format!("f{i}"))));
+    a.write(edits).await.unwrap();
+    // c holds everything so far; then a deletes rows (one file, and a directory's subtree) and
+    // writes another while c is away.
+    c.catch_up_from(&a, a.id()).await;
+    let sub = Uuid::now_v7();
+    let inner = Uuid::now_v7();
+    a.write(vec![dir(sub, Some(root), "sub"), file(inner, sub, "inner")]).await.unwrap();
+    c.catch_up_from(&a, a.id()).await;
+    a.write(vec![RowEdit::Delete { id: ids[3] }, RowEdit::Delete { id: sub }]).await.unwrap();
+    a.write(vec![file(Uuid::now_v7(), root, "later")]).await.unwrap();
+
+    // b is new: it backfills from a, page by page in key order, as the engine does (pages are
+    // not complete; the mark rises to a's when the step ends).
+    let registry = a.db.registry().clone();
+    let mut after = None;
+    loop {
+        let (_, rows, more) = a
+            .db
+            .write(async |conn| rows_by_key(conn, &registry, a.id(), "entries", after, 4).await)
+            .await
+            .unwrap();
+        assert!(rows.windows(2).all(|pair| pair[0].id < pair[1].id), "key order");
+        after = rows.last().map(|row| row.id);
+        b.apply(a.id(), rows, false).await;
+        if !more {
+            break;
+        }
+    }
+    b.raise_mark(a.id(), a.mark(a.id()).await.unwrap()).await;
+    assert_eq!(b.entries().await, a.entries().await);
+
+    // c catches up from b, not from a: it must learn of the deletes.
+    c.catch_up_from(&b, a.id()).await;
+    assert_eq!(c.entries().await, a.entries().await, "no deleted row survives on c");
+}
+
+#[tokio::test]
 async fn tombstones_are_collected_once_every_peer_acknowledged_them() {
     let a = Device::new(1).await;
     let id = Uuid::now_v7();

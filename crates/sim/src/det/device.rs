@@ -66,12 +66,11 @@ pub(super) mod tuning {
     /// backfill takes several pages per step and crashes, partitions and losses hit it mid-step.
     pub(in crate::det) const BACKFILL_PAGE: u32 = 7;
     /// Whether a backfill page of rows carries the owner's tombstones too, in key order with its
-    /// live rows. The engine's `rows_by_key` serves live rows only, so a backfilled copy holds
-    /// no tombstone of what was deleted below its marks; a device behind it that catches up from
-    /// it (rows after its own, lower mark) never learns of those deletes, raises its mark over
-    /// them, and keeps the deleted rows for good ("Found by the simulator" in
-    /// `docs/simulator.md`). `false` models the engine as it is: 18 of seeds 0–999 fail with
-    /// "mark … rose … without row …".
+    /// live rows, as the engine's `rows_by_key` does. `false` models the engine before that fix:
+    /// a backfilled copy holds no tombstone of what was deleted below its marks, a device behind
+    /// it that catches up from it never learns of those deletes and keeps the deleted rows for
+    /// good ("Found by the simulator" in `docs/simulator.md`; 18 of seeds 0–999 fail with
+    /// "mark … rose … without row …").
     pub(in crate::det) const BACKFILL_TOMBSTONES: bool = true;
     /// First delay after a failed backfill request, doubled per failure in a row up to
     /// [`BACKFILL_BACKOFF_MAX`] (the engine's: 100 ms doubling up to `retry_max`).

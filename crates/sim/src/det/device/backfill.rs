@@ -502,9 +502,8 @@ impl Device {
     }
 
     /// Serves a backfill page of `owner`'s rows in primary-key order after the cursor, as the
-    /// engine's `rows_by_key` does, with the count of the owner's rows on the step's first page;
-    /// its tombstones too (the engine serves live rows only: see
-    /// [`tuning::BACKFILL_TOMBSTONES`]).
+    /// engine's `rows_by_key` does, with the count of the owner's rows on the step's first page
+    /// and its tombstones among them (see [`tuning::BACKFILL_TOMBSTONES`]).
     pub(super) fn serve_backfill_rows(&self, request: &BackfillRequest) -> Message {
         if request.model != STATE_MODEL {
             return unknown_model(&request.model);
