@@ -444,10 +444,9 @@ pub async fn rows_by_key(
         .bind(i64::from(limit) + 1)
         .fetch_all(&mut *conn)
         .await?;
-    let more = fetched.len() > usize::try_from(limit).unwrap_or(usize::MAX);
-    let rows = fetched
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let mut rows: Vec<StateRow> = fetched
         .iter()
-        .take(usize::try_from(limit).unwrap_or(usize::MAX))
         .map(|row| {
             let id = read_uuid(row, 0)?;
             let version = time_from_sql(row.try_get(1)?)?;
@@ -459,6 +458,16 @@ pub async fn rows_by_key(
             Ok(StateRow { id, version, op })
         })
         .collect::<Result<_, StateError>>()?;
+    let mut more = rows.len() > limit;
+    if more {
+        // The next page starts after this page's last key: a row and a tombstone of one key (a
+        // row deleted, then written again) must not be split between pages, or the second would
+        // be skipped. The extra one stays; the next page may then be empty.
+        let keep =
+            if limit > 0 && rows[limit].id == rows[limit - 1].id { limit + 1 } else { limit };
+        rows.truncate(keep);
+        more = true;
+    }
     Ok((model.column_names(), rows, more))
 }
 

@@ -434,6 +434,40 @@ async fn a_device_catching_up_from_a_backfilled_copy_learns_of_deletes_before_th
 }
 
 #[tokio::test]
+async fn a_row_written_again_after_its_delete_is_not_split_from_its_tombstone_between_pages() {
+    let (a, c) = (Device::new(1).await, Device::new(3).await);
+    let root = Uuid::now_v7();
+    let ids: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
+    let mut edits = vec![dir(root, None, "root")];
+    edits.extend(ids.iter().map(|id| file(*id, root, "first")));
+    a.write(edits).await.unwrap();
+    a.write(vec![RowEdit::Delete { id: ids[1] }]).await.unwrap();
+    a.write(vec![file(ids[1], root, "again")]).await.unwrap();
+    // Keys in order: root, ids[0], ids[1] twice (row and tombstone), ids[2], ids[3]. A limit of
+    // 3 ends the first page on ids[1]'s first entry.
+    let registry = a.db.registry().clone();
+    let (mut after, mut served) = (None, Vec::new());
+    loop {
+        let (_, rows, more) = a
+            .db
+            .write(async |conn| rows_by_key(conn, &registry, a.id(), "entries", after, 3).await)
+            .await
+            .unwrap();
+        if let Some(last) = rows.last() {
+            assert!(after.is_none_or(|after| rows[0].id > after), "no key twice across pages");
+            after = Some(last.id);
+        }
+        served.extend(rows.iter().map(|row| row.id));
+        c.apply(a.id(), rows, false).await;
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(served.iter().filter(|id| **id == ids[1]).count(), 2, "row and tombstone served");
+    assert_eq!(c.entries().await, a.entries().await, "the row written again is there");
+}
+
+#[tokio::test]
 async fn tombstones_are_collected_once_every_peer_acknowledged_them() {
     let a = Device::new(1).await;
     let id = Uuid::now_v7();
