@@ -326,6 +326,19 @@ async fn serve_inner(
     let registry = inner.registry().clone();
     Ok(match request {
         Message::WatermarksRequest(theirs) => {
+            // A peer asking for watermarks is planning (or rebasing) a backfill or catching up:
+            // every page it asks for next must be read after the marks it gets now. A page read
+            // ahead before would lack rows those marks cover, and the peer would raise its mark
+            // over them without them (the simulator found it: a joiner rebased under lossy
+            // links was served the page it had been read ahead before the rebase).
+            if let Some(stale) = inner
+                .read_ahead
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&peer)
+            {
+                stale.abort();
+            }
             let resync = inner
                 .db
                 .write(async |conn| {
@@ -832,4 +845,104 @@ pub(crate) async fn prune(inner: &LibraryInner) -> Result<(u64, u64), StoreError
 
 fn duration_ms(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, reason = "a test fails by panicking")]
+
+    use std::sync::Arc;
+
+    use lsync_hlc::DeviceId;
+    use lsync_protocol::{BackfillRequest, LibraryId, Message, Value};
+    use lsync_state_sync::sql::RowEdit;
+    use lsync_store::{ENTRY_KIND_FILE, reference_registry};
+    use uuid::Uuid;
+
+    use crate::config::SyncConfig;
+    use crate::library::Library;
+
+    fn entries(n: usize) -> Vec<RowEdit> {
+        (0..n)
+            .map(|i| RowEdit::Upsert {
+                id: Uuid::now_v7(),
+                values: vec![
+                    Value::Blob(Uuid::nil().as_bytes().to_vec()),
+                    Value::Null,
+                    Value::from(format!("f{i}")),
+                    Value::Integer(ENTRY_KIND_FILE),
+                    Value::Integer(1),
+                    Value::Integer(1),
+                ],
+            })
+            .collect()
+    }
+
+    fn page_rows(answer: Message) -> Vec<Uuid> {
+        match answer {
+            Message::StatePage(page) => page.rows.iter().map(|row| row.id).collect(),
+            other => panic!("not a page: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_page_read_ahead_before_a_peer_asks_for_watermarks_is_not_served_after() {
+        actix::System::new().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let library = Library::create(
+                &dir.path().join("library.db"),
+                Arc::new(reference_registry().unwrap()),
+                LibraryId(Uuid::new_v4()),
+                DeviceId::from_bytes([1; 16]),
+                SyncConfig::default(),
+            )
+            .await
+            .unwrap();
+            let (inner, me, peer) =
+                (library.inner.clone(), library.identity().device, DeviceId::from_bytes([2; 16]));
+            library
+                .with_transaction(async |conn| {
+                    lsync_watermark::sql::add_peer(conn, peer, "joiner", 0).await
+                })
+                .await
+                .unwrap();
+            library.write_rows("entries", entries(10)).await.unwrap();
+            let request = |after| {
+                Message::BackfillRequest(BackfillRequest {
+                    owner: me,
+                    model: "entries".into(),
+                    after,
+                    limit: 6,
+                })
+            };
+            let first = page_rows(super::serve(&inner, peer, request(None)).await);
+            assert_eq!(first.len(), 6);
+            // Let the read-ahead of the second page finish.
+            loop {
+                let done = inner
+                    .read_ahead
+                    .lock()
+                    .unwrap()
+                    .get(&peer)
+                    .is_some_and(|ahead| ahead.page.is_finished());
+                if done {
+                    break;
+                }
+                actix::clock::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            // Rows written since (their keys sort after the first page), then a new plan.
+            library.write_rows("entries", entries(3)).await.unwrap();
+            let answer = super::serve(
+                &inner,
+                peer,
+                Message::WatermarksRequest(super::own_watermarks(&inner).await.unwrap()),
+            )
+            .await;
+            assert!(matches!(answer, Message::WatermarksResponse(_)));
+            let second =
+                page_rows(super::serve(&inner, peer, request(first.last().copied())).await);
+            assert_eq!(second.len(), 6, "the page read now, not the one read ahead (4 rows)");
+            library.close().await.unwrap();
+        });
+    }
 }
