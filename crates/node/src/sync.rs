@@ -747,14 +747,17 @@ async fn apply_state_page(
                 now_ms(),
             )
             .await?;
+            // Never above `target`, the peer's mark when the catch-up began: the peer may also
+            // hold newer rows it applied across a gap of its own (a live batch that arrived
+            // before an earlier one), and serves them; the rows of that gap it does not have.
+            // Claiming everything up to the newest row served would skip them for good (the
+            // real-mode simulator found it: a joiner lost renames its serving peer had missed).
             let raised = match (more, last, target) {
-                // The last page: everything the peer held up to the newest row it sent arrived.
-                (false, Some(last), target) => {
-                    Some(target.map_or(last.version, |target| target.max(last.version)))
-                }
-                (false, None, Some(target)) => Some(target),
-                (true, Some(last), _) if last.version > HlcTime::ZERO => {
-                    Some(HlcTime::from_u64(last.version.as_u64() - 1))
+                // The last page: everything the peer vouched for arrived.
+                (false, _, Some(target)) => Some(target),
+                // Every row below the page's last version that the peer vouched for arrived.
+                (true, Some(last), Some(target)) if last.version > HlcTime::ZERO => {
+                    Some(HlcTime::from_u64(last.version.as_u64() - 1).min(target))
                 }
                 _ => None,
             };
