@@ -121,8 +121,31 @@ async fn the_log_is_pruned_once_every_peer_acknowledged() {
     b.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// A new device whose first `failures` sends of batches fail, as a dropped connection would make
+/// them fail; returns it and the count of failures still to come.
+async fn start_dropping_batches(
+    library: lsync_protocol::LibraryId,
+    name: &str,
+    config: &lsync_node::config::SyncConfig,
+    failures: usize,
+) -> (Node, Arc<AtomicUsize>) {
+    let dir = tempfile::tempdir().unwrap();
+    let node_library = open_library(dir.path(), library, config, true).await;
+    let (transport, events) = quic(dir.path(), &node_library, name, config).await;
+    let failures = Arc::new(AtomicUsize::new(failures));
+    let flaky = FlakyTransport { inner: transport.clone(), failures: failures.clone() };
+    node_library.start_sync(flaky, events).await.unwrap();
+    let node = Node {
+        name: name.into(),
+        dir,
+        events: node_library.subscribe(),
+        library: node_library,
+        transport,
+    };
+    (node, failures)
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_send_is_retried_until_acknowledged() {
     let library = new_library();
     // Heartbeats rarely, so that catch-up by watermark does not deliver the row before the retry.
@@ -131,19 +154,7 @@ async fn a_dropped_send_is_retried_until_acknowledged() {
         stale_timeout: std::time::Duration::from_secs(15),
         ..test_config()
     };
-    let dir = tempfile::tempdir().unwrap();
-    let a_library = open_library(dir.path(), library, &config, true).await;
-    let (transport, events) = quic(dir.path(), &a_library, "a", &config).await;
-    let failures = Arc::new(AtomicUsize::new(2));
-    let flaky = FlakyTransport { inner: transport.clone(), failures: failures.clone() };
-    a_library.start_sync(flaky, events).await.unwrap();
-    let mut a = Node {
-        name: "a".into(),
-        dir,
-        events: a_library.subscribe(),
-        library: a_library,
-        transport,
-    };
+    let (mut a, failures) = start_dropping_batches(library, "a", &config, 2).await;
     let mut b =
         Node::start_in(tempfile::tempdir().unwrap(), library, "b", config.clone(), true).await;
     pair(&mut a, &mut b).await;
@@ -164,19 +175,7 @@ async fn a_lost_batch_is_repaired_by_heartbeat_watermarks_without_a_reconnect() 
         ack_timeout: std::time::Duration::from_secs(600),
         ..test_config()
     };
-    let dir = tempfile::tempdir().unwrap();
-    let a_library = open_library(dir.path(), library, &config, true).await;
-    let (transport, events) = quic(dir.path(), &a_library, "a", &config).await;
-    let failures = Arc::new(AtomicUsize::new(1));
-    let flaky = FlakyTransport { inner: transport.clone(), failures: failures.clone() };
-    a_library.start_sync(flaky, events).await.unwrap();
-    let mut a = Node {
-        name: "a".into(),
-        dir,
-        events: a_library.subscribe(),
-        library: a_library,
-        transport,
-    };
+    let (mut a, failures) = start_dropping_batches(library, "a", &config, 1).await;
     let mut b =
         Node::start_in(tempfile::tempdir().unwrap(), library, "b", config.clone(), true).await;
     pair(&mut a, &mut b).await;

@@ -342,6 +342,22 @@ pub async fn write_local<C: Clock>(
     Ok((rows, applied))
 }
 
+/// A row of the `UNION ALL` of a model's rows and its tombstones that [`rows_since`] and
+/// [`rows_by_key`] select: `id, version, kind` (-1 for a live row), then the model's columns.
+fn read_row_or_tombstone(
+    row: &sqlx::sqlite::SqliteRow,
+    model: &ModelDef,
+) -> Result<StateRow, StateError> {
+    let id = read_uuid(row, 0)?;
+    let version = time_from_sql(row.try_get(1)?)?;
+    let op = match row.try_get::<i64, _>(2)? {
+        KIND_DELETE | KIND_DIED => StateOp::Delete,
+        KIND_SUBTREE => StateOp::DeleteSubtree,
+        _ => StateOp::Upsert(read_values(row, model, 3)?),
+    };
+    Ok(StateRow { id, version, op })
+}
+
 /// A page of rows for a peer catching up: `owner`'s rows of `model` with a version above
 /// `since`, tombstones included, in (version, id) order after `after`; the flag says whether more
 /// follow.
@@ -387,16 +403,7 @@ pub async fn rows_since(
     let rows = fetched
         .iter()
         .take(usize::try_from(limit).unwrap_or(usize::MAX))
-        .map(|row| {
-            let id = read_uuid(row, 0)?;
-            let version = time_from_sql(row.try_get(1)?)?;
-            let op = match row.try_get::<i64, _>(2)? {
-                KIND_DELETE | KIND_DIED => StateOp::Delete,
-                KIND_SUBTREE => StateOp::DeleteSubtree,
-                _ => StateOp::Upsert(read_values(row, model, 3)?),
-            };
-            Ok(StateRow { id, version, op })
-        })
+        .map(|row| read_row_or_tombstone(row, model))
         .collect::<Result<_, StateError>>()?;
     Ok((model.column_names(), rows, more))
 }
@@ -447,16 +454,7 @@ pub async fn rows_by_key(
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     let mut rows: Vec<StateRow> = fetched
         .iter()
-        .map(|row| {
-            let id = read_uuid(row, 0)?;
-            let version = time_from_sql(row.try_get(1)?)?;
-            let op = match row.try_get::<i64, _>(2)? {
-                KIND_DELETE | KIND_DIED => StateOp::Delete,
-                KIND_SUBTREE => StateOp::DeleteSubtree,
-                _ => StateOp::Upsert(read_values(row, model, 3)?),
-            };
-            Ok(StateRow { id, version, op })
-        })
+        .map(|row| read_row_or_tombstone(row, model))
         .collect::<Result<_, StateError>>()?;
     let mut more = rows.len() > limit;
     if more {

@@ -29,7 +29,8 @@
 //! # What this crate does not do
 //! It knows no merge rules, logs or watermarks: `state-sync`, `shared-sync`, `peer-log` and
 //! `watermark` own the queries on their tables (which tables belong to whom is written in
-//! `migrations/0001_sync_tables.sql`). It knows nothing of the network or of actors.
+//! `migrations/0001_sync_tables.sql`; later migrations add indexes). It knows nothing of the
+//! network or of actors.
 //!
 //! # Where the IO is
 //! Everything here is async SQL through sqlx, except [`Registry`], which is plain data.

@@ -13,7 +13,7 @@ use lsync_transport::{MemoryHub, MemoryPeer, MemoryTransport, TransportConfig};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::{Child, CrashChild, EngineHandle, Generations};
+use super::{Child, CrashChild, EngineHandle, Generations, Supervisor};
 use crate::config::SyncConfig;
 use crate::events::Event;
 use crate::library::Library;
@@ -42,7 +42,8 @@ impl Device {
         .expect("the event came")
     }
 
-    async fn generations(&self) -> std::collections::HashMap<Child, u64> {
+    /// The running engine's supervisor.
+    async fn supervisor(&self) -> actix::Addr<Supervisor<MemoryTransport>> {
         let engine = self.library.inner.engine.lock().await;
         let handle = engine
             .as_ref()
@@ -50,18 +51,15 @@ impl Device {
             .as_any()
             .downcast_ref::<EngineHandle<MemoryTransport>>()
             .unwrap();
-        handle.supervisor.send(Generations).await.unwrap()
+        handle.supervisor.clone()
+    }
+
+    async fn generations(&self) -> std::collections::HashMap<Child, u64> {
+        self.supervisor().await.send(Generations).await.unwrap()
     }
 
     async fn crash(&self, child: Child) {
-        let engine = self.library.inner.engine.lock().await;
-        let handle = engine
-            .as_ref()
-            .unwrap()
-            .as_any()
-            .downcast_ref::<EngineHandle<MemoryTransport>>()
-            .unwrap();
-        handle.supervisor.send(CrashChild(child)).await.unwrap();
+        self.supervisor().await.send(CrashChild(child)).await.unwrap();
     }
 
     /// Waits until `child` runs with a generation other than `old`.
