@@ -364,7 +364,7 @@ async fn a_backfill_continues_from_another_peer_when_its_peer_goes_away() {
 }
 
 /// A small tree under `root`: two folders with two files each.
-fn tree(root: Uuid, prefix: &str) -> (Vec<RowEdit>, Uuid) {
+pub fn tree(root: Uuid, prefix: &str) -> (Vec<RowEdit>, Uuid) {
     let folder = |id: Uuid, parent: Option<Uuid>, name: String, kind: i64| RowEdit::Upsert {
         id,
         values: vec![

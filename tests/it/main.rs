@@ -7,3 +7,4 @@ mod catchup;
 mod harness;
 mod lifecycle;
 mod live;
+mod world;

@@ -158,6 +158,11 @@ pub struct Checkpoint {
     pub peer: Option<DeviceId>,
     /// Backfills completed by this copy (a full resync counts).
     pub completed: u64,
+    /// The serving peers' collected-deletion marks ([`Watermarks::collected`]): the copy this
+    /// backfill makes cannot list deletions the peer had forgotten, so each state step, when it
+    /// ends, raises this device's own collected mark to the peer's ([`PageOutcome::raise_collected`]).
+    #[serde(default)]
+    pub collected_marks: Vec<StateMark>,
 }
 
 impl Checkpoint {
@@ -183,6 +188,7 @@ impl Checkpoint {
             state_marks: Vec::new(),
             peer: None,
             completed: 0,
+            collected_marks: Vec::new(),
         }
     }
 }
@@ -226,6 +232,9 @@ pub struct PageOutcome {
     pub raise_shared: Vec<OriginSeq>,
     /// Raise these device-owned watermarks (a state step ended).
     pub raise_state: Vec<StateMark>,
+    /// Raise this device's collected-deletion marks to these (a state step ended: its rows came
+    /// from a peer that may have forgotten deletions up to them).
+    pub raise_collected: Vec<StateMark>,
     /// The step ended.
     pub step_done: bool,
 }
@@ -395,6 +404,7 @@ impl Backfill {
         checkpoint.cursor = None;
         checkpoint.shared_marks = theirs.shared.clone();
         checkpoint.state_marks = theirs.state.clone();
+        checkpoint.collected_marks = theirs.collected.clone();
         checkpoint.peer = Some(peer);
         checkpoint.phase =
             if checkpoint.steps.is_empty() { Phase::CatchingUp } else { Phase::Backfilling };
@@ -444,6 +454,14 @@ impl Backfill {
                 let marks = StateProgress::from_wire(&checkpoint.state_marks);
                 if let Some(version) = marks.get(*owner, model) {
                     outcome.raise_state.push(StateMark {
+                        owner: *owner,
+                        model: model.clone(),
+                        version,
+                    });
+                }
+                let collected = StateProgress::from_wire(&checkpoint.collected_marks);
+                if let Some(version) = collected.get(*owner, model) {
+                    outcome.raise_collected.push(StateMark {
                         owner: *owner,
                         model: model.clone(),
                         version,
@@ -504,6 +522,12 @@ impl Backfill {
                 })
             })
             .collect();
+        // Pages from either peer may lack deletions that peer forgot: keep the higher mark.
+        let mut collected = StateProgress::from_wire(&checkpoint.collected_marks);
+        for mark in &theirs.collected {
+            collected.raise(mark.owner, &mark.model, mark.version);
+        }
+        checkpoint.collected_marks = collected.to_wire();
         checkpoint.peer = Some(peer);
     }
 

@@ -42,6 +42,7 @@ fn watermarks(
             .collect(),
         ready: true,
         resync: false,
+        collected: Vec::new(),
     }
 }
 
@@ -398,4 +399,31 @@ proptest! {
         backfill.caught_up();
         prop_assert!(backfill.is_ready());
     }
+}
+
+#[test]
+fn a_state_step_inherits_the_serving_peers_collected_marks_the_higher_after_a_rebase() {
+    let mark = |owner, model: &str, ms| StateMark { owner, model: model.into(), version: time(ms) };
+    let mut backfill = Backfill::new(Checkpoint::uninitialized());
+    let theirs = Watermarks {
+        collected: vec![mark(device(2), "entries", 300)],
+        ..watermarks(device(1), &[], &[(device(2), "entries", 500)])
+    };
+    backfill.planned(device(1), &theirs, &models());
+    assert!(backfill.page(&[], false, 0, 10).raise_collected.is_empty(), "the shared step");
+    // The serving peer goes; the next one forgot more of entries@2.
+    backfill.peer_lost(device(1));
+    let next = Watermarks {
+        collected: vec![mark(device(2), "entries", 400)],
+        ..watermarks(device(3), &[], &[(device(2), "entries", 450)])
+    };
+    backfill.rebased(device(3), &next);
+    let outcome = backfill.page(&[key(1)], false, 0, 10);
+    assert!(outcome.step_done);
+    assert_eq!(outcome.raise_state, [mark(device(2), "entries", 450)]);
+    assert_eq!(
+        outcome.raise_collected,
+        [mark(device(2), "entries", 400)],
+        "the copy cannot list deletions either peer forgot"
+    );
 }

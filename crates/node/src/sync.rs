@@ -506,9 +506,18 @@ pub(crate) async fn catch_up<T: Transport>(
 
     // Device-owned rows, per (owner, model) where the peer is ahead.
     let their_state = StateProgress::from_wire(&theirs.state);
+    let their_collected = StateProgress::from_wire(&theirs.collected);
     let mine = load_state(inner).await?;
-    for need in state_needs(&mine, &their_state) {
+    for need in state_needs(&mine, &their_state, &their_collected) {
         let target = their_state.get(need.owner, &need.model);
+        if need.compare {
+            let (Some(target), forgotten) = (target, their_collected.get(need.owner, &need.model))
+            else {
+                continue;
+            };
+            pulled |= compare_rows(inner, transport, peer, &need, target, forgotten).await?;
+            continue;
+        }
         let mut after: Option<StateCursor> = None;
         loop {
             let request = Message::StateCatchUpRequest(StateCatchUpRequest {
@@ -531,6 +540,99 @@ pub(crate) async fn catch_up<T: Transport>(
         }
     }
     Ok(CatchUpOutcome { pulled, pruned: pruned_away })
+}
+
+/// Brings this device's rows of one (owner, model) to the peer's, by comparing all of them in
+/// key order (the backfill's pages, `BackfillRequest`): rows the peer holds newer are applied,
+/// rows the peer no longer holds at or below its mark (`target`) are deleted. Used where the peer
+/// forgot deletions above this device's mark (`forgotten`, its collected mark), so a catch-up by
+/// version would leave deleted rows alive here for good. Each page is one transaction; the mark
+/// is raised to the peer's (and this device's collected mark to `forgotten`: what it now holds
+/// came from a copy without those tombstones) with the last one. Interrupted, it starts over on
+/// the next catch-up, which repeats nothing harmful: every page is applied by the merge rules.
+async fn compare_rows<T: Transport>(
+    inner: &LibraryInner,
+    transport: &T,
+    peer: DeviceId,
+    need: &lsync_watermark::StateNeed,
+    target: HlcTime,
+    forgotten: Option<HlcTime>,
+) -> Result<bool, CatchUpError> {
+    let timeout = inner.config.request_timeout;
+    let registry = inner.registry().clone();
+    let (owner, model) = (need.owner, need.model.clone());
+    tracing::info!(%peer, %owner, %model, since = ?need.since, ?forgotten, "the peer forgot deletions above this device's mark: comparing every row");
+    metrics::counter!("lsync_row_comparisons_total").increment(1);
+    let mut after: Option<uuid::Uuid> = None;
+    let mut pulled = false;
+    loop {
+        let request = Message::BackfillRequest(BackfillRequest {
+            owner,
+            model: model.clone(),
+            after,
+            limit: inner.config.page_rows,
+        });
+        let page = match transport.request(peer, request, timeout).await? {
+            Message::StatePage(page) => page,
+            Message::Error(error) => return Err(CatchUpError::Refused(error.message)),
+            _ => return Err(CatchUpError::Unexpected("answer to BackfillRequest")),
+        };
+        let keys: Vec<uuid::Uuid> = page.rows.iter().map(|row| row.id).collect();
+        let last = keys.last().copied();
+        let more = page.more && last.is_some();
+        let through = if more { last } else { None };
+        pulled |= !page.rows.is_empty();
+        let (upserted, deleted, projection) = inner
+            .db
+            .write(async |conn| {
+                let applied = lsync_state_sync::sql::apply_rows(
+                    conn,
+                    &registry,
+                    owner,
+                    &model,
+                    &page.columns,
+                    page.rows,
+                    false,
+                    now_ms(),
+                )
+                .await?;
+                let mut deleted = applied.deleted;
+                deleted.extend(
+                    lsync_state_sync::sql::delete_missing(
+                        conn, &registry, owner, &model, after, through, target, &keys,
+                    )
+                    .await?,
+                );
+                if !more {
+                    let mark = StateMark { owner, model: model.clone(), version: target };
+                    lsync_watermark::sql::raise_state_progress(conn, &[mark]).await?;
+                    if let Some(version) = forgotten {
+                        let mark = StateMark { owner, model: model.clone(), version };
+                        lsync_watermark::sql::raise_collected(conn, &[mark]).await?;
+                    }
+                }
+                Ok::<_, LibraryError>((applied.upserted, deleted, applied.projection))
+            })
+            .await?;
+        if !deleted.is_empty() {
+            tracing::info!(%peer, %owner, %model, deleted = deleted.len(), "rows the peer no longer holds were deleted");
+        }
+        pulled |= !deleted.is_empty();
+        if !upserted.is_empty() || !deleted.is_empty() {
+            inner.emit(Event::RowsChanged {
+                from: peer,
+                owner,
+                model: model.clone(),
+                upserted,
+                deleted,
+            });
+        }
+        emit_projection(inner, peer, projection);
+        if !more {
+            return Ok(pulled);
+        }
+        after = last;
+    }
 }
 
 /// What a catch-up did.
@@ -693,6 +795,9 @@ pub(crate) async fn apply_backfill_page(
             if !outcome.raise_state.is_empty() {
                 lsync_watermark::sql::raise_state_progress(conn, &outcome.raise_state).await?;
             }
+            if !outcome.raise_collected.is_empty() {
+                lsync_watermark::sql::raise_collected(conn, &outcome.raise_collected).await?;
+            }
             lsync_backfill::sql::store(conn, checkpoint).await?;
             store_clock(conn, inner.clock.last()).await?;
             Ok::<_, LibraryError>((changed, projection))
@@ -794,7 +899,12 @@ pub(crate) async fn behind(inner: &LibraryInner, theirs: &Watermarks) -> Result<
     let state = load_state(inner).await?;
     tracing::trace!(?state, theirs = ?theirs.state, "behind?");
     Ok(!shared_needs(&shared, &SharedProgress::from_wire(&theirs.shared)).is_empty()
-        || !state_needs(&state, &StateProgress::from_wire(&theirs.state)).is_empty())
+        || !state_needs(
+            &state,
+            &StateProgress::from_wire(&theirs.state),
+            &StateProgress::from_wire(&theirs.collected),
+        )
+        .is_empty())
 }
 
 /// The origin/sequence an `Ack` must reach for a shared batch to count as delivered.
@@ -835,6 +945,17 @@ pub(crate) async fn prune(inner: &LibraryInner) -> Result<(u64, u64), StoreError
             let gc =
                 lsync_state_sync::plan_tombstone_gc(&groups, &gc_peers, &state_acks, &own_state);
             let collected = lsync_state_sync::sql::collect_tombstones(conn, &gc).await?;
+            // What is collected can no longer be served to a peer catching up from below it.
+            let forgotten: Vec<StateMark> = gc
+                .collect_through
+                .iter()
+                .map(|(owner, model, version)| StateMark {
+                    owner: *owner,
+                    model: model.clone(),
+                    version: *version,
+                })
+                .collect();
+            lsync_watermark::sql::raise_collected(conn, &forgotten).await?;
             for device in plan.resync.iter().chain(&gc.resync) {
                 tracing::warn!(%device, "retention cap passed: the device needs a full resync");
                 lsync_watermark::sql::set_needs_resync(conn, *device, true).await?;

@@ -186,7 +186,7 @@ impl Message {
             Message::SharedBatch(batch) => check_changes(&batch.changes),
             Message::Ack(ack) => check_marks(&ack.state),
             Message::WatermarksRequest(marks) | Message::WatermarksResponse(marks) => {
-                check_marks(&marks.state)
+                check_marks(&marks.state).and_then(|()| check_marks(&marks.collected))
             }
             Message::SharedCatchUpRequest(request) => check_limit(request.limit),
             Message::SharedCatchUpResponse(response) => check_changes(&response.changes),
@@ -216,7 +216,9 @@ impl Message {
             }
             Message::Heartbeat(Heartbeat { watermarks, .. })
             | Message::HeartbeatAck(HeartbeatAck { watermarks, .. }) => {
-                watermarks.as_ref().map_or(Ok(()), |marks| check_marks(&marks.state))
+                watermarks.as_ref().map_or(Ok(()), |marks| {
+                    check_marks(&marks.state).and_then(|()| check_marks(&marks.collected))
+                })
             }
             Message::Error(error) => check_text("message", &error.message),
             Message::PairRequest(request) => {

@@ -105,6 +105,13 @@ pub struct Watermarks {
     /// the requester reports, with `ready: false`, that its resync runs.
     #[serde(default)]
     pub resync: bool,
+    /// Per (owner, model), the newest version of a deletion this device may no longer remember:
+    /// tombstones it collected, or never received because its copy came from a peer that had
+    /// collected them. A catch-up from this device starting below it cannot list those
+    /// deletions, so a requester whose mark is lower compares its rows with this device's
+    /// instead (see `docs/protocol.md`, "Collected tombstones"). Absent: nothing collected.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub collected: Vec<StateMark>,
 }
 
 /// Device-owned rows of one owner and one model, pushed live by the owner or relayed.

@@ -103,8 +103,9 @@ fn watermarks() -> impl Strategy<Value = Watermarks> {
         prop::collection::vec((device(), any::<u64>()), 0..4),
         prop::collection::vec((device(), name(), time()), 0..4),
         any::<bool>(),
+        prop::collection::vec((device(), name(), time()), 0..3),
     )
-        .prop_map(|(library, device, epoch, shared, state, ready)| Watermarks {
+        .prop_map(|(library, device, epoch, shared, state, ready, collected)| Watermarks {
             library: LibraryId(library),
             device,
             epoch: Epoch(epoch),
@@ -115,6 +116,10 @@ fn watermarks() -> impl Strategy<Value = Watermarks> {
                 .collect(),
             ready,
             resync: false,
+            collected: collected
+                .into_iter()
+                .map(|(owner, model, version)| StateMark { owner, model, version })
+                .collect(),
         })
 }
 

@@ -26,6 +26,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "shared references by record",
         include_str!("../migrations/0002_shared_refs_by_record.sql"),
     ),
+    (3, "collected tombstones", include_str!("../migrations/0003_collected_tombstones.sql")),
 ];
 
 /// How hard SQLite works to keep a committed transaction across a power loss.

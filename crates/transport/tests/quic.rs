@@ -449,6 +449,7 @@ async fn heartbeats_carry_watermarks_and_measure_rtt() {
         state: Vec::new(),
         ready: true,
         resync: false,
+        collected: Vec::new(),
     };
     let source_marks = marks.clone();
     let source: WatermarkSource = Arc::new(move || Some(source_marks.clone()));

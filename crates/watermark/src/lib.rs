@@ -165,19 +165,33 @@ pub struct StateNeed {
     pub model: String,
     /// Rows with a version above this are needed (`None`: all of them).
     pub since: Option<HlcTime>,
+    /// The peer may have forgotten deletions above `since` (it collected their tombstones, or its
+    /// copy came from a device that had): rows changed since the mark cannot tell this device
+    /// everything, so it compares all its rows of the (owner, model) with the peer's, in key
+    /// order, deleting those the peer no longer holds up to the peer's mark.
+    pub compare: bool,
 }
 
-/// The (owner, model) pairs where `theirs` holds newer versions than `mine`.
-pub fn state_needs(mine: &StateProgress, theirs: &StateProgress) -> Vec<StateNeed> {
+/// The (owner, model) pairs where `theirs` holds newer versions than `mine`. `their_collected`
+/// is the peer's [`Watermarks::collected`](lsync_protocol::Watermarks::collected): where it lies
+/// above this device's mark, a catch-up by version would miss deletions, and the need is a
+/// comparison ([`StateNeed::compare`]).
+pub fn state_needs(
+    mine: &StateProgress,
+    theirs: &StateProgress,
+    their_collected: &StateProgress,
+) -> Vec<StateNeed> {
     theirs
         .iter()
         .filter(|(owner, model, version)| {
             mine.get(*owner, model).is_none_or(|held| held < *version)
         })
-        .map(|(owner, model, _)| StateNeed {
-            owner,
-            model: model.to_owned(),
-            since: mine.get(owner, model),
+        .map(|(owner, model, _)| {
+            let since = mine.get(owner, model);
+            let compare = since.is_some_and(|since| {
+                their_collected.get(owner, model).is_some_and(|forgotten| forgotten > since)
+            });
+            StateNeed { owner, model: model.to_owned(), since, compare }
         })
         .collect()
 }
@@ -341,13 +355,39 @@ mod tests {
         theirs.raise(device(1), "entries", t(12));
         theirs.raise(device(2), "entries", t(3));
         theirs.raise(device(1), "volumes", t(1));
-        let needs = state_needs(&mine, &theirs);
+        let needs = state_needs(&mine, &theirs, &StateProgress::default());
         assert_eq!(needs.len(), 3);
         assert_eq!(
             needs[0],
-            StateNeed { owner: device(1), model: "entries".into(), since: Some(t(10)) }
+            StateNeed {
+                owner: device(1),
+                model: "entries".into(),
+                since: Some(t(10)),
+                compare: false
+            }
         );
         assert!(needs.iter().any(|need| need.owner == device(2) && need.since.is_none()));
+    }
+
+    #[test]
+    fn a_peer_that_forgot_deletions_above_my_mark_is_compared_with_not_caught_up_from() {
+        let t = |ms| HlcTime::new(ms, 0).unwrap();
+        let mut mine = StateProgress::default();
+        mine.raise(device(1), "entries", t(10));
+        let mut theirs = StateProgress::default();
+        theirs.raise(device(1), "entries", t(20));
+        theirs.raise(device(2), "entries", t(20));
+        let mut collected = StateProgress::default();
+        // Forgotten above my mark: compare. Nothing held here of device 2: take all, no compare.
+        collected.raise(device(1), "entries", t(11));
+        collected.raise(device(2), "entries", t(15));
+        let needs = state_needs(&mine, &theirs, &collected);
+        assert!(needs.iter().any(|need| need.owner == device(1) && need.compare));
+        assert!(needs.iter().any(|need| need.owner == device(2) && !need.compare));
+        // Forgotten only at or below my mark: a catch-up by version misses nothing.
+        let mut collected = StateProgress::default();
+        collected.raise(device(1), "entries", t(10));
+        assert!(state_needs(&mine, &theirs, &collected).iter().all(|need| !need.compare));
     }
 
     #[test]

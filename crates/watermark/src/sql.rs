@@ -76,9 +76,39 @@ pub async fn raise_state_progress(
     conn: &mut SqliteConnection,
     marks: &[StateMark],
 ) -> Result<(), StoreError> {
+    raise_marks(conn, "sync_progress_state", marks).await
+}
+
+/// Per (owner, model), the newest deletion this device may no longer remember (its tombstone
+/// collected here, or never received because this copy came from a peer that had collected it).
+pub async fn load_collected(conn: &mut SqliteConnection) -> Result<StateProgress, StoreError> {
+    let mut progress = StateProgress::default();
+    for row in sqlx::query("SELECT owner, model, version FROM sync_collected_state")
+        .fetch_all(conn)
+        .await?
+    {
+        let model: String = row.try_get(1)?;
+        progress.raise(DeviceId(read_uuid(&row, 0)?), &model, time_from_sql(row.try_get(2)?)?);
+    }
+    Ok(progress)
+}
+
+/// Raises what [`load_collected`] returns (never lowers it).
+pub async fn raise_collected(
+    conn: &mut SqliteConnection,
+    marks: &[StateMark],
+) -> Result<(), StoreError> {
+    raise_marks(conn, "sync_collected_state", marks).await
+}
+
+async fn raise_marks(
+    conn: &mut SqliteConnection,
+    table: &str,
+    marks: &[StateMark],
+) -> Result<(), StoreError> {
     for chunk in marks.chunks(rows_per_statement(3)) {
         let sql = format!(
-            "INSERT INTO sync_progress_state (owner, model, version) VALUES {}
+            "INSERT INTO {table} (owner, model, version) VALUES {}
              ON CONFLICT (owner, model) DO UPDATE SET version = max(version, excluded.version)",
             value_rows(chunk.len(), 3)
         );
@@ -108,6 +138,7 @@ pub async fn own_watermarks(
         state: load_state_progress(conn).await?.to_wire(),
         ready,
         resync: false,
+        collected: load_collected(conn).await?.to_wire(),
     })
 }
 

@@ -146,6 +146,9 @@ pub(super) struct Durable {
     pub(super) rows: BTreeMap<Uuid, Held>,
     /// Device-owned watermarks.
     pub(super) state: StateProgress,
+    /// Per (owner, model), the newest deletion this copy may no longer remember (the engine's
+    /// `sync_collected_state`): raised by tombstone collection and by backfill steps.
+    pub(super) collected: StateProgress,
     /// Shared acks received, by peer.
     pub(super) acks: BTreeMap<DeviceId, SharedProgress>,
     /// Device-owned acks received, by peer (they decide which tombstones may go).
@@ -594,6 +597,7 @@ impl Device {
             state: self.durable.state.to_wire(),
             ready: self.durable.ready(),
             resync: false,
+            collected: self.durable.collected.to_wire(),
         }
     }
 
@@ -699,7 +703,8 @@ impl Device {
         // Never above this device's own mark (the core caps it there): above it a late row could
         // still be older than a tombstone this device holds, and only the tombstone says it is dead.
         let gc = plan_tombstone_gc(&groups, &peers, &self.durable.state_acks, &self.durable.state);
-        for (owner, _, through) in gc.collect_through {
+        for (owner, model, through) in gc.collect_through {
+            self.durable.collected.raise(owner, &model, through);
             let before = self.durable.rows.len();
             self.durable.rows.retain(|_, held| {
                 held.value.is_some() || held.owner != owner || held.version > through
@@ -891,7 +896,8 @@ impl Device {
             });
         }
         let their_state = StateProgress::from_wire(&theirs.state);
-        for need in state_needs(&self.durable.state, &their_state) {
+        let their_collected = StateProgress::from_wire(&theirs.collected);
+        for need in state_needs(&self.durable.state, &their_state, &their_collected) {
             if let Some(target) = their_state.get(need.owner, &need.model) {
                 steps.push(PullStep::State { owner: need.owner, target, after: None });
             }

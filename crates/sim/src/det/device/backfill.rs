@@ -479,6 +479,9 @@ impl Device {
         for mark in &outcome.raise_state {
             self.durable.state.raise(mark.owner, &mark.model, mark.version);
         }
+        for mark in &outcome.raise_collected {
+            self.durable.collected.raise(mark.owner, &mark.model, mark.version);
+        }
         let done = checkpoint.steps.iter().map(|step| step.done).sum::<u64>();
         self.durable.backfill = Some(checkpoint);
         ctx.stats.backfill_pages += 1;
