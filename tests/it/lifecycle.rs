@@ -62,7 +62,12 @@ async fn a_reopened_library_has_its_data_identity_and_a_clock_past_every_stamp()
     let dir = node.close().await;
 
     let node = Node::start_in(dir, library_id, "a", test_config(), false).await;
-    assert_eq!(node.library.identity(), identity);
+    let reopened = node.library.identity();
+    assert_eq!(
+        (reopened.library, reopened.device, reopened.epoch),
+        (identity.library, identity.device, identity.epoch)
+    );
+    assert_ne!(reopened.origin, identity.origin, "shared changes go under a new incarnation");
     assert_eq!(node.tables().await, before);
     let newest = rows.iter().map(|row| row.version).max().unwrap();
     let later = node.library.write_rows("entries", vec![entry("three")]).await.unwrap();

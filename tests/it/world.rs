@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use lsync_node::RowEdit;
 use lsync_node::config::SyncConfig;
+use lsync_protocol::Value;
 use uuid::Uuid;
 
 use crate::catchup::tree;
 use crate::harness::*;
+use crate::lifecycle::tag;
 
 /// How many tombstones `node` holds.
 async fn tombstones(library: &lsync_node::Library) -> i64 {
@@ -55,4 +57,70 @@ async fn a_device_catching_up_from_a_copy_made_after_tombstones_were_collected_d
     p.close().await;
     j.close().await;
     b.close().await;
+}
+
+/// Three devices. a's last shared changes reach only c; a is then restored from a backup of its
+/// whole folder (the generation file too, so a cannot tell), meets b, and makes new changes while
+/// c is away. No (origin, seq) may name two changes: once c is back, every device holds the lost
+/// changes and the new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_restored_without_knowing_it_never_reuses_a_change_number() {
+    let library = new_library();
+    let (mut a, mut b, mut c) = (
+        Node::start(library, "a").await,
+        Node::start(library, "b").await,
+        Node::start(library, "c").await,
+    );
+    pair(&mut a, &mut b).await;
+    pair(&mut a, &mut c).await;
+    pair(&mut b, &mut c).await;
+    a.library.write_shared((0..3).map(|i| tag(&format!("kept{i}"))).collect()).await.unwrap();
+    converge(&mut [&mut a, &mut b, &mut c]).await;
+
+    // A backup of a's folder: the database and the generation file.
+    let db = a.dir.path().join("library.db");
+    let (backup, generation) =
+        (a.dir.path().join("backup.db"), a.dir.path().join("library.db-generation"));
+    sqlx::query("VACUUM INTO ?1")
+        .bind(backup.to_str().unwrap())
+        .execute(a.library.reader())
+        .await
+        .unwrap();
+    let backup_generation = std::fs::read(&generation).unwrap();
+
+    // b stops syncing; a's next changes reach only c, which then goes away.
+    b.library.set_sync_enabled(false).await;
+    a.library.write_shared((0..2).map(|i| tag(&format!("lost{i}"))).collect()).await.unwrap();
+    converge(&mut [&mut a, &mut c]).await;
+    let c_dir = c.close().await;
+
+    // a is restored, meets b, and writes while c is away.
+    let a_dir = a.close().await;
+    for file in ["library.db-wal", "library.db-shm"] {
+        let _ = std::fs::remove_file(a_dir.path().join(file));
+    }
+    std::fs::copy(&backup, &db).unwrap();
+    std::fs::write(&generation, backup_generation).unwrap();
+    b.library.set_sync_enabled(true).await;
+    let mut a = Node::start_in(a_dir, library, "a", test_config(), false).await;
+    online(&mut b, a.device()).await;
+    a.library.write_shared((0..2).map(|i| tag(&format!("new{i}"))).collect()).await.unwrap();
+    converge(&mut [&mut a, &mut b]).await;
+
+    // c comes back (it reaches b, whose address has not changed).
+    let mut c = Node::start_in(c_dir, library, "c", test_config(), false).await;
+    let tables = converge(&mut [&mut a, &mut b, &mut c]).await;
+    let mut names: Vec<String> = tables["tags"]
+        .iter()
+        .flat_map(|row| row.iter())
+        .filter_map(|value| match value {
+            Value::Text(text) => Some(text.clone()),
+            _ => None,
+        })
+        .collect();
+    names.sort();
+    assert_eq!(names, ["kept0", "kept1", "kept2", "lost0", "lost1", "new0", "new1"]);
+    a.close().await;
+    b.close().await;
+    c.close().await;
 }

@@ -196,6 +196,11 @@ impl<C: Clock> HlcGenerator<C> {
         self.device
     }
 
+    /// The wall clock it reads, now (ms since the Unix epoch).
+    pub fn wall_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
     /// The configured drift bound in milliseconds.
     pub fn max_drift_ms(&self) -> u64 {
         self.max_drift_ms

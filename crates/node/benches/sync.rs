@@ -817,7 +817,7 @@ async fn live_shared(sizes: Sizes) {
     for device in &mut devices[1..] {
         device.entries_arrived(SETUP_ENTRIES).await;
     }
-    let setup_origin = devices[0].id();
+    let setup_origin = devices[0].library.identity().origin;
     loop {
         let mut ready = true;
         for device in &devices {
@@ -847,7 +847,8 @@ async fn live_shared(sizes: Sizes) {
         })
         .collect();
     let mut peak_log = 0;
-    let origins: Vec<DeviceId> = devices.iter().map(Device::id).collect();
+    let origins: Vec<DeviceId> =
+        devices.iter().map(|device| device.library.identity().origin).collect();
     let converged = |statuses: &[lsync_node::Status]| {
         statuses.iter().all(|status| {
             origins.iter().all(|origin| {

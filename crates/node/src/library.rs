@@ -433,6 +433,7 @@ impl Library {
                     conn,
                     &registry,
                     &inner.clock,
+                    inner.identity().origin,
                     edits,
                     now_ms(),
                 )
@@ -508,11 +509,12 @@ impl Library {
             None => None,
         };
         let enabled = inner.enabled.load(Ordering::Acquire);
-        let (watermarks, peers, acks_shared, acks_state, log_entries, parked) = inner
+        let (watermarks, own_origins, peers, acks_shared, acks_state, log_entries, parked) = inner
             .db
             .write(async |conn| {
                 Ok::<_, StoreError>((
                     lsync_watermark::sql::own_watermarks(conn, identity, inner.is_ready()).await?,
+                    lsync_store::own_origins(conn).await?,
                     lsync_watermark::sql::peers(conn).await?,
                     lsync_watermark::sql::load_shared_acks(conn).await?,
                     lsync_watermark::sql::load_state_acks(conn).await?,
@@ -521,11 +523,8 @@ impl Library {
                 ))
             })
             .await?;
-        let own_seq = watermarks
-            .shared
-            .iter()
-            .find(|mark| mark.origin == identity.device)
-            .map_or(0, |mark| mark.seq);
+        // This device's own changes, under every incarnation this file knows.
+        let own = lsync_watermark::SharedProgress::from_wire(&watermarks.shared);
         let online = engine.as_ref().map(|status| status.online.clone()).unwrap_or_default();
         let peers = peers
             .into_iter()
@@ -538,7 +537,10 @@ impl Library {
                     online: rtt.is_some(),
                     last_seen_ms: peer.last_seen,
                     rtt_us: rtt.and_then(|(_, rtt)| *rtt),
-                    lag: own_seq.saturating_sub(shared.get(identity.device)),
+                    lag: own_origins
+                        .iter()
+                        .map(|origin| own.get(*origin).saturating_sub(shared.get(*origin)))
+                        .sum(),
                     rows_lag_ms: rows_lag_ms(
                         &watermarks.state,
                         acks_state.get(&peer.device),

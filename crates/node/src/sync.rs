@@ -33,28 +33,27 @@ pub(crate) async fn own_watermarks(inner: &LibraryInner) -> Result<Watermarks, S
     Ok(watermarks)
 }
 
-/// Whether `theirs` shows the peer holding more of this device's own shared changes than this
-/// device does (it was rolled back to an old copy); the peer's sequence for this device if so.
+/// Whether `theirs` shows the peer holding more of one of this device's own incarnations than
+/// this device does (its file was rolled back to an old copy, with nothing to tell at open); the
+/// peer's sequence for that incarnation if so. The lost shared changes come back by the ordinary
+/// catch-up (they are an origin like any other, and new changes are numbered under a new
+/// incarnation); what the caller resyncs for is this device's own rows written since the backup.
 pub(crate) async fn own_rollback(
     inner: &LibraryInner,
     theirs: &Watermarks,
 ) -> Result<Option<u64>, StoreError> {
-    let device = inner.identity().device;
-    let Some(their_view) = theirs
-        .shared
-        .iter()
-        .find(|progress| progress.origin == device)
-        .map(|progress| progress.seq)
-    else {
-        return Ok(None);
-    };
-    let mine = own_watermarks(inner)
-        .await?
-        .shared
-        .iter()
-        .find(|progress| progress.origin == device)
-        .map_or(0, |progress| progress.seq);
-    Ok(lsync_watermark::own_rollback(mine, their_view))
+    let (mine, origins) = inner
+        .db
+        .read(async |conn| {
+            Ok::<_, StoreError>((
+                lsync_watermark::sql::load_shared_progress(conn).await?,
+                lsync_store::own_origins(conn).await?,
+            ))
+        })
+        .await?;
+    Ok(theirs.shared.iter().filter(|progress| origins.contains(&progress.origin)).find_map(
+        |progress| lsync_watermark::own_rollback(mine.get(progress.origin), progress.seq),
+    ))
 }
 
 /// The acknowledgement this device sends: everything it has applied.
@@ -76,16 +75,7 @@ pub(crate) async fn apply_state_batch(
     let versions: Vec<HlcTime> = batch.rows.iter().map(|row| row.version).collect();
     // The owner's stamps are observed like shared changes' stamps (causality: a later local
     // write is stamped after what this device has seen), within the drift bound.
-    if let Some(newest) = versions.iter().max()
-        && let Err(lsync_hlc::HlcError::DriftExceeded { .. }) =
-            inner.clock.update(lsync_hlc::Hlc::new(*newest, batch.owner))
-    {
-        let bound = lsync_hlc::Clock::now_ms(&lsync_hlc::SystemClock)
-            .saturating_add(u64::try_from(inner.config.max_drift.as_millis()).unwrap_or(u64::MAX));
-        let skewed = versions.iter().filter(|version| version.physical_ms() > bound).count();
-        inner.counters.skewed.fetch_add(skewed as u64, std::sync::atomic::Ordering::AcqRel);
-        metrics::counter!("lsync_skewed_changes_total").increment(skewed as u64);
-    }
+    observe_rows(inner, peer, batch.owner, &versions);
     let applied = inner
         .db
         .write(async |conn| {
@@ -115,7 +105,7 @@ pub(crate) async fn apply_state_batch(
         .await?;
     let (applied, gap) = applied;
     record_applied("state", rows, applied.rejected, started);
-    let now = lsync_hlc::Clock::now_ms(&lsync_hlc::SystemClock);
+    let now = inner.clock.wall_ms();
     for version in versions {
         let lag_ms = now.saturating_sub(version.physical_ms());
         metrics::histogram!("lsync_replication_lag_seconds", "kind" => "state")
@@ -136,6 +126,44 @@ pub(crate) async fn apply_state_batch(
     }
     emit_projection(inner, peer, applied.projection);
     Ok(gap)
+}
+
+/// Observes the owner's row versions that arrived from `peer` (a live batch, a catch-up or
+/// backfill page) with this device's clock. Versions beyond the drift bound are applied but not
+/// adopted: they are counted as skewed, against the wall clock the library was opened with.
+fn observe_rows(inner: &LibraryInner, peer: DeviceId, owner: DeviceId, versions: &[HlcTime]) {
+    let Some(newest) = versions.iter().max() else { return };
+    if let Err(lsync_hlc::HlcError::DriftExceeded { .. }) =
+        inner.clock.update(lsync_hlc::Hlc::new(*newest, owner))
+    {
+        let bound = inner.clock.wall_ms().saturating_add(inner.clock.max_drift_ms());
+        let skewed = versions.iter().filter(|version| version.physical_ms() > bound).count();
+        count_skewed(inner, peer, skewed);
+    }
+}
+
+/// Observes the stamps of snapshot records from `peer` (a backfill page) with this device's
+/// clock, as [`observe_rows`] does for rows.
+fn observe_records(inner: &LibraryInner, peer: DeviceId, records: &[lsync_protocol::SharedRecord]) {
+    let stamps: Vec<lsync_hlc::Hlc> = records
+        .iter()
+        .filter_map(|record| lsync_shared_sync::RecordState::from_record(record).last_stamp())
+        .collect();
+    let Some(newest) = stamps.iter().max() else { return };
+    if let Err(lsync_hlc::HlcError::DriftExceeded { .. }) = inner.clock.update(*newest) {
+        let bound = inner.clock.wall_ms().saturating_add(inner.clock.max_drift_ms());
+        let skewed = stamps.iter().filter(|stamp| stamp.physical_ms() > bound).count();
+        count_skewed(inner, peer, skewed);
+    }
+}
+
+fn count_skewed(inner: &LibraryInner, peer: DeviceId, skewed: usize) {
+    if skewed == 0 {
+        return;
+    }
+    tracing::warn!(%peer, count = skewed, "changes stamped beyond the drift bound: applied, clock not adopted");
+    inner.counters.skewed.fetch_add(skewed as u64, std::sync::atomic::Ordering::AcqRel);
+    metrics::counter!("lsync_skewed_changes_total").increment(skewed as u64);
 }
 
 /// Applies shared changes from `peer` (a live batch or a catch-up page).
@@ -170,15 +198,8 @@ pub(crate) async fn apply_shared_changes(
             tracing::warn!(%peer, origin = %rejected.origin, seq = rejected.seq, reason = %rejected.reason, "change not applied");
         }
     }
-    if received.skewed > 0 {
-        tracing::warn!(%peer, count = received.skewed, "changes stamped beyond the drift bound: applied, clock not adopted");
-        inner
-            .counters
-            .skewed
-            .fetch_add(received.skewed as u64, std::sync::atomic::Ordering::AcqRel);
-        metrics::counter!("lsync_skewed_changes_total").increment(received.skewed as u64);
-    }
-    let now = lsync_hlc::Clock::now_ms(&lsync_hlc::SystemClock);
+    count_skewed(inner, peer, received.skewed);
+    let now = inner.clock.wall_ms();
     for change in &batch.changes {
         let lag_ms = now.saturating_sub(change.time.physical_ms());
         metrics::histogram!("lsync_replication_lag_seconds", "kind" => "shared")
@@ -715,7 +736,6 @@ pub(crate) async fn apply_backfill_page(
     checkpoint: &lsync_backfill::Checkpoint,
 ) -> Result<(), LibraryError> {
     let registry = inner.registry().clone();
-    let device = inner.identity().device;
     let started = Instant::now();
     let keys = page.keys();
     let (changed, projection) = inner
@@ -725,13 +745,11 @@ pub(crate) async fn apply_backfill_page(
             let projection = match page {
                 BackfillPage::State(page) => {
                     let count = page.rows.len();
-                    // A copy re-created under this identity gets its own rows back: its clock
-                    // must run past their versions before it writes again.
-                    if page.owner == device
-                        && let Some(newest) = page.rows.iter().map(|row| row.version).max()
-                    {
-                        let _ = inner.clock.update(lsync_hlc::Hlc::new(newest, device));
-                    }
+                    // Observed like any stamp; a copy re-created under this identity gets its
+                    // own rows back, and its clock must run past their versions before it
+                    // writes again.
+                    let versions: Vec<HlcTime> = page.rows.iter().map(|row| row.version).collect();
+                    observe_rows(inner, peer, page.owner, &versions);
                     let applied = lsync_state_sync::sql::apply_rows(
                         conn,
                         &registry,
@@ -777,6 +795,7 @@ pub(crate) async fn apply_backfill_page(
                 }
                 BackfillPage::Shared(page) => {
                     let count = page.records.len();
+                    observe_records(inner, peer, &page.records);
                     let projection = lsync_shared_sync::sql::apply_snapshot(
                         conn,
                         &registry,
@@ -834,6 +853,8 @@ async fn apply_state_page(
     let registry = inner.registry().clone();
     let more = page.more;
     let (owner, model) = (page.owner, page.model.clone());
+    let versions: Vec<HlcTime> = page.rows.iter().map(|row| row.version).collect();
+    observe_rows(inner, peer, owner, &versions);
     let applied = inner
         .db
         .write(async |conn| {

@@ -32,7 +32,7 @@
 mod merge;
 pub mod sql;
 
-pub use merge::{RecordState, compare_values};
+pub use merge::{RecordState, compare_values, local_stamp_time};
 
 use lsync_hlc::HlcError;
 use lsync_protocol::{SharedChange, SharedOp};

@@ -3,7 +3,7 @@
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
-use lsync_hlc::Hlc;
+use lsync_hlc::{Hlc, HlcTime};
 use lsync_protocol::{SharedOp, SharedRecord, Stamped, Value};
 use lsync_store::ModelDef;
 use uuid::Uuid;
@@ -116,6 +116,19 @@ impl RecordState {
     /// From a snapshot record.
     pub fn from_record(record: &SharedRecord) -> Self {
         Self { existence: record.existence.clone(), fields: record.fields.clone() }
+    }
+}
+
+/// The time to stamp a local edit of a record with: the clock's `now`, or — when the record
+/// already holds a stamp at or after it (written by a clock running ahead, a year ahead even) —
+/// just after the record's newest stamp. An edit made after this device showed a value thus
+/// always wins over that value, whatever the clocks say; the clock itself is not moved (a clock
+/// far ahead is not adopted: see the drift bound). Stamps stay unique: the device part of a
+/// local stamp is this device's incarnation, which no other writer uses.
+pub fn local_stamp_time(now: HlcTime, current: Option<&RecordState>) -> HlcTime {
+    match current.and_then(RecordState::last_stamp) {
+        Some(newest) if newest.time() >= now => newest.time().successor().unwrap_or(HlcTime::MAX),
+        _ => now,
     }
 }
 

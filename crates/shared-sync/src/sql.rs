@@ -169,18 +169,21 @@ impl Edit {
     }
 }
 
-/// Writes local edits: each is stamped by `clock`, numbered after this device's last change,
-/// merged and shown exactly as a received change would be, and appended to the peer log — all in
-/// the caller's transaction, together with the new watermark and the clock's resume point.
-/// Returns the changes, ready to broadcast.
+/// Writes local edits: each is stamped by `clock`, numbered after `origin`'s last change (the
+/// device's current incarnation, `Identity::origin`: a new one every time the library is opened,
+/// so a copy restored from a backup never reuses a number), merged and shown exactly as a
+/// received change would be, and appended to the peer log — all in the caller's transaction,
+/// together with the new watermark and the clock's resume point. Returns the changes, ready to
+/// broadcast.
 pub async fn write_local<C: Clock>(
     conn: &mut SqliteConnection,
     registry: &Registry,
     clock: &HlcGenerator<C>,
+    origin: DeviceId,
     edits: Vec<Edit>,
     now_ms: u64,
 ) -> Result<(Vec<SharedChange>, Projection), SharedError> {
-    let device = clock.device();
+    let device = origin;
     let keys: Vec<RowKey> =
         edits.iter().map(|edit| (edit.key().0.to_owned(), edit.key().1)).collect();
     let stored = load_states(conn, &keys).await?;
@@ -199,7 +202,10 @@ pub async fn write_local<C: Clock>(
             }
             _ => {}
         }
-        let time = clock.now()?.time();
+        // After every stamp the record holds, even one from a clock far ahead: this edit was
+        // made after seeing them, so it must win over them everywhere.
+        let time =
+            crate::local_stamp_time(clock.now()?.time(), states.get(&(model_name.clone(), id)));
         let change = SharedChange { origin: device, seq, time, model: model_name, record: id, op };
         validate_change(registry, &change).map_err(SharedError::Invalid)?;
         if let SharedOp::Insert(fields) = &change.op {

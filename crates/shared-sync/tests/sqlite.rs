@@ -45,7 +45,11 @@ impl Device {
         let registry = self.db.registry().clone();
         self.db
             .write(async |conn| {
-                Ok::<_, SharedError>(write_local(conn, &registry, &self.clock, edits, 0).await?.0)
+                Ok::<_, SharedError>(
+                    write_local(conn, &registry, &self.clock, self.clock.device(), edits, 0)
+                        .await?
+                        .0,
+                )
             })
             .await
     }

@@ -27,6 +27,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../migrations/0002_shared_refs_by_record.sql"),
     ),
     (3, "collected tombstones", include_str!("../migrations/0003_collected_tombstones.sql")),
+    (4, "incarnations", include_str!("../migrations/0004_incarnations.sql")),
 ];
 
 /// How hard SQLite works to keep a committed transaction across a power loss.
@@ -68,6 +69,11 @@ pub struct Identity {
     pub device: DeviceId,
     /// This copy's epoch: chosen at random when the file was created.
     pub epoch: Epoch,
+    /// The origin this device numbers its shared changes under until the library is closed: a
+    /// new random id at every open (an *incarnation*), recorded in `sync_incarnations`. A file
+    /// restored from a backup cannot know which numbers its lost changes had taken; under a
+    /// new origin it never reuses one, whatever it knows.
+    pub origin: DeviceId,
 }
 
 /// What [`Database::open`] found when the file was older than the device's last write: it was
@@ -172,7 +178,16 @@ impl Database {
         restored: Option<Restored>,
     ) -> Result<Self, StoreError> {
         check_tables(&mut writer, &registry).await?;
-        let identity = read_identity(&mut writer, path).await?;
+        let mut identity = read_identity(&mut writer, path).await?;
+        identity.origin = DeviceId(Uuid::new_v4());
+        let opened_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| i64::try_from(since.as_millis()).unwrap_or(i64::MAX));
+        sqlx::query("INSERT INTO sync_incarnations (origin, opened_at) VALUES (?1, ?2)")
+            .bind(identity.origin.as_bytes().as_slice())
+            .bind(opened_at)
+            .execute(&mut writer)
+            .await?;
         let readers = SqlitePoolOptions::new()
             .max_connections(options.readers.max(1))
             .connect_with(connect_options(path, options, false).read_only(true))
@@ -584,7 +599,23 @@ async fn read_identity(conn: &mut SqliteConnection, path: &Path) -> Result<Ident
         library: LibraryId(library),
         device: DeviceId(device),
         epoch: Epoch(u64::from_be_bytes(epoch)),
+        // Replaced by a new incarnation before the identity is handed out (`finish_open`).
+        origin: DeviceId(device),
     })
+}
+
+/// Every origin this file knows to be one of this device's incarnations (see
+/// [`Identity::origin`]), the current one included.
+pub async fn own_origins(conn: &mut SqliteConnection) -> Result<Vec<DeviceId>, StoreError> {
+    let rows: Vec<Vec<u8>> =
+        sqlx::query_scalar("SELECT origin FROM sync_incarnations").fetch_all(conn).await?;
+    rows.iter()
+        .map(|bytes| {
+            Uuid::from_slice(bytes)
+                .map(DeviceId)
+                .map_err(|_| StoreError::Corrupt("sync_incarnations origin".into()))
+        })
+        .collect()
 }
 
 async fn read_meta(conn: &mut SqliteConnection, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -789,10 +820,11 @@ mod tests {
     async fn a_file_of_schema_one_is_migrated_and_references_are_found_by_record() {
         let dir = tempfile::tempdir().unwrap();
         let db = create(&dir).await;
-        // Back to what a file written before migration 2 holds.
+        // Back to what a file written before migration 2 holds (later migrations undone too).
         db.write(async |conn| {
             sqlx::raw_sql(
-                "DROP INDEX sync_shared_refs_by_record; DELETE FROM sync_migrations WHERE version = 2;",
+                "DROP INDEX sync_shared_refs_by_record; DROP TABLE sync_collected_state;
+                 DROP TABLE sync_incarnations; DELETE FROM sync_migrations WHERE version >= 2;",
             )
             .execute(conn)
             .await
@@ -821,7 +853,7 @@ mod tests {
             })
             .await
             .unwrap();
-        assert_eq!(version, 2);
+        assert_eq!(version, MIGRATIONS.last().map_or(0, |(version, ..)| *version));
         assert!(
             plan.iter().any(|step| step.contains("sync_shared_refs_by_record")),
             "replacing a record's references uses the index, not a scan: {plan:?}"

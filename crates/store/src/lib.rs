@@ -43,7 +43,7 @@ pub mod sql;
 
 pub use db::{
     Database, Durability, Identity, Restored, StoreOptions, WritesHeld, clear_restore_pending,
-    load_clock, restore_pending, store_clock,
+    load_clock, own_origins, restore_pending, store_clock,
 };
 pub use dump::dump_tables;
 pub use reference::{ENTRY_KIND_DIRECTORY, ENTRY_KIND_FILE, reference_models, reference_registry};

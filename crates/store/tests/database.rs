@@ -35,7 +35,13 @@ async fn identity_survives_reopen_and_creation_refuses_an_existing_library() {
 
     let path = dir.path().join("library.db");
     let reopened = Database::open(&path, registry(), &StoreOptions::default()).await.unwrap();
-    assert_eq!(reopened.identity(), identity);
+    let again = reopened.identity();
+    assert_eq!(
+        (again.library, again.device, again.epoch),
+        (identity.library, identity.device, identity.epoch)
+    );
+    assert_ne!(again.origin, identity.origin, "every open is a new incarnation");
+    assert_ne!(again.origin, again.device);
     reopened.close().await.unwrap();
 
     let again = Database::create(

@@ -473,10 +473,13 @@ impl Device {
         }
         let stamp = self.tick(ctx).ok_or(Refused::Down)?;
         self.durable.own_seq += 1;
+        // As the engine's `write_local`: after every stamp the record holds.
+        let time =
+            lsync_shared_sync::local_stamp_time(stamp.time(), self.durable.records.get(&record));
         let change = SharedChange {
             origin: self.id,
             seq: self.durable.own_seq,
-            time: stamp.time(),
+            time,
             model: SHARED_MODEL.to_owned(),
             record,
             op,
