@@ -38,5 +38,7 @@
 pub mod det;
 mod faults;
 pub mod real;
+mod topology;
 
 pub use faults::{FAULT_NAMES, Faults};
+pub use topology::{TOPOLOGY_NAMES, Topology};

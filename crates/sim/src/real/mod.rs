@@ -36,7 +36,7 @@ use lsync_store::{Registry, dump_tables, reference_registry};
 use lsync_transport::SplitMix64;
 use uuid::Uuid;
 
-use crate::Faults;
+use crate::{Faults, Topology};
 use peer::{Peer, pair};
 use workload::{Op, Workload};
 
@@ -66,6 +66,8 @@ pub struct RealConfig {
     pub seed: u64,
     /// Faults injected.
     pub faults: Faults,
+    /// Who is paired with whom (a joining device pairs with its neighbours in it).
+    pub topology: Topology,
     /// Where to leave the peers' files (`DIR/peer-<i>/`); a temporary folder otherwise.
     pub keep: Option<PathBuf>,
 }
@@ -180,8 +182,8 @@ impl Report {
         let mut text = String::new();
         let _ = writeln!(
             text,
-            "lsync simulation: seed {}, {} peers, {} ops, faults {}",
-            config.seed, config.peers, config.ops, config.faults
+            "lsync simulation: seed {}, {} peers ({} topology), {} ops, faults {}",
+            config.seed, config.peers, config.topology, config.ops, config.faults
         );
         let _ = writeln!(
             text,
@@ -275,6 +277,7 @@ impl Report {
             "seed": self.config.seed,
             "peers": self.config.peers,
             "faults": self.config.faults.to_string(),
+            "topology": self.config.topology.to_string(),
             "ops": self.ops,
             "refused": self.refused,
             "workload_seconds": self.workload_seconds,
@@ -531,10 +534,9 @@ impl<'a> Sim<'a> {
         for _ in 0..self.config.peers {
             self.add_peer(false).await?;
         }
-        for joiner in 1..self.peers.len() {
-            for inviter in 0..joiner {
-                pair(&self.peers[inviter], &self.peers[joiner]).await?;
-            }
+        let edges = self.config.topology.edges(self.peers.len(), &mut self.rng);
+        for (inviter, joiner) in edges {
+            pair(&self.peers[inviter], &self.peers[joiner]).await?;
         }
         let mut schedule = self.schedule().into_iter().peekable();
         self.started = Instant::now();
@@ -708,10 +710,21 @@ impl<'a> Sim<'a> {
     async fn join(&mut self) -> Result<(), SimError> {
         let index = self.add_peer(true).await?;
         self.joiner = Some(JoinWatch { peer: index, started: Instant::now(), done: None });
-        for other in 0..index {
-            if self.peers[other].running.is_some() {
-                pair(&self.peers[other], &self.peers[index]).await?;
-            }
+        // Its neighbours in the topology that run now; any running peer if none does.
+        let running: Vec<usize> =
+            (0..index).filter(|other| self.peers[*other].running.is_some()).collect();
+        let mut inviters: Vec<usize> = self
+            .config
+            .topology
+            .join_edges(index, &mut self.rng)
+            .into_iter()
+            .filter(|other| running.contains(other))
+            .collect();
+        if inviters.is_empty() {
+            inviters.extend(running.first());
+        }
+        for other in inviters {
+            pair(&self.peers[other], &self.peers[index]).await?;
         }
         // A device that is offline now sees the new one only when it comes back.
         let offline: Vec<usize> = (0..index)
@@ -721,8 +734,8 @@ impl<'a> Sim<'a> {
             self.set_link(away, index, true).await;
         }
         self.log_fault(format!(
-            "{} joined, paired with every running peer, backfilling",
-            self.peers[index].name
+            "{} joined, paired with its running neighbours ({} topology), backfilling",
+            self.peers[index].name, self.config.topology
         ));
         Ok(())
     }
