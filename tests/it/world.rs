@@ -4,14 +4,15 @@
 
 use std::time::Duration;
 
-use lsync_node::RowEdit;
 use lsync_node::config::SyncConfig;
+use lsync_node::{Edit, RowEdit};
 use lsync_protocol::Value;
+use lsync_store::Registry;
 use uuid::Uuid;
 
 use crate::catchup::tree;
 use crate::harness::*;
-use crate::lifecycle::tag;
+use crate::lifecycle::{entry, tag};
 
 /// How many tombstones `node` holds.
 async fn tombstones(library: &lsync_node::Library) -> i64 {
@@ -123,4 +124,77 @@ async fn a_copy_restored_without_knowing_it_never_reuses_a_change_number() {
     a.close().await;
     b.close().await;
     c.close().await;
+}
+
+/// b hangs: it stops reading its connection without closing it, while a has far more queued for
+/// it than QUIC's flow control lets through. Closing a takes about its `close_timeout` (twice at
+/// most: the engine's drain, then the transport's flush and close), not the stale timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_while_a_peer_stopped_reading_takes_the_close_timeout_not_the_stale_timeout() {
+    let library = new_library();
+    let config = SyncConfig {
+        stale_timeout: Duration::from_secs(120),
+        close_timeout: Duration::from_secs(1),
+        request_timeout: Duration::from_secs(3),
+        ..test_config()
+    };
+    let dir = || tempfile::tempdir().unwrap();
+    let mut a = Node::start_in(dir(), library, "a", config.clone(), true).await;
+    let mut b = Node::start_in(dir(), library, "b", config, true).await;
+    pair(&mut a, &mut b).await;
+    b.transport.set_reading(false);
+    // Some 6 MB of rows: far beyond what b's receive windows take without reading.
+    for chunk in 0..5 {
+        let rows = (0..10_000).map(|i| entry(&format!("chunk {chunk} row {i} {}", "x".repeat(40))));
+        a.library.write_rows("entries", rows.collect()).await.unwrap();
+    }
+    let started = std::time::Instant::now();
+    a.close().await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "closing took {took:?}");
+    b.transport.set_reading(true);
+    b.close().await;
+}
+
+/// b is away while a indexes files and tags every one of them; b parks at most 10 records that
+/// wait for a row. Catching up, b must pull the entries before the assignments that reference
+/// them: the other way round every page of assignments overflows the bound, is refused, and the
+/// rows that would unpark them are never pulled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_with_more_references_than_the_parking_bound_completes() {
+    let library = new_library();
+    let small = SyncConfig { max_parked: 10, ..test_config() };
+    let mut a = Node::start(library, "a").await;
+    let mut b =
+        Node::start_in(tempfile::tempdir().unwrap(), library, "b", small.clone(), true).await;
+    pair(&mut a, &mut b).await;
+    let b_dir = b.close().await;
+
+    let files = a
+        .library
+        .write_rows("entries", (0..50).map(|i| entry(&format!("file {i}"))).collect())
+        .await
+        .unwrap();
+    let holiday = tag("holiday");
+    let Edit::Insert { id: tag_id, .. } = &holiday else { unreachable!() };
+    let tag_id = *tag_id;
+    a.library.write_shared(vec![holiday]).await.unwrap();
+    let blob = |id: Uuid| Value::Blob(id.as_bytes().to_vec());
+    let assignments = files
+        .iter()
+        .map(|file| Edit::Insert {
+            model: "tag_assignments".into(),
+            id: Registry::membership_id("tag_assignments", tag_id, file.id),
+            fields: [("tag_id".to_owned(), blob(tag_id)), ("entry_id".to_owned(), blob(file.id))]
+                .into_iter()
+                .collect(),
+        })
+        .collect();
+    a.library.write_shared(assignments).await.unwrap();
+
+    let mut b = Node::start_in(b_dir, library, "b", small, false).await;
+    let tables = converge(&mut [&mut a, &mut b]).await;
+    assert_eq!(tables["tag_assignments"].len(), 50);
+    a.close().await;
+    b.close().await;
 }

@@ -5,8 +5,10 @@ use crate::{cargo, exec};
 /// cargo-deny version installed when missing; pinned so every machine checks with the same rules.
 const CARGO_DENY_VERSION: &str = "0.20.2";
 
-/// The simulator smoke run: 3 peers, a fixed seed, a few thousand operations, every fault.
-const SIM_SMOKE: [&str; 6] = ["--ops", "3000", "--seed", "1", "--faults", "all"];
+/// The simulator smoke run: 5 peers paired in a random graph (so changes cross devices not
+/// paired with their origin), a fixed seed, a few thousand operations, every fault.
+const SIM_SMOKE: [&str; 10] =
+    ["--ops", "3000", "--seed", "1", "--faults", "all", "--topology", "random", "--peers", "5"];
 
 pub(crate) fn run() -> Result<(), String> {
     exec(cargo().args(["fmt", "--all", "--", "--check"]))?;

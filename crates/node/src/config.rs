@@ -796,6 +796,9 @@ impl SyncConfig {
             max_concurrent_requests: self.max_concurrent_requests,
             event_capacity: self.transport_event_capacity,
             close_timeout: self.close_timeout,
+            // A send waits for a peer to take the message as long as a request waits for an
+            // answer: past it the peer is not reading, and retry or catch-up takes over.
+            send_timeout: self.request_timeout,
         }
     }
 

@@ -480,8 +480,8 @@ impl From<StoreError> for CatchUpError {
 }
 
 /// Pulls from `peer` everything it holds that this device lacks, given the peer's watermarks:
-/// shared changes per origin after this device's watermark, and device-owned rows per (owner,
-/// model) newer than this device's mark, in pages, each page one transaction. Returns whether
+/// device-owned rows per (owner, model) newer than this device's mark, then shared changes per
+/// origin after this device's watermark, in pages, each page one transaction. Returns whether
 /// anything was pulled, and whether the peer pruned changes this device lacks (which only a
 /// snapshot of the shared records can make up for).
 pub(crate) async fn catch_up<T: Transport>(
@@ -495,37 +495,11 @@ pub(crate) async fn catch_up<T: Transport>(
     let mut pulled = false;
     let mut pruned_away = false;
 
-    // Shared changes, until this device has all the peer's watermarks cover.
-    let their_shared = SharedProgress::from_wire(&theirs.shared);
-    loop {
-        let mine = load_shared(inner).await?;
-        let needs = shared_needs(&mine, &their_shared);
-        if needs.is_empty() {
-            break;
-        }
-        let request =
-            Message::SharedCatchUpRequest(SharedCatchUpRequest { after: mine.to_wire(), limit });
-        let Message::SharedCatchUpResponse(response) =
-            transport.request(peer, request, timeout).await?
-        else {
-            return Err(CatchUpError::Unexpected("answer to SharedCatchUpRequest"));
-        };
-        for pruned in &response.pruned {
-            pruned_away = true;
-            metrics::counter!("lsync_catch_up_pruned_total").increment(1);
-            tracing::warn!(%peer, origin = %pruned.origin, first_held = pruned.seq, "peer pruned changes this device lacks");
-        }
-        if response.changes.is_empty() {
-            break;
-        }
-        pulled = true;
-        apply_shared_changes(inner, peer, SharedBatch { changes: response.changes }).await?;
-        if response.complete {
-            break;
-        }
-    }
-
-    // Device-owned rows, per (owner, model) where the peer is ahead.
+    // Device-owned rows first, per (owner, model) where the peer is ahead: shared records refer
+    // to rows (tag assignments to entries), never the other way round, so the rows being here
+    // first keeps the records that follow from waiting for them. The other order could park
+    // more records than `max_parked`: every page of them is then refused, and the rows that
+    // would unpark them are never pulled.
     let their_state = StateProgress::from_wire(&theirs.state);
     let their_collected = StateProgress::from_wire(&theirs.collected);
     let mine = load_state(inner).await?;
@@ -560,6 +534,37 @@ pub(crate) async fn catch_up<T: Transport>(
             }
         }
     }
+
+    // Shared changes, until this device has all the peer's watermarks cover.
+    let their_shared = SharedProgress::from_wire(&theirs.shared);
+    loop {
+        let mine = load_shared(inner).await?;
+        let needs = shared_needs(&mine, &their_shared);
+        if needs.is_empty() {
+            break;
+        }
+        let request =
+            Message::SharedCatchUpRequest(SharedCatchUpRequest { after: mine.to_wire(), limit });
+        let Message::SharedCatchUpResponse(response) =
+            transport.request(peer, request, timeout).await?
+        else {
+            return Err(CatchUpError::Unexpected("answer to SharedCatchUpRequest"));
+        };
+        for pruned in &response.pruned {
+            pruned_away = true;
+            metrics::counter!("lsync_catch_up_pruned_total").increment(1);
+            tracing::warn!(%peer, origin = %pruned.origin, first_held = pruned.seq, "peer pruned changes this device lacks");
+        }
+        if response.changes.is_empty() {
+            break;
+        }
+        pulled = true;
+        apply_shared_changes(inner, peer, SharedBatch { changes: response.changes }).await?;
+        if response.complete {
+            break;
+        }
+    }
+
     Ok(CatchUpOutcome { pulled, pruned: pruned_away })
 }
 

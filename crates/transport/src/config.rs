@@ -37,6 +37,11 @@ pub struct TransportConfig {
     /// be acknowledged by their peers (those left are reported as unsent), then for the close to
     /// reach them. Default 5 s.
     pub close_timeout: Duration,
+    /// The longest a one-way send waits for the peer to take the message (QUIC flow control: a
+    /// peer that stopped reading without closing). Past it the send fails with
+    /// [`crate::SendError::TimedOut`] and the stream is reset, so one hung peer holds up neither
+    /// its sender's queue nor a shutdown for longer. Default 10 s.
+    pub send_timeout: Duration,
 }
 
 impl Default for TransportConfig {
@@ -50,6 +55,7 @@ impl Default for TransportConfig {
             max_concurrent_requests: 32,
             event_capacity: 1024,
             close_timeout: Duration::from_secs(5),
+            send_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -262,6 +262,10 @@ pub enum SendError {
     /// The transport is shutting down.
     #[error("the transport is shutting down")]
     ShuttingDown,
+    /// The peer took nothing for this long (it stopped reading without closing): the message
+    /// was not sent.
+    #[error("the peer read nothing for {0:?}; not sent")]
+    TimedOut(Duration),
 }
 
 /// Why a request got no response.

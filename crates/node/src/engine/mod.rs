@@ -57,6 +57,12 @@ pub(crate) async fn start<T: Transport>(
     let transport = Arc::new(transport);
     let engine_transport = transport.clone();
     let thread = std::thread::Builder::new().name("lsync-engine".into()).spawn(move || {
+        // Futures the engine leaves behind when it stops are dropped after its runtime stopped;
+        // some (a database connection going back to its pool) spawn a task from their destructor,
+        // which panics without a Tokio context. This context outlives the engine's runtime; what
+        // is spawned on it is dropped with it, never run.
+        let leftovers = tokio::runtime::Builder::new_current_thread().build();
+        let _context = leftovers.as_ref().map(tokio::runtime::Runtime::enter);
         let system = System::new();
         system.block_on(async move {
             let supervisor = Supervisor::new(inner, engine_transport, checkpoint).start();
@@ -1010,11 +1016,23 @@ impl<T: Transport> Handler<Shutdown> for Supervisor<T> {
         }
         let peers: Vec<Addr<PeerActor<T>>> = self.peers.values().cloned().collect();
         let transport = self.transport.clone();
+        let close_timeout = self.inner.config.close_timeout;
         Box::pin(
             async move {
-                for peer in peers {
-                    // A no-op message queued behind the pushes: when it is handled, they were sent.
-                    let _ = peer.send(Drain).await;
+                // A no-op message queued behind the pushes: when it is handled, they were sent.
+                // Bounded: a peer actor inside a long catch-up, or a peer that stopped reading,
+                // must not hold the close up (what is not sent is left to retry and catch-up).
+                let drained = tokio::time::timeout(close_timeout, async {
+                    for peer in peers {
+                        let _ = peer.send(Drain).await;
+                    }
+                })
+                .await;
+                if drained.is_err() {
+                    tracing::warn!(
+                        ?close_timeout,
+                        "pending sends did not drain in time; closing without them"
+                    );
                 }
                 let report = transport.shutdown().await;
                 tracing::info!(?report, "transport closed");
@@ -1224,6 +1242,13 @@ impl<T: Transport> PeerActor<T> {
                 Err(error) => {
                     metrics::counter!("lsync_catch_up_failures_total").increment(1);
                     tracing::warn!(peer = %actor.peer, %error, "catch-up stopped; it resumes on the next heartbeat or reconnect");
+                    // A peer going away mid-way is routine; this device failing to take what it
+                    // pulled (a full parking bound, a refused page) is for the app to see.
+                    if matches!(error, sync::CatchUpError::Local(_)) {
+                        actor.inner.emit(Event::Error {
+                            message: format!("catch-up from {} stopped: {error}", actor.peer),
+                        });
+                    }
                 }
             }
         }));

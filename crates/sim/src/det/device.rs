@@ -891,19 +891,20 @@ impl Device {
         if self.volatile.as_ref().is_none_or(|volatile| volatile.pulls.contains_key(&peer)) {
             return false;
         }
+        // Rows first, then shared changes, as the engine's `catch_up` (records refer to rows).
         let mut steps = Vec::new();
-        let shared = shared_needs(&self.durable.shared, &SharedProgress::from_wire(&theirs.shared));
-        if !shared.is_empty() {
-            steps.push(PullStep::Shared {
-                origins: shared.iter().map(|need| need.origin).collect(),
-            });
-        }
         let their_state = StateProgress::from_wire(&theirs.state);
         let their_collected = StateProgress::from_wire(&theirs.collected);
         for need in state_needs(&self.durable.state, &their_state, &their_collected) {
             if let Some(target) = their_state.get(need.owner, &need.model) {
                 steps.push(PullStep::State { owner: need.owner, target, after: None });
             }
+        }
+        let shared = shared_needs(&self.durable.shared, &SharedProgress::from_wire(&theirs.shared));
+        if !shared.is_empty() {
+            steps.push(PullStep::Shared {
+                origins: shared.iter().map(|need| need.origin).collect(),
+            });
         }
         let mut steps = steps.into_iter();
         let Some(first) = steps.next() else { return false };

@@ -228,6 +228,8 @@ pub(crate) struct Inner {
     shutting_down: AtomicBool,
     shutdown_signal: watch::Sender<bool>,
     answer_heartbeats: AtomicBool,
+    /// `false` while stalled ([`QuicTransport::set_reading`]): nothing incoming is read.
+    reading: watch::Sender<bool>,
     watermarks: Option<WatermarkSource>,
     rng: Mutex<SplitMix64>,
     next_nonce: AtomicU64,
@@ -309,6 +311,7 @@ impl QuicTransport {
             shutting_down: AtomicBool::new(false),
             shutdown_signal: watch::Sender::new(false),
             answer_heartbeats: AtomicBool::new(true),
+            reading: watch::Sender::new(true),
             watermarks,
             rng: Mutex::new(SplitMix64::new(random_seed())),
             next_nonce: AtomicU64::new(1),
@@ -357,6 +360,15 @@ impl QuicTransport {
     /// detection can be exercised. Everything else keeps working.
     pub fn set_answer_heartbeats(&self, answer: bool) {
         self.inner.answer_heartbeats.store(answer, Ordering::Relaxed);
+    }
+
+    /// Fault injection for tests and the simulator's `stall` fault: while `false`, this
+    /// transport reads nothing from its connections — no message, request or heartbeat — and
+    /// closes none of them, as a hung process would. Its peers' sends then block on QUIC flow
+    /// control (and time out after `send_timeout`), their requests time out, and their stale
+    /// detection closes the connections. `true` reads on from where it stopped.
+    pub fn set_reading(&self, reading: bool) {
+        self.inner.reading.send_replace(reading);
     }
 
     /// Dials `address` now, outside the backoff schedule, and returns the device reached once the

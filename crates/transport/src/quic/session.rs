@@ -35,6 +35,8 @@ pub(crate) struct Session {
     /// serializes senders (in arrival order: tokio's mutex is fair), which is what keeps one-way
     /// messages ordered.
     outbox: tokio::sync::Mutex<Option<SendStream>>,
+    /// How long a one-way send may wait for the peer to take it (`TransportConfig::send_timeout`).
+    send_timeout: Duration,
     /// Why this side closed the connection, recorded before closing it.
     close_reason: Mutex<Option<DisconnectReason>>,
 }
@@ -72,9 +74,17 @@ impl Session {
                 outbox.insert(stream)
             }
         };
-        match stream.write_all(frame).await {
-            Ok(()) => Ok(()),
-            Err(error) => {
+        match tokio::time::timeout(self.send_timeout, stream.write_all(frame)).await {
+            Ok(Ok(())) => Ok(()),
+            Err(_) => {
+                // The peer does not read: part of the frame may be written, so the stream is
+                // reset (the peer discards what it holds of it) and the next send opens a new
+                // one. The message is reported unsent; its sender's retry or catch-up takes over.
+                let _ = stream.reset(VarInt::from_u32(0));
+                *outbox = None;
+                Err(SendError::TimedOut(self.send_timeout))
+            }
+            Ok(Err(error)) => {
                 // The stream is unusable (stopped by the peer or the connection is gone); the
                 // next send opens a new one if the connection still lives.
                 *outbox = None;
@@ -90,9 +100,15 @@ impl Session {
     /// all of it. `true` if nothing was left unconfirmed. Later sends fail (the transport is shutting
     /// down before this is called).
     pub(crate) async fn flush(&self, deadline: Instant) -> bool {
-        let Some(mut stream) = self.outbox.lock().await.take() else {
+        // A send blocked on a peer that does not read holds the stream until its timeout: the
+        // flush waits for it no longer than the deadline.
+        let Ok(mut outbox) = tokio::time::timeout_at(deadline, self.outbox.lock()).await else {
+            return false;
+        };
+        let Some(mut stream) = outbox.take() else {
             return true;
         };
+        drop(outbox);
         if stream.finish().is_err() {
             return false;
         }
@@ -202,6 +218,7 @@ pub(crate) async fn establish(
         rtt_nanos: AtomicU64::new(0),
         last_heard: Mutex::new(Instant::now()),
         outbox: tokio::sync::Mutex::new(None),
+        send_timeout: inner.config.send_timeout,
         close_reason: Mutex::new(None),
     });
     if inner.shutting_down.load(Ordering::Acquire) {
@@ -354,21 +371,24 @@ async fn run_session(inner: Arc<Inner>, session: Arc<Session>) {
     heartbeats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let error = loop {
         let stale_at = *lock(&session.last_heard) + stale_timeout;
+        // Stalled (fault injection): accept nothing and send no heartbeat, as a hung process.
+        let reading_now = reading(&inner);
         tokio::select! {
             error = connection.closed() => break error,
-            stream = connection.accept_bi() => match stream {
+            () = reading_changed(&inner, reading_now) => {}
+            stream = connection.accept_bi(), if reading_now => match stream {
                 Ok((send, recv)) => {
                     tokio::spawn(serve_request(Arc::clone(&inner), Arc::clone(&session), send, recv));
                 }
                 Err(error) => break error,
             },
-            stream = connection.accept_uni() => match stream {
+            stream = connection.accept_uni(), if reading_now => match stream {
                 Ok(recv) => {
                     tokio::spawn(serve_one_way(Arc::clone(&inner), Arc::clone(&session), recv));
                 }
                 Err(error) => break error,
             },
-            _ = heartbeats.tick() => {
+            _ = heartbeats.tick(), if reading_now => {
                 tokio::spawn(send_heartbeat(Arc::clone(&inner), Arc::clone(&session)));
             }
             () = tokio::time::sleep_until(stale_at) => {
@@ -420,6 +440,7 @@ async fn serve_request(
     recv: quinn::RecvStream,
 ) {
     let peer = session.peer;
+    wait_reading(&inner).await;
     let mut reader = FrameReader::new(recv);
     let responder = QuicResponder { stream: Some(send) };
     let message = match reader.next_message().await {
@@ -479,6 +500,7 @@ async fn serve_one_way(inner: Arc<Inner>, session: Arc<Session>, recv: quinn::Re
     let peer = session.peer;
     let mut reader = FrameReader::new(recv);
     loop {
+        wait_reading(&inner).await;
         match reader.next_message().await {
             Incoming::Message(message) if is_transport_message(&message) => {
                 warn!(%peer, kind = message.name(), "closing a one-way stream carrying a transport message");
@@ -507,6 +529,25 @@ async fn serve_one_way(inner: Arc<Inner>, session: Arc<Session>, recv: quinn::Re
             }
         }
     }
+}
+
+/// Whether this transport reads from its connections (not stalled by
+/// [`crate::QuicTransport::set_reading`]).
+fn reading(inner: &Inner) -> bool {
+    *inner.reading.borrow()
+}
+
+/// Completes when reading is switched from `was` to the other state: wakes the session loop to
+/// enable or disable its accept branches.
+async fn reading_changed(inner: &Inner, was: bool) {
+    let mut reading = inner.reading.subscribe();
+    let _ = reading.wait_for(|reading| *reading != was).await;
+}
+
+/// Waits until the transport reads again (returns at once when it is not stalled).
+async fn wait_reading(inner: &Inner) {
+    let mut reading = inner.reading.subscribe();
+    let _ = reading.wait_for(|reading| *reading).await;
 }
 
 /// Sends one heartbeat and records the answer (liveness, RTT, watermarks).
