@@ -627,7 +627,7 @@ async fn a_device_restored_with_its_generation_file_learns_it_from_its_peer_and_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_device_left_behind_by_retention_resyncs_fully() {
+async fn a_device_left_behind_by_retention_catches_up_without_a_full_resync() {
     let library = new_library();
     // a keeps at most 10 log entries per origin and collects tombstones at once.
     let short_memory = SyncConfig {
@@ -676,12 +676,29 @@ async fn a_device_left_behind_by_retention_resyncs_fully() {
         "the deletions whose tombstones were collected arrived"
     );
     assert_eq!(tables["tags"].len(), 30, "the changes pruned from the log arrived");
-    // Once b reported its resync finished, a stops asking.
+    // Once b acknowledged everything a dropped, it counts for pruning again.
     eventually(&mut a, async |library| {
         let status = library.status().await.unwrap();
         status.peers.iter().any(|peer| peer.device == b_id && !peer.needs_resync)
     })
     .await;
+    // b got the deletions by comparing entries with a, and the pruned changes from a snapshot
+    // of the shared records: never a full resync, which a asked for until now (and asked again
+    // on every later catch-up when another peer had served it).
+    let steps: Vec<String> = b
+        .library
+        .status()
+        .await
+        .unwrap()
+        .backfill
+        .steps
+        .iter()
+        .map(|(name, ..)| name.clone())
+        .collect();
+    assert!(
+        steps.iter().all(|step| !step.starts_with("entries")),
+        "no backfill of rows ran on b: {steps:?}"
+    );
     a.close().await;
     b.close().await;
 }

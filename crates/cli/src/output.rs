@@ -213,7 +213,11 @@ pub(crate) fn status_text(status: &StatusView, now_ms: u64) -> String {
                     || "none acked".to_owned(),
                     |ms| format!("{:.1} s", ms as f64 / 1_000.0),
                 ),
-                if peer.needs_resync { "needs a full resync".to_owned() } else { String::new() },
+                if peer.needs_resync {
+                    "left behind by retention".to_owned()
+                } else {
+                    String::new()
+                },
             ]);
         }
         out.push_str(&table(&rows));

@@ -131,7 +131,7 @@ pub(crate) struct PeerStatusView {
     /// How far (ms of row versions) its acknowledgement of this device's rows trails the newest
     /// of them; absent when it acknowledged none.
     pub(crate) rows_lag_ms: Option<u64>,
-    /// It fell behind what this device still holds and needs a full resync.
+    /// Left behind by this device's retention cap (not counted for pruning until caught up).
     pub(crate) needs_resync: bool,
     /// What it acknowledged of shared changes, per origin.
     pub(crate) acked_shared: Vec<SharedMarkView>,

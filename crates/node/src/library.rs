@@ -107,7 +107,8 @@ pub struct PeerStatus {
     /// milliseconds of row versions, the largest over models (0: it has every row). `None`
     /// when it acknowledged none of a model this device wrote rows of.
     pub rows_lag_ms: Option<u64>,
-    /// Whether it fell behind what this device still holds and needs a full resync.
+    /// Whether this device's retention cap left it behind (log entries pruned or tombstones
+    /// collected before it had them): not counted for pruning until it caught up again.
     pub needs_resync: bool,
 }
 

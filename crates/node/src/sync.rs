@@ -346,7 +346,7 @@ async fn serve_inner(
     tracing::trace!(request = request.name(), "serving");
     let registry = inner.registry().clone();
     Ok(match request {
-        Message::WatermarksRequest(theirs) => {
+        Message::WatermarksRequest(_) => {
             // A peer asking for watermarks is planning (or rebasing) a backfill or catching up:
             // every page it asks for next must be read after the marks it gets now. A page read
             // ahead before would lack rows those marks cover, and the peer would raise its mark
@@ -360,16 +360,12 @@ async fn serve_inner(
             {
                 stale.abort();
             }
-            let resync = inner
-                .db
-                .write(async |conn| {
-                    lsync_watermark::sql::resync_on_request(conn, peer, theirs.ready).await
-                })
-                .await?;
-            if resync {
-                tracing::info!(%peer, "the peer fell behind this device's retention: asking it to resync fully");
-            }
-            Message::WatermarksResponse(Watermarks { resync, ..own_watermarks(inner).await? })
+            // Never `resync: true`: a peer that fell behind this device's retention finds out
+            // from these watermarks (`collected`: it compares rows) and from a catch-up's
+            // `pruned` (it fetches a snapshot of the shared records). A full resync asked here
+            // ran again on every later catch-up when another peer had served it, and a
+            // shared-only backfill could pass for it (issue 16, failure 3).
+            Message::WatermarksResponse(own_watermarks(inner).await?)
         }
         Message::SharedCatchUpRequest(SharedCatchUpRequest { after, limit }) => {
             let after = SharedProgress::from_wire(&after);
@@ -983,8 +979,34 @@ pub(crate) async fn prune(inner: &LibraryInner) -> Result<(u64, u64), StoreError
                 .collect();
             lsync_watermark::sql::raise_collected(conn, &forgotten).await?;
             for device in plan.resync.iter().chain(&gc.resync) {
-                tracing::warn!(%device, "retention cap passed: the device needs a full resync");
+                tracing::warn!(%device, "retention cap passed: the device was left behind; it is not counted for pruning until it caught up again");
                 lsync_watermark::sql::set_needs_resync(conn, *device, true).await?;
+            }
+            // A peer left behind counts again once it acknowledged everything this device no
+            // longer keeps: every change pruned from the log, every deletion forgotten.
+            let left_behind: Vec<DeviceId> = peers
+                .iter()
+                .filter(|peer| peer.needs_resync)
+                .map(|peer| peer.device)
+                .filter(|device| !plan.resync.contains(device) && !gc.resync.contains(device))
+                .collect();
+            if !left_behind.is_empty() {
+                let logs = lsync_peer_log::sql::origin_logs(conn, log_cutoff).await?;
+                let mut pruned_through = SharedProgress::default();
+                for (origin, seq) in own.iter() {
+                    let first_held = logs.iter().find(|log| log.origin == origin).map(|log| log.first_seq);
+                    pruned_through.raise(origin, first_held.map_or(seq, |first| first.saturating_sub(1)));
+                }
+                let collected = lsync_watermark::sql::load_collected(conn).await?;
+                for device in left_behind {
+                    let shared = acks.get(&device).cloned().unwrap_or_default();
+                    let state = state_acks.get(&device).cloned().unwrap_or_default();
+                    if lsync_watermark::caught_up_again(&shared, &state, &pruned_through, &collected)
+                    {
+                        tracing::info!(%device, "a device left behind by retention caught up again");
+                        lsync_watermark::sql::set_needs_resync(conn, device, false).await?;
+                    }
+                }
             }
             let left = lsync_peer_log::sql::len(conn).await?;
             metrics::gauge!("lsync_peer_log_entries").set(left as f64);

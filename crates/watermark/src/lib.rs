@@ -220,16 +220,17 @@ pub fn check_epoch(remembered: Option<Epoch>, announced: Epoch) -> EpochCheck {
     }
 }
 
-/// Where a peer stands in a full resync this device asked of it (the peer fell behind what this
-/// device keeps: pruned log entries, collected tombstones).
+/// Whether a peer fell behind this device's retention cap (`sync_peers.needs_resync`): log
+/// entries pruned or tombstones collected before it had them. Such a peer is not counted for
+/// pruning until it caught up again ([`caught_up_again`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resync {
-    /// Nothing asked.
+    /// Not behind.
     None,
-    /// Asked: every watermark exchange tells the peer to resync fully.
+    /// Left behind by the retention cap.
     Required,
-    /// The peer reported (with `ready: false`) that its resync runs; done when it reports
-    /// `ready: true` again.
+    /// Stored by earlier versions (a resync the peer had reported running); read as
+    /// [`Resync::Required`] would be: left behind until it caught up again.
     Running,
 }
 
@@ -251,19 +252,25 @@ impl Resync {
             _ => Resync::Required,
         }
     }
+}
 
-    /// A watermark request arrived from the peer, announcing `peer_ready`: the new state, and
-    /// whether the answer must tell the peer to resync. The peer learns it must resync for as
-    /// long as it reports a complete copy; once it reports an incomplete one (its resync
-    /// runs, durably), the request is withdrawn when it reports a complete one again.
-    pub fn on_request(self, peer_ready: bool) -> (Resync, bool) {
-        match (self, peer_ready) {
-            (Resync::None, _) => (Resync::None, false),
-            (Resync::Required, true) => (Resync::Required, true),
-            (Resync::Required, false) | (Resync::Running, false) => (Resync::Running, false),
-            (Resync::Running, true) => (Resync::None, false),
-        }
-    }
+/// Whether a peer left behind by this device's retention cap (log entries pruned, tombstones
+/// collected before it had them: it is not counted for pruning meanwhile) has caught up again,
+/// so that its acknowledgements count once more: it acknowledged every change this device no
+/// longer keeps (`pruned_through`, per origin) and every deletion it no longer remembers
+/// (`collected`, per (owner, model)). The peer catches up by itself — a catch-up from below a
+/// pruned log brings a snapshot of the shared records, one from below a collected mark compares
+/// rows — so nothing here asks it to resync.
+pub fn caught_up_again(
+    shared_acks: &SharedProgress,
+    state_acks: &StateProgress,
+    pruned_through: &SharedProgress,
+    collected: &StateProgress,
+) -> bool {
+    pruned_through.iter().all(|(origin, seq)| shared_acks.get(origin) >= seq)
+        && collected.iter().all(|(owner, model, version)| {
+            state_acks.get(owner, model).is_some_and(|acked| acked >= version)
+        })
 }
 
 /// Whether this device lost some of its own changes: a peer has applied more of this device's
@@ -297,13 +304,25 @@ mod tests {
     }
 
     #[test]
-    fn a_resync_is_asked_until_the_peer_runs_it_and_withdrawn_when_it_finished() {
-        assert_eq!(Resync::None.on_request(true), (Resync::None, false));
-        assert_eq!(Resync::None.on_request(false), (Resync::None, false));
-        assert_eq!(Resync::Required.on_request(true), (Resync::Required, true));
-        assert_eq!(Resync::Required.on_request(false), (Resync::Running, false));
-        assert_eq!(Resync::Running.on_request(false), (Resync::Running, false));
-        assert_eq!(Resync::Running.on_request(true), (Resync::None, false));
+    fn a_peer_left_behind_counts_again_once_it_acknowledged_what_was_dropped() {
+        let t = |ms| HlcTime::new(ms, 0).unwrap();
+        let pruned = SharedProgress::from_wire(&[OriginSeq { origin: device(1), seq: 20 }]);
+        let mut collected = StateProgress::default();
+        collected.raise(device(1), "entries", t(50));
+        let mut shared = SharedProgress::from_wire(&[OriginSeq { origin: device(1), seq: 19 }]);
+        let mut state = StateProgress::default();
+        state.raise(device(1), "entries", t(60));
+        assert!(!caught_up_again(&shared, &state, &pruned, &collected), "a pruned change lacks");
+        shared.raise(device(1), 20);
+        assert!(caught_up_again(&shared, &state, &pruned, &collected));
+        let behind = StateProgress::default();
+        assert!(!caught_up_again(&shared, &behind, &pruned, &collected), "a deletion lacks");
+        assert!(caught_up_again(
+            &SharedProgress::default(),
+            &StateProgress::default(),
+            &SharedProgress::default(),
+            &StateProgress::default()
+        ));
         for state in [Resync::None, Resync::Required, Resync::Running] {
             assert_eq!(Resync::from_sql(state.to_sql()), state);
         }

@@ -243,8 +243,7 @@ pub async fn note_epoch(
     Ok(check)
 }
 
-/// Marks whether `peer` needs a full resync (marking it again while its resync runs asks for
-/// another: what it fetched may predate what was dropped since).
+/// Marks whether `peer` was left behind by this device's retention cap ([`crate::Resync`]).
 pub async fn set_needs_resync(
     conn: &mut SqliteConnection,
     peer: DeviceId,
@@ -257,31 +256,6 @@ pub async fn set_needs_resync(
         .execute(conn)
         .await?;
     Ok(())
-}
-
-/// Advances the resync handshake with `peer` for a watermark request announcing `peer_ready`
-/// ([`Resync::on_request`]); returns whether the answer must tell the peer to resync fully.
-pub async fn resync_on_request(
-    conn: &mut SqliteConnection,
-    peer: DeviceId,
-    peer_ready: bool,
-) -> Result<bool, StoreError> {
-    let stored: Option<i64> =
-        sqlx::query_scalar("SELECT needs_resync FROM sync_peers WHERE device = ?1")
-            .bind(peer.as_bytes().as_slice())
-            .fetch_optional(&mut *conn)
-            .await?;
-    let Some(stored) = stored else { return Ok(false) };
-    let state = Resync::from_sql(stored);
-    let (next, tell) = state.on_request(peer_ready);
-    if next != state {
-        sqlx::query("UPDATE sync_peers SET needs_resync = ?2 WHERE device = ?1")
-            .bind(peer.as_bytes().as_slice())
-            .bind(next.to_sql())
-            .execute(conn)
-            .await?;
-    }
-    Ok(tell)
 }
 
 /// Records that `peer` was seen at `now_ms`.
