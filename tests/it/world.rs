@@ -198,3 +198,107 @@ async fn a_catch_up_with_more_references_than_the_parking_bound_completes() {
     a.close().await;
     b.close().await;
 }
+
+/// a's rows written after a backup reach b; a's `library.db` is restored from the backup as the
+/// user guide says (the generation file kept, so a knows and resyncs), and a writes a row before
+/// it meets any peer, while its copy is not ready, which puts its own mark above the rows it lost.
+/// The resync must still bring them back: a's mark says nothing about rows it lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_copy_that_writes_before_its_resync_gets_its_lost_rows_back() {
+    let library = new_library();
+    let (mut a, mut b) = (Node::start(library, "a").await, Node::start(library, "b").await);
+    pair(&mut a, &mut b).await;
+    a.library
+        .write_rows("entries", (0..5).map(|i| entry(&format!("kept {i}"))).collect())
+        .await
+        .unwrap();
+    converge(&mut [&mut a, &mut b]).await;
+    let db = a.dir.path().join("library.db");
+    let backup = a.dir.path().join("backup.db");
+    sqlx::query("VACUUM INTO ?1")
+        .bind(backup.to_str().unwrap())
+        .execute(a.library.reader())
+        .await
+        .unwrap();
+    a.library
+        .write_rows("entries", (0..5).map(|i| entry(&format!("lost {i}"))).collect())
+        .await
+        .unwrap();
+    converge(&mut [&mut a, &mut b]).await;
+
+    let a_dir = a.close().await;
+    for file in ["library.db-wal", "library.db-shm"] {
+        let _ = std::fs::remove_file(a_dir.path().join(file));
+    }
+    std::fs::copy(&backup, &db).unwrap();
+    // Offline: a knows it was restored (its resync is pending) and writes before it meets b.
+    let offline = open_library(a_dir.path(), library, &test_config(), false).await;
+    assert_eq!(
+        offline.status().await.unwrap().backfill.phase,
+        lsync_node::BackfillPhase::Uninitialized,
+        "the restored copy is not ready until its resync"
+    );
+    offline.write_rows("entries", vec![entry("after the restore")]).await.unwrap();
+    offline.close().await.unwrap();
+
+    let mut a = Node::start_in(a_dir, library, "a", test_config(), false).await;
+    let tables = converge(&mut [&mut a, &mut b]).await;
+    assert_eq!(tables["entries"].len(), 11, "kept, lost and new rows are everywhere");
+    a.close().await;
+    b.close().await;
+}
+
+/// As above, but the whole folder is restored (the generation file too), so nothing at open can
+/// tell: b, which heard of a's copy after the backup, tells a, and a resyncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_restored_without_knowing_it_learns_it_from_a_peer_and_gets_its_lost_rows_back() {
+    let library = new_library();
+    let (mut a, mut b) = (Node::start(library, "a").await, Node::start(library, "b").await);
+    pair(&mut a, &mut b).await;
+    a.library
+        .write_rows("entries", (0..5).map(|i| entry(&format!("kept {i}"))).collect())
+        .await
+        .unwrap();
+    converge(&mut [&mut a, &mut b]).await;
+    let db = a.dir.path().join("library.db");
+    let (backup, generation) =
+        (a.dir.path().join("backup.db"), a.dir.path().join("library.db-generation"));
+    sqlx::query("VACUUM INTO ?1")
+        .bind(backup.to_str().unwrap())
+        .execute(a.library.reader())
+        .await
+        .unwrap();
+    let backup_generation = std::fs::read(&generation).unwrap();
+    a.library
+        .write_rows("entries", (0..5).map(|i| entry(&format!("lost {i}"))).collect())
+        .await
+        .unwrap();
+    converge(&mut [&mut a, &mut b]).await;
+    // a catches up with b again, so b hears where a's copy is now.
+    let b_id = b.device();
+    a.library.set_sync_enabled(false).await;
+    a.library.set_sync_enabled(true).await;
+    caught_up(&mut a, b_id).await;
+
+    let a_dir = a.close().await;
+    for file in ["library.db-wal", "library.db-shm"] {
+        let _ = std::fs::remove_file(a_dir.path().join(file));
+    }
+    std::fs::copy(&backup, &db).unwrap();
+    std::fs::write(&generation, backup_generation).unwrap();
+    // Offline: a cannot tell it was restored, and writes before it meets b.
+    let offline = open_library(a_dir.path(), library, &test_config(), false).await;
+    assert_eq!(
+        offline.status().await.unwrap().backfill.phase,
+        lsync_node::BackfillPhase::Ready,
+        "nothing at open tells"
+    );
+    offline.write_rows("entries", vec![entry("after the restore")]).await.unwrap();
+    offline.close().await.unwrap();
+
+    let mut a = Node::start_in(a_dir, library, "a", test_config(), false).await;
+    let tables = converge(&mut [&mut a, &mut b]).await;
+    assert_eq!(tables["entries"].len(), 11, "kept, lost and new rows are everywhere");
+    a.close().await;
+    b.close().await;
+}

@@ -43,6 +43,8 @@ fn watermarks(
         ready: true,
         resync: false,
         collected: Vec::new(),
+        incarnation: None,
+        seen: None,
     }
 }
 

@@ -56,6 +56,31 @@ pub(crate) async fn own_rollback(
     ))
 }
 
+/// Whether the peer heard more of this device's copy than its file holds (`Watermarks::seen`:
+/// an incarnation the file does not know, or one that ended here with fewer writes): the file
+/// was rolled back to an older copy — restored from a backup with its generation file, which
+/// nothing at open can tell. Rows this device wrote since the backup are on its peers, and a
+/// write since may have put its own mark above them; only a full resync gets them back. The
+/// incarnation is recorded as this device's, so it is acted on once.
+pub(crate) async fn copy_rolled_back(
+    inner: &LibraryInner,
+    theirs: &Watermarks,
+) -> Result<bool, StoreError> {
+    let Some(seen) = theirs.seen else { return Ok(false) };
+    let current = inner.identity().origin;
+    inner
+        .db
+        .write(async |conn| {
+            let rolled_back =
+                lsync_store::rolled_back(conn, current, seen.origin, seen.seq).await?;
+            if rolled_back {
+                lsync_store::adopt_incarnation(conn, seen.origin, seen.seq).await?;
+            }
+            Ok(rolled_back)
+        })
+        .await
+}
+
 /// The acknowledgement this device sends: everything it has applied.
 pub(crate) fn ack_of(watermarks: &Watermarks) -> Ack {
     Ack { shared: watermarks.shared.clone(), state: watermarks.state.clone() }
@@ -346,7 +371,7 @@ async fn serve_inner(
     tracing::trace!(request = request.name(), "serving");
     let registry = inner.registry().clone();
     Ok(match request {
-        Message::WatermarksRequest(_) => {
+        Message::WatermarksRequest(theirs) => {
             // A peer asking for watermarks is planning (or rebasing) a backfill or catching up:
             // every page it asks for next must be read after the marks it gets now. A page read
             // ahead before would lack rows those marks cover, and the peer would raise its mark
@@ -365,7 +390,15 @@ async fn serve_inner(
             // `pruned` (it fetches a snapshot of the shared records). A full resync asked here
             // ran again on every later catch-up when another peer had served it, and a
             // shared-only backfill could pass for it (issue 16, failure 3).
-            Message::WatermarksResponse(own_watermarks(inner).await?)
+            // What this device heard of the requester's own copy before, told back to it: a
+            // copy rolled back to an old file learns it here (`copy_rolled_back`).
+            let seen = inner
+                .db
+                .write(async |conn| {
+                    lsync_watermark::sql::record_seen(conn, peer, theirs.incarnation).await
+                })
+                .await?;
+            Message::WatermarksResponse(Watermarks { seen, ..own_watermarks(inner).await? })
         }
         Message::SharedCatchUpRequest(SharedCatchUpRequest { after, limit }) => {
             let after = SharedProgress::from_wire(&after);
@@ -737,6 +770,7 @@ pub(crate) async fn apply_backfill_page(
     checkpoint: &lsync_backfill::Checkpoint,
 ) -> Result<(), LibraryError> {
     let registry = inner.registry().clone();
+    let device = inner.identity().device;
     let started = Instant::now();
     let keys = page.keys();
     let (changed, projection) = inner
@@ -751,7 +785,16 @@ pub(crate) async fn apply_backfill_page(
                     // writes again.
                     let versions: Vec<HlcTime> = page.rows.iter().map(|row| row.version).collect();
                     observe_rows(inner, peer, page.owner, &versions);
-                    let applied = lsync_state_sync::sql::apply_rows(
+                    // A resync of this device's own rows trusts the serving peer over the own
+                    // mark: a restored copy's mark may lie above rows it lost (it wrote newer
+                    // ones since), which the mark would refuse as deleted here. What this device
+                    // deleted is held as tombstones, or acknowledged by every peer and absent.
+                    let known_through = if checkpoint.delete_missing && page.owner == device {
+                        None
+                    } else {
+                        lsync_watermark::sql::state_mark(conn, page.owner, &page.model).await?
+                    };
+                    let applied = lsync_state_sync::sql::apply_rows_known_through(
                         conn,
                         &registry,
                         page.owner,
@@ -759,6 +802,7 @@ pub(crate) async fn apply_backfill_page(
                         &page.columns,
                         page.rows,
                         false,
+                        known_through,
                         now_ms(),
                     )
                     .await?;

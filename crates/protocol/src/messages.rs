@@ -112,6 +112,16 @@ pub struct Watermarks {
     /// instead (see `docs/protocol.md`, "Collected tombstones"). Absent: nothing collected.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub collected: Vec<StateMark>,
+    /// The sender's current incarnation (the origin it numbers its shared changes under) and its
+    /// write count, as `{origin, seq}` with the write count in `seq`. The receiver remembers it
+    /// and tells it back in [`Watermarks::seen`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation: Option<OriginSeq>,
+    /// Only in a [`Message::WatermarksResponse`](crate::Message::WatermarksResponse): what the
+    /// responder last heard of the requester's incarnation and write count before this request.
+    /// A requester whose file does not hold that much was rolled back to an older copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seen: Option<OriginSeq>,
 }
 
 /// Device-owned rows of one owner and one model, pushed live by the owner or relayed.

@@ -120,6 +120,8 @@ fn watermarks() -> impl Strategy<Value = Watermarks> {
                 .into_iter()
                 .map(|(owner, model, version)| StateMark { owner, model, version })
                 .collect(),
+            incarnation: (epoch % 2 == 0).then_some(OriginSeq { origin: device, seq: epoch / 3 }),
+            seen: (epoch % 3 == 0).then_some(OriginSeq { origin: device, seq: epoch / 5 }),
         })
 }
 

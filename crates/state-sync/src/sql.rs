@@ -78,7 +78,6 @@ fn column_map(model: &ModelDef, columns: &[String]) -> Result<Vec<Option<usize>>
 /// to these rows (a live batch whose `since` is at or below this device's mark, a catch-up page
 /// in version order from that mark, or the owner's own write). Only then are rows removed under
 /// a subtree tombstone recorded as what the owner removed; otherwise the removal is provisional.
-#[allow(clippy::too_many_lines, reason = "the apply steps in order, each commented")]
 #[allow(clippy::too_many_arguments, reason = "one batch and where it stands")]
 pub async fn apply_rows(
     conn: &mut SqliteConnection,
@@ -90,9 +89,33 @@ pub async fn apply_rows(
     complete: bool,
     now_ms: u64,
 ) -> Result<Applied, StateError> {
+    let mark = lsync_watermark::sql::state_mark(conn, owner, model_name).await?;
+    apply_rows_known_through(
+        conn, registry, owner, model_name, columns, rows, complete, mark, now_ms,
+    )
+    .await
+}
+
+/// [`apply_rows`], with the version up to which this device is known to hold every change of
+/// the owner's rows given explicitly (`known_through`) instead of its mark. For this device's
+/// own rows written by an earlier session: after a restore its mark may lie above rows it lost
+/// (it wrote newer ones since), and only the mark it opened with is known to be complete.
+#[allow(clippy::too_many_lines, reason = "the apply steps in order, each commented")]
+#[allow(clippy::too_many_arguments, reason = "one batch and where it stands")]
+pub async fn apply_rows_known_through(
+    conn: &mut SqliteConnection,
+    registry: &Registry,
+    owner: DeviceId,
+    model_name: &str,
+    columns: &[String],
+    rows: Vec<StateRow>,
+    complete: bool,
+    known_through: Option<HlcTime>,
+    now_ms: u64,
+) -> Result<Applied, StateError> {
     let model = device_owned(registry, model_name)?;
     let map = column_map(model, columns)?;
-    let mark = lsync_watermark::sql::state_mark(conn, owner, model_name).await?;
+    let mark = known_through;
     let mut applied =
         Applied { newest: rows.iter().map(|row| row.version).max(), ..Applied::default() };
 

@@ -183,6 +183,14 @@ impl Database {
         let opened_at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |since| i64::try_from(since.as_millis()).unwrap_or(i64::MAX));
+        // The previous incarnation ended with the file's write count as it is now.
+        let writes = read_generation(&mut writer).await?;
+        sqlx::query(
+            "UPDATE sync_incarnations SET last_generation = ?1 WHERE last_generation IS NULL",
+        )
+        .bind(writes.cast_signed())
+        .execute(&mut writer)
+        .await?;
         sqlx::query("INSERT INTO sync_incarnations (origin, opened_at) VALUES (?1, ?2)")
             .bind(identity.origin.as_bytes().as_slice())
             .bind(opened_at)
@@ -604,6 +612,54 @@ async fn read_identity(conn: &mut SqliteConnection, path: &Path) -> Result<Ident
     })
 }
 
+/// The file's write count (`sync_meta` generation): every write transaction that changed
+/// something counts itself.
+pub async fn generation(conn: &mut SqliteConnection) -> Result<u64, StoreError> {
+    read_generation(conn).await
+}
+
+/// Whether a peer's view of this device — its incarnation `origin` at write count `generation`
+/// — shows this file rolled back to an older copy: the incarnation is not one of this file's, or
+/// it ended here with fewer writes than the peer saw. `current` (this session's) never is.
+pub async fn rolled_back(
+    conn: &mut SqliteConnection,
+    current: DeviceId,
+    origin: DeviceId,
+    generation: u64,
+) -> Result<bool, StoreError> {
+    if origin == current {
+        return Ok(false);
+    }
+    let known: Option<Option<i64>> =
+        sqlx::query_scalar("SELECT last_generation FROM sync_incarnations WHERE origin = ?1")
+            .bind(origin.as_bytes().as_slice())
+            .fetch_optional(conn)
+            .await?;
+    Ok(match known {
+        None => true,
+        Some(None) => false,
+        Some(Some(last)) => generation > last.cast_unsigned(),
+    })
+}
+
+/// Records `origin`, seen by a peer at write count `generation`, as an incarnation of this device
+/// that ended there (the file had lost it): it is not taken for a rollback again.
+pub async fn adopt_incarnation(
+    conn: &mut SqliteConnection,
+    origin: DeviceId,
+    generation: u64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO sync_incarnations (origin, opened_at, last_generation) VALUES (?1, 0, ?2)
+         ON CONFLICT (origin) DO UPDATE SET last_generation = max(last_generation, excluded.last_generation)",
+    )
+    .bind(origin.as_bytes().as_slice())
+    .bind(generation.cast_signed())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// Every origin this file knows to be one of this device's incarnations (see
 /// [`Identity::origin`]), the current one included.
 pub async fn own_origins(conn: &mut SqliteConnection) -> Result<Vec<DeviceId>, StoreError> {
@@ -824,7 +880,9 @@ mod tests {
         db.write(async |conn| {
             sqlx::raw_sql(
                 "DROP INDEX sync_shared_refs_by_record; DROP TABLE sync_collected_state;
-                 DROP TABLE sync_incarnations; DELETE FROM sync_migrations WHERE version >= 2;",
+                 DROP TABLE sync_incarnations; ALTER TABLE sync_peers DROP COLUMN seen_origin;
+                 ALTER TABLE sync_peers DROP COLUMN seen_generation;
+                 DELETE FROM sync_migrations WHERE version >= 2;",
             )
             .execute(conn)
             .await

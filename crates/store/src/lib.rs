@@ -42,8 +42,9 @@ mod registry;
 pub mod sql;
 
 pub use db::{
-    Database, Durability, Identity, Restored, StoreOptions, WritesHeld, clear_restore_pending,
-    load_clock, own_origins, restore_pending, store_clock,
+    Database, Durability, Identity, Restored, StoreOptions, WritesHeld, adopt_incarnation,
+    clear_restore_pending, generation, load_clock, own_origins, restore_pending, rolled_back,
+    store_clock,
 };
 pub use dump::dump_tables;
 pub use reference::{ENTRY_KIND_DIRECTORY, ENTRY_KIND_FILE, reference_models, reference_registry};

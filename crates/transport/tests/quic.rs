@@ -450,6 +450,8 @@ async fn heartbeats_carry_watermarks_and_measure_rtt() {
         ready: true,
         resync: false,
         collected: Vec::new(),
+        incarnation: None,
+        seen: None,
     };
     let source_marks = marks.clone();
     let source: WatermarkSource = Arc::new(move || Some(source_marks.clone()));

@@ -139,7 +139,51 @@ pub async fn own_watermarks(
         ready,
         resync: false,
         collected: load_collected(conn).await?.to_wire(),
+        incarnation: Some(OriginSeq {
+            origin: identity.origin,
+            seq: lsync_store::generation(conn).await?,
+        }),
+        seen: None,
     })
+}
+
+/// Remembers the incarnation and write count `peer` announced (`Watermarks::incarnation`);
+/// returns what was remembered before, to tell back to it (`Watermarks::seen`). The write count
+/// only grows within one incarnation.
+pub async fn record_seen(
+    conn: &mut SqliteConnection,
+    peer: DeviceId,
+    announced: Option<OriginSeq>,
+) -> Result<Option<OriginSeq>, StoreError> {
+    let row = sqlx::query(
+        "SELECT seen_origin, seen_generation FROM sync_peers
+         WHERE device = ?1 AND seen_origin IS NOT NULL AND seen_generation IS NOT NULL",
+    )
+    .bind(peer.as_bytes().as_slice())
+    .fetch_optional(&mut *conn)
+    .await?;
+    let before = match row {
+        Some(row) => Some(OriginSeq {
+            origin: DeviceId(read_uuid(&row, 0)?),
+            seq: seq_from_sql(row.try_get(1)?)?,
+        }),
+        None => None,
+    };
+    if let Some(announced) = announced {
+        let same = before.is_some_and(|before| before.origin == announced.origin);
+        sqlx::query(
+            "UPDATE sync_peers SET seen_origin = ?2,
+                 seen_generation = CASE WHEN ?4 THEN max(coalesce(seen_generation, 0), ?3) ELSE ?3 END
+             WHERE device = ?1",
+        )
+        .bind(peer.as_bytes().as_slice())
+        .bind(announced.origin.as_bytes().as_slice())
+        .bind(seq_to_sql(announced.seq)?)
+        .bind(same)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(before)
 }
 
 /// A paired device as remembered.
@@ -232,6 +276,14 @@ pub async fn note_epoch(
     let check = check_epoch(remembered.map(|epoch| Epoch(epoch.cast_unsigned())), announced);
     if let EpochCheck::Changed { .. } = check {
         reset_peer_acks(conn, peer).await?;
+        // A new copy (re-created, or restored and detected): what it announced before describes
+        // another file.
+        sqlx::query(
+            "UPDATE sync_peers SET seen_origin = NULL, seen_generation = NULL WHERE device = ?1",
+        )
+        .bind(peer.as_bytes().as_slice())
+        .execute(&mut *conn)
+        .await?;
     }
     if check != EpochCheck::Same {
         sqlx::query("UPDATE sync_peers SET epoch = ?2 WHERE device = ?1")

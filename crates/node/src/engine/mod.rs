@@ -1089,8 +1089,9 @@ struct PeerActor<T: Transport> {
 
 /// What a peer actor's sender task takes, in order.
 enum Outbound {
-    /// Send this; with a coverage, register it for acknowledgement.
-    Message(WireMessage, Option<Coverage>),
+    /// Send this; with a coverage, register it for acknowledgement. Boxed: messages vary in
+    /// size, and the queue's slots stay small.
+    Message(Box<WireMessage>, Option<Coverage>),
     /// Everything queued before this was handed to the transport.
     Marker(tokio::sync::oneshot::Sender<()>),
 }
@@ -1119,7 +1120,7 @@ impl<T: Transport> Actor for PeerActor<T> {
             async move {
             while let Some(item) = queue.recv().await {
                 let (message, covers) = match item {
-                    Outbound::Message(message, covers) => (message, covers),
+                    Outbound::Message(message, covers) => (*message, covers),
                     Outbound::Marker(done) => {
                         let _ = done.send(());
                         continue;
@@ -1166,7 +1167,7 @@ impl<T: Transport> PeerActor<T> {
     /// up: the message is counted and left to catch-up (batches) or the next ack (acks).
     fn queue(&self, message: WireMessage, covers: Option<Coverage>) {
         let Some(outbound) = &self.outbound else { return };
-        if outbound.try_send(Outbound::Message(message, covers)).is_err() {
+        if outbound.try_send(Outbound::Message(Box::new(message), covers)).is_err() {
             metrics::counter!("lsync_push_skipped_total").increment(1);
             tracing::debug!(peer = %self.peer, "outbound queue full; catch-up by watermark takes over");
         }
@@ -1205,6 +1206,17 @@ impl<T: Transport> PeerActor<T> {
                 // rolled back (restored together with the file that would have told at open).
                 // Fetch everything back before numbering on; shared writes wait meanwhile.
                 tracing::error!(%peer, seq, "the peer holds changes of this device that it lost: resyncing fully");
+                metrics::counter!("lsync_rollbacks_detected_total").increment(1);
+                supervisor.do_send(ResyncNeeded {
+                    scope: lsync_backfill::Scope::Everything,
+                    delete_missing: true,
+                });
+                return Ok((false, None));
+            }
+            if sync::copy_rolled_back(&inner, &theirs).await? {
+                // The peer heard more of this copy than the file holds: it was rolled back
+                // (restored with its generation file). Fetch everything back.
+                tracing::error!(%peer, seen = ?theirs.seen, "the peer saw more of this copy than its file holds (restored from an old copy): resyncing fully");
                 metrics::counter!("lsync_rollbacks_detected_total").increment(1);
                 supervisor.do_send(ResyncNeeded {
                     scope: lsync_backfill::Scope::Everything,
@@ -1402,6 +1414,17 @@ impl<T: Transport> Handler<FromPeer> for PeerActor<T> {
                 ctx.wait(
                     async move {
                         let _ = sync::record_ack(&inner, peer, &sync::ack_of(&watermarks)).await;
+                        // What the peer's copy is at, told back to it in watermark responses (a
+                        // copy rolled back to an old file learns it from them).
+                        if watermarks.incarnation.is_some() {
+                            let seen = watermarks.incarnation;
+                            let _ = inner
+                                .db
+                                .write(async |conn| {
+                                    lsync_watermark::sql::record_seen(conn, peer, seen).await
+                                })
+                                .await;
+                        }
                         // Divergence is repaired without waiting for a reconnect.
                         match sync::behind(&inner, &watermarks).await {
                             Ok(true) => Some(watermarks),

@@ -601,6 +601,8 @@ impl Device {
             ready: self.durable.ready(),
             resync: false,
             collected: self.durable.collected.to_wire(),
+            incarnation: None,
+            seen: None,
         }
     }
 
