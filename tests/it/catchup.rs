@@ -704,8 +704,8 @@ async fn a_device_left_behind_by_retention_catches_up_without_a_full_resync() {
 }
 
 /// A wall clock running `ahead_ms` ahead of the real one.
-struct AheadClock {
-    ahead_ms: u64,
+pub struct AheadClock {
+    pub ahead_ms: u64,
 }
 
 impl lsync_hlc::Clock for AheadClock {
@@ -752,6 +752,13 @@ async fn changes_from_a_clock_beyond_the_drift_bound_are_kept_the_skew_is_visibl
     assert_eq!(tables["entries"].len(), 1, "nothing is lost");
     let status = a.library.status().await.unwrap();
     assert!(status.skewed_changes >= 1, "the skew is visible: {status:?}");
+    let c_id = c.device();
+    let offset =
+        status.peers.iter().find(|peer| peer.device == c_id).and_then(|peer| peer.clock_offset_ms);
+    assert!(
+        offset.is_some_and(|offset| (7_000_000..7_400_000).contains(&offset)),
+        "the device two hours ahead is named with its offset: {offset:?}"
+    );
     assert!(status.clock_lead_ms < 60_000, "a's clock did not jump two hours ahead");
     // a, having seen c's name, renames the tag: the rename wins everywhere although a's clock is
     // two hours behind c's stamp (a local edit is stamped after every stamp the record holds).

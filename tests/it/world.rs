@@ -302,3 +302,59 @@ async fn a_copy_restored_without_knowing_it_learns_it_from_a_peer_and_gets_its_l
     a.close().await;
     b.close().await;
 }
+
+/// a's clock ran a year ahead when it wrote a row; a is then re-created under its identity with
+/// its clock right. Its clock does not adopt its own year-ahead versions (beyond the drift
+/// bound), yet its next edit of the row must be newer than them, or it is refused as stale
+/// everywhere, a itself included, while `write_rows` said Ok (found by the real-mode simulator:
+/// `--seed 21 --topology random`, clock-jump then recreate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_recreated_after_its_clock_ran_a_year_ahead_can_still_edit_its_rows() {
+    let library = new_library();
+    let mut b = Node::start(library, "b").await;
+    let a_dir = tempfile::tempdir().unwrap();
+    open_library(a_dir.path(), library, &test_config(), true).await.close().await.unwrap();
+    let registry = std::sync::Arc::new(lsync_store::reference_registry().unwrap());
+    let year_ahead: std::sync::Arc<dyn lsync_hlc::Clock> =
+        std::sync::Arc::new(crate::catchup::AheadClock { ahead_ms: 365 * 24 * 3_600_000 });
+    let a_library = lsync_node::Library::open_with_clock(
+        &a_dir.path().join("library.db"),
+        registry,
+        test_config(),
+        year_ahead,
+    )
+    .await
+    .unwrap();
+    let transport = start_transport(a_dir.path(), &a_library, "a", &test_config()).await;
+    let mut a = Node {
+        name: "a".into(),
+        dir: a_dir,
+        events: a_library.subscribe(),
+        library: a_library,
+        transport,
+    };
+    pair(&mut a, &mut b).await;
+    let row = entry("written a year ahead");
+    let RowEdit::Upsert { id, values } = &row else { unreachable!() };
+    let (id, mut values) = (*id, values.clone());
+    a.library.write_rows("entries", vec![row]).await.unwrap();
+    converge(&mut [&mut a, &mut b]).await;
+
+    // a loses its file, keeps its keys, and joins again with its clock right.
+    let a_dir = a.close().await;
+    for file in ["library.db", "library.db-wal", "library.db-shm", "library.db-generation"] {
+        let _ = std::fs::remove_file(a_dir.path().join(file));
+    }
+    let mut a = Node::start_as(a_dir, library, "a", test_config(), How::Join).await;
+    backfilled(&mut a).await;
+    values[2] = Value::from("renamed after the re-creation");
+    a.library.write_rows("entries", vec![RowEdit::Upsert { id, values }]).await.unwrap();
+    let tables = converge(&mut [&mut a, &mut b]).await;
+    assert!(
+        tables["entries"][0].contains(&Value::from("renamed after the re-creation")),
+        "{:?}",
+        tables["entries"]
+    );
+    a.close().await;
+    b.close().await;
+}

@@ -45,6 +45,7 @@ fn watermarks(
         collected: Vec::new(),
         incarnation: None,
         seen: None,
+        wall_ms: None,
     }
 }
 

@@ -94,6 +94,20 @@ pub(crate) fn utc(ms: i64) -> String {
     text.get(..19).unwrap_or(&text).replacen('T', " ", 1)
 }
 
+/// The notes after a peer's row: left behind by retention, a clock off by more than a second.
+fn peer_notes(peer: &crate::views::PeerStatusView) -> String {
+    let mut notes = Vec::new();
+    if peer.needs_resync {
+        notes.push("left behind by retention".to_owned());
+    }
+    if let Some(offset) = peer.clock_offset_ms.filter(|offset| offset.unsigned_abs() >= 1_000) {
+        let seconds = offset.unsigned_abs() as f64 / 1_000.0;
+        let way = if offset > 0 { "ahead" } else { "behind" };
+        notes.push(format!("clock {seconds:.0} s {way}"));
+    }
+    notes.join(", ")
+}
+
 /// `now`, `12 s ago`, `5 min ago`, `3 h ago`, `2 d ago`.
 pub(crate) fn ago(ms: u64, now_ms: u64) -> String {
     let seconds = now_ms.saturating_sub(ms) / 1_000;
@@ -213,11 +227,7 @@ pub(crate) fn status_text(status: &StatusView, now_ms: u64) -> String {
                     || "none acked".to_owned(),
                     |ms| format!("{:.1} s", ms as f64 / 1_000.0),
                 ),
-                if peer.needs_resync {
-                    "left behind by retention".to_owned()
-                } else {
-                    String::new()
-                },
+                peer_notes(peer),
             ]);
         }
         out.push_str(&table(&rows));
@@ -427,6 +437,7 @@ mod tests {
                 lag: 3,
                 rows_lag_ms: Some(1_200),
                 needs_resync: false,
+                clock_offset_ms: None,
                 acked_shared: vec![],
             }],
             shared_watermarks: vec![SharedMarkView {

@@ -133,6 +133,8 @@ pub(crate) struct PeerStatusView {
     pub(crate) rows_lag_ms: Option<u64>,
     /// Left behind by this device's retention cap (not counted for pruning until caught up).
     pub(crate) needs_resync: bool,
+    /// Its wall clock minus this device's, in milliseconds (last watermark exchange).
+    pub(crate) clock_offset_ms: Option<i64>,
     /// What it acknowledged of shared changes, per origin.
     pub(crate) acked_shared: Vec<SharedMarkView>,
 }
@@ -201,6 +203,7 @@ impl StatusView {
                     lag: peer.lag,
                     rows_lag_ms: peer.rows_lag_ms,
                     needs_resync: peer.needs_resync,
+                    clock_offset_ms: peer.clock_offset_ms,
                     acked_shared: shared(&peer.acked_shared),
                 })
                 .collect(),

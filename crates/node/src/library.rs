@@ -110,6 +110,10 @@ pub struct PeerStatus {
     /// Whether this device's retention cap left it behind (log entries pruned or tombstones
     /// collected before it had them): not counted for pruning until it caught up again.
     pub needs_resync: bool,
+    /// Its wall clock minus this device's, in milliseconds, measured at the last watermark
+    /// exchange (to within half a round trip); `None` until one. A device far ahead (beyond the
+    /// drift bound) is named here, in the metric `lsync_peer_clock_offset_ms` and in a warning.
+    pub clock_offset_ms: Option<i64>,
 }
 
 /// Everything `status` reports.
@@ -207,6 +211,8 @@ pub(crate) struct LibraryInner {
     pub(crate) backfill: std::sync::Mutex<Option<BackfillProgress>>,
     /// Backfill pages read ahead for peers backfilling from this device.
     pub(crate) read_ahead: std::sync::Mutex<HashMap<DeviceId, crate::sync::ReadAhead>>,
+    /// Each peer's wall clock minus this device's, measured at the last watermark exchange.
+    pub(crate) clock_offsets: std::sync::Mutex<HashMap<DeviceId, i64>>,
 }
 
 impl LibraryInner {
@@ -349,6 +355,7 @@ impl Library {
             ready: AtomicBool::new(ready),
             backfill: std::sync::Mutex::new(progress),
             read_ahead: std::sync::Mutex::new(HashMap::new()),
+            clock_offsets: std::sync::Mutex::new(HashMap::new()),
         };
         Ok(Self { inner: Arc::new(inner) })
     }
@@ -527,6 +534,8 @@ impl Library {
         // This device's own changes, under every incarnation this file knows.
         let own = lsync_watermark::SharedProgress::from_wire(&watermarks.shared);
         let online = engine.as_ref().map(|status| status.online.clone()).unwrap_or_default();
+        let offsets =
+            inner.clock_offsets.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         let peers = peers
             .into_iter()
             .map(|peer| {
@@ -553,6 +562,7 @@ impl Library {
                         .map(|progress| progress.to_wire())
                         .unwrap_or_default(),
                     needs_resync: peer.needs_resync,
+                    clock_offset_ms: offsets.get(&peer.device).copied(),
                 }
             })
             .collect();

@@ -255,13 +255,54 @@ pub(crate) async fn exchange_watermarks<T: Transport>(
     transport: &T,
     peer: DeviceId,
 ) -> Result<Watermarks, CatchUpError> {
-    let mine = own_watermarks(inner).await?;
+    let mut mine = own_watermarks(inner).await?;
+    let sent = inner.clock.wall_ms();
+    mine.wall_ms = Some(sent);
     match transport
         .request(peer, Message::WatermarksRequest(mine), inner.config.request_timeout)
         .await?
     {
-        Message::WatermarksResponse(theirs) => Ok(theirs),
+        Message::WatermarksResponse(theirs) => {
+            if let Some(their_wall) = theirs.wall_ms {
+                let received = inner.clock.wall_ms();
+                note_clock_offset(inner, peer, clock_offset_ms(sent, their_wall, received));
+            }
+            Ok(theirs)
+        }
         _ => Err(CatchUpError::Unexpected("answer to WatermarksRequest")),
+    }
+}
+
+/// The responder's wall clock minus this device's, from one request: its clock read
+/// `their_wall` while this device's went from `sent` to `received` (the answer was read about
+/// half-way; the error is at most half the round trip).
+pub(crate) fn clock_offset_ms(sent: u64, their_wall: u64, received: u64) -> i64 {
+    let midpoint = sent / 2 + received / 2 + (sent % 2 + received % 2) / 2;
+    i64::try_from(i128::from(their_wall) - i128::from(midpoint))
+        .unwrap_or(if their_wall > midpoint { i64::MAX } else { i64::MIN })
+}
+
+/// Remembers `peer`'s clock offset for status and metrics; one beyond the drift bound is
+/// named in a warning (its changes' stamps are not adopted, and an edit made here after seeing
+/// them still wins: see `docs/protocol.md`, "Clocks far ahead").
+fn note_clock_offset(inner: &LibraryInner, peer: DeviceId, offset_ms: i64) {
+    let previous = inner
+        .clock_offsets
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(peer, offset_ms);
+    metrics::gauge!("lsync_peer_clock_offset_ms", "peer" => peer.to_string()).set(offset_ms as f64);
+    let bound = i64::try_from(inner.clock.max_drift_ms()).unwrap_or(i64::MAX);
+    let beyond = |offset: i64| offset.unsigned_abs() > bound.unsigned_abs();
+    if beyond(offset_ms) && !previous.is_some_and(beyond) {
+        tracing::warn!(%peer, offset_ms, max_drift_ms = bound, "the peer's clock is beyond the drift bound: its stamps are applied but not adopted; fix its clock");
+        inner.emit(Event::Error {
+            message: format!(
+                "the clock of {peer} is {} s {} this device's, beyond the drift bound",
+                offset_ms.unsigned_abs() / 1_000,
+                if offset_ms > 0 { "ahead of" } else { "behind" }
+            ),
+        });
     }
 }
 
@@ -398,7 +439,11 @@ async fn serve_inner(
                     lsync_watermark::sql::record_seen(conn, peer, theirs.incarnation).await
                 })
                 .await?;
-            Message::WatermarksResponse(Watermarks { seen, ..own_watermarks(inner).await? })
+            Message::WatermarksResponse(Watermarks {
+                seen,
+                wall_ms: Some(inner.clock.wall_ms()),
+                ..own_watermarks(inner).await?
+            })
         }
         Message::SharedCatchUpRequest(SharedCatchUpRequest { after, limit }) => {
             let after = SharedProgress::from_wire(&after);
@@ -1071,6 +1116,15 @@ mod tests {
 
     use lsync_hlc::DeviceId;
     use lsync_protocol::{BackfillRequest, LibraryId, Message, Value};
+
+    #[test]
+    fn the_clock_offset_is_read_at_the_middle_of_the_round_trip() {
+        assert_eq!(super::clock_offset_ms(1_000, 1_010, 1_020), 0);
+        assert_eq!(super::clock_offset_ms(1_000, 5_010, 1_020), 4_000);
+        assert_eq!(super::clock_offset_ms(1_000, 10, 1_020), -1_000);
+        assert_eq!(super::clock_offset_ms(u64::MAX, u64::MAX, u64::MAX), 0);
+        assert_eq!(super::clock_offset_ms(0, u64::MAX, 0), i64::MAX);
+    }
     use lsync_state_sync::sql::RowEdit;
     use lsync_store::{ENTRY_KIND_FILE, reference_registry};
     use uuid::Uuid;

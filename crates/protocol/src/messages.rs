@@ -122,6 +122,10 @@ pub struct Watermarks {
     /// A requester whose file does not hold that much was rolled back to an older copy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seen: Option<OriginSeq>,
+    /// The sender's wall clock (ms since the Unix epoch) when it sent a watermark request or
+    /// response: the requester measures the responder's clock offset from it and the round trip.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wall_ms: Option<u64>,
 }
 
 /// Device-owned rows of one owner and one model, pushed live by the owner or relayed.

@@ -122,6 +122,7 @@ fn watermarks() -> impl Strategy<Value = Watermarks> {
                 .collect(),
             incarnation: (epoch % 2 == 0).then_some(OriginSeq { origin: device, seq: epoch / 3 }),
             seen: (epoch % 3 == 0).then_some(OriginSeq { origin: device, seq: epoch / 5 }),
+            wall_ms: (epoch % 5 == 0).then_some(epoch / 7),
         })
 }
 

@@ -18,10 +18,35 @@ pub struct Faults {
     pub skew: bool,
     /// Messages are lost, duplicated, reordered and delayed on the wire.
     pub lossy: bool,
+    /// A device is stopped and brought back from an older copy of its files, as a user restores
+    /// a backup (its generation file restored too, or kept, as the user guide says).
+    pub restore: bool,
+    /// A device's library file is wiped and it joins again under its identity.
+    pub recreate: bool,
+    /// Retention caps small enough that a device away for a while is left behind (log entries
+    /// pruned, tombstones collected before it had them).
+    pub retention: bool,
+    /// A device's clock jumps far beyond the drift bound (a year ahead), it writes, and the
+    /// clock jumps back.
+    pub clock_jump: bool,
+    /// A device stops reading its connections for a while without closing them (a hung process).
+    pub stall: bool,
 }
 
 /// Every fault name `--faults` accepts, in the order reports list them.
-pub const FAULT_NAMES: [&str; 6] = ["partition", "restart", "offline", "join", "skew", "lossy"];
+pub const FAULT_NAMES: [&str; 11] = [
+    "partition",
+    "restart",
+    "offline",
+    "join",
+    "skew",
+    "lossy",
+    "restore",
+    "recreate",
+    "retention",
+    "clock-jump",
+    "stall",
+];
 
 impl Faults {
     /// Every fault.
@@ -32,7 +57,35 @@ impl Faults {
         join: true,
         skew: true,
         lossy: true,
+        restore: true,
+        recreate: true,
+        retention: true,
+        clock_jump: true,
+        stall: true,
     };
+
+    /// The faults the deterministic mode models (the others need the real engine's files,
+    /// transport or resyncs, which it does not simulate yet).
+    pub const DETERMINISTIC: Faults = Faults {
+        restore: false,
+        recreate: false,
+        retention: false,
+        clock_jump: false,
+        stall: false,
+        ..Faults::ALL
+    };
+
+    /// These faults without the ones the deterministic mode does not model.
+    pub fn deterministic_part(self) -> Faults {
+        Faults {
+            restore: false,
+            recreate: false,
+            retention: false,
+            clock_jump: false,
+            stall: false,
+            ..self
+        }
+    }
 
     fn flag(&mut self, name: &str) -> Option<&mut bool> {
         match name {
@@ -42,14 +95,30 @@ impl Faults {
             "join" => Some(&mut self.join),
             "skew" => Some(&mut self.skew),
             "lossy" => Some(&mut self.lossy),
+            "restore" => Some(&mut self.restore),
+            "recreate" => Some(&mut self.recreate),
+            "retention" => Some(&mut self.retention),
+            "clock-jump" => Some(&mut self.clock_jump),
+            "stall" => Some(&mut self.stall),
             _ => None,
         }
     }
 
     /// The names of the selected faults.
     pub fn names(&self) -> Vec<&'static str> {
-        let selected =
-            [self.partition, self.restart, self.offline, self.join, self.skew, self.lossy];
+        let selected = [
+            self.partition,
+            self.restart,
+            self.offline,
+            self.join,
+            self.skew,
+            self.lossy,
+            self.restore,
+            self.recreate,
+            self.retention,
+            self.clock_jump,
+            self.stall,
+        ];
         FAULT_NAMES.iter().zip(selected).filter(|(_, on)| *on).map(|(name, _)| *name).collect()
     }
 }
@@ -97,7 +166,13 @@ mod tests {
         let two: Faults = "partition, skew".parse().unwrap();
         assert_eq!(two, Faults { partition: true, skew: true, ..Faults::default() });
         assert_eq!(two.to_string(), "partition,skew");
-        assert_eq!(Faults::ALL.to_string(), "partition,restart,offline,join,skew,lossy");
+        assert_eq!(
+            Faults::ALL.to_string(),
+            "partition,restart,offline,join,skew,lossy,restore,recreate,retention,clock-jump,stall"
+        );
+        assert_eq!(Faults::ALL.deterministic_part(), Faults::DETERMINISTIC);
+        let jump: Faults = "clock-jump,stall".parse().unwrap();
+        assert!(jump.clock_jump && jump.stall && !jump.restore);
         assert!("partition,meteor".parse::<Faults>().unwrap_err().contains("meteor"));
         assert_eq!(Faults::default().to_string(), "none");
     }

@@ -141,10 +141,20 @@ fn run_deterministic(cli: &Cli) -> Result<bool, String> {
             cli.topology
         ));
     }
+    // The faults the deterministic mode does not model yet are said, not silently dropped.
+    let faults = cli.faults.deterministic_part();
+    let unmodelled: Vec<&str> =
+        cli.faults.names().into_iter().filter(|name| !faults.names().contains(name)).collect();
+    if !unmodelled.is_empty() && !cli.json {
+        eprintln!(
+            "lsync-sim: the deterministic mode does not model {} yet (the real mode does); running without",
+            unmodelled.join(", ")
+        );
+    }
     let config = DetConfig {
         peers: usize::from(cli.peers.unwrap_or(5)),
         ops: cli.ops.unwrap_or(300),
-        faults: cli.faults,
+        faults,
     };
     let first = cli.seed.unwrap_or_else(time_seed);
     let count = cli.seeds.unwrap_or(1);

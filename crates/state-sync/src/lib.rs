@@ -106,6 +106,19 @@ pub fn decide(
     }
 }
 
+/// The version of a local write of the owner's row: the clock's `now`, or — when the owner's
+/// own mark for the model (`after`) is at or past it — just after the mark. Every change of an
+/// owner's rows must be newer than the owner's mark, or peers catching up "after the mark" never
+/// see it. The clock alone does not ensure it: a copy re-created (or restored) under an identity
+/// whose clock once ran far ahead gets back rows stamped beyond the drift bound, which its clock
+/// refuses to adopt.
+pub fn local_version(now: HlcTime, after: Option<HlcTime>) -> HlcTime {
+    match after {
+        Some(after) if after >= now => after.successor().unwrap_or(HlcTime::MAX),
+        _ => now,
+    }
+}
+
 /// Keeps the newest version of each row and orders the result by primary key, the order SQLite
 /// inserts fastest.
 pub fn coalesce(rows: Vec<StateRow>) -> Vec<StateRow> {

@@ -336,6 +336,8 @@ pub async fn write_local<C: Clock>(
         return Err(StateError::NotOwner { model: model_name.to_owned(), id, owner: other });
     }
     let mut rows = Vec::with_capacity(edits.len());
+    // Every version after the owner's mark and after the previous row of this call.
+    let mut after = lsync_watermark::sql::state_mark(conn, owner, model_name).await?;
     for edit in edits {
         let id = edit.id();
         let op = match edit {
@@ -349,7 +351,9 @@ pub async fn write_local<C: Clock>(
             }
             RowEdit::DeleteSubtree { .. } => StateOp::DeleteSubtree,
         };
-        rows.push(StateRow { id, version: clock.now()?.time(), op });
+        let version = crate::local_version(clock.now()?.time(), after);
+        after = Some(version);
+        rows.push(StateRow { id, version, op });
     }
     let columns = model.column_names();
     let applied =

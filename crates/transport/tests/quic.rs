@@ -452,6 +452,7 @@ async fn heartbeats_carry_watermarks_and_measure_rtt() {
         collected: Vec::new(),
         incarnation: None,
         seen: None,
+        wall_ms: None,
     };
     let source_marks = marks.clone();
     let source: WatermarkSource = Arc::new(move || Some(source_marks.clone()));

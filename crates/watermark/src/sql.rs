@@ -144,6 +144,7 @@ pub async fn own_watermarks(
             seq: lsync_store::generation(conn).await?,
         }),
         seen: None,
+        wall_ms: None,
     })
 }
 

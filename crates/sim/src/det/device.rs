@@ -515,10 +515,15 @@ impl Device {
         let mut rows = Vec::with_capacity(edits.len());
         for (id, value) in edits {
             let stamp = self.tick(ctx).ok_or(Refused::Down)?;
-            let held = Held { owner: self.id, version: stamp.time(), value };
+            // As the engine's `write_local`: after the owner's own mark.
+            let version = lsync_state_sync::local_version(
+                stamp.time(),
+                self.durable.state.get(self.id, STATE_MODEL),
+            );
+            let held = Held { owner: self.id, version, value };
             rows.push(held.to_row(id));
             self.durable.rows.insert(id, held);
-            self.durable.state.raise(self.id, STATE_MODEL, stamp.time());
+            self.durable.state.raise(self.id, STATE_MODEL, version);
         }
         let now = ctx.instant();
         if let Some(volatile) = self.volatile.as_mut() {
@@ -603,6 +608,7 @@ impl Device {
             collected: self.durable.collected.to_wire(),
             incarnation: None,
             seen: None,
+            wall_ms: None,
         }
     }
 

@@ -308,11 +308,38 @@ enum Action {
     Online(usize),
     Join,
     ClockStep(usize, i64),
+    /// The peer stops reading its connections (`true`) or reads again (`false`).
+    Stall(usize, bool),
+    /// A backup of the peer's files is taken while it runs.
+    BackUp(usize),
+    /// The peer is stopped and brought back from its backup (with the generation file: nothing
+    /// at open can tell).
+    Restore(usize, bool),
+    /// The peer's library file is wiped; it joins again under its identity.
+    Recreate(usize),
 }
+
+/// A clock jump of the `clock-jump` fault: a year.
+const CLOCK_JUMP_MS: i64 = 365 * 24 * 3_600_000;
 
 /// Engine settings for the simulation: the defaults, with the intervals shortened so that a run of
 /// under a minute sees many heartbeats, prunes, re-sends and reconnects.
-fn sim_config() -> SyncConfig {
+fn sim_config(faults: Faults) -> SyncConfig {
+    let config = sim_defaults();
+    if faults.retention {
+        // Small enough that the peer away for 12 % of the run is left behind: log entries
+        // pruned and tombstones collected before it had them.
+        SyncConfig {
+            log_max_entries_per_origin: 200,
+            tombstone_retention: Duration::from_secs(2),
+            ..config
+        }
+    } else {
+        config
+    }
+}
+
+fn sim_defaults() -> SyncConfig {
     SyncConfig {
         batch_window: Duration::from_millis(50),
         ack_timeout: Duration::from_secs(1),
@@ -374,6 +401,10 @@ struct Sim<'a> {
     last_fault: Instant,
     joiner: Option<JoinWatch>,
     phase: String,
+    /// Peers with a backup taken (`restore`).
+    backed_up: BTreeSet<usize>,
+    /// Restored or re-created peers that take no writes until their copy is ready again.
+    resyncing: BTreeSet<usize>,
 }
 
 /// Runs a real simulation; `status` receives a live status line now and then.
@@ -427,7 +458,7 @@ impl<'a> Sim<'a> {
             rng,
             root,
             registry,
-            sync_config: sim_config(),
+            sync_config: sim_config(config.faults),
             library,
             peers: Vec::new(),
             workload,
@@ -443,6 +474,8 @@ impl<'a> Sim<'a> {
             last_fault: Instant::now(),
             joiner: None,
             phase: "setup".into(),
+            backed_up: BTreeSet::new(),
+            resyncing: BTreeSet::new(),
         })
     }
 
@@ -456,7 +489,11 @@ impl<'a> Sim<'a> {
         let backfilling =
             self.joiner.as_ref().filter(|joiner| joiner.done.is_none()).map(|joiner| joiner.peer);
         (0..self.peers.len())
-            .filter(|index| self.peers[*index].running.is_some() && Some(*index) != backfilling)
+            .filter(|index| {
+                self.peers[*index].running.is_some()
+                    && Some(*index) != backfilling
+                    && !self.resyncing.contains(index)
+            })
             .collect()
     }
 
@@ -521,6 +558,39 @@ impl<'a> Sim<'a> {
         }
         if faults.join {
             schedule.push((0.66, Action::Join));
+        }
+        // The new faults hit peers other than the one that goes offline (its writes could reach
+        // no one before a restore or re-creation, and would be lost with its file, as in life).
+        let away = schedule.iter().find_map(|(_, action)| match action {
+            Action::Offline(away) => Some(*away),
+            _ => None,
+        });
+        let pick_present = |rng: &mut SplitMix64| {
+            let mut peer = pick(rng);
+            if Some(peer) == away && n > 1 {
+                peer = (peer + 1) % n;
+            }
+            peer
+        };
+        if faults.stall {
+            let hung = pick_present(&mut self.rng);
+            schedule.push((0.20, Action::Stall(hung, true)));
+            schedule.push((0.27, Action::Stall(hung, false)));
+        }
+        if faults.restore {
+            let victim = pick_present(&mut self.rng);
+            let whole_folder = self.rng.next_u64().is_multiple_of(2);
+            schedule.push((0.33, Action::BackUp(victim)));
+            schedule.push((0.54, Action::Restore(victim, whole_folder)));
+        }
+        if faults.clock_jump {
+            let jumper = pick_present(&mut self.rng);
+            schedule.push((0.57, Action::ClockStep(jumper, CLOCK_JUMP_MS)));
+            schedule.push((0.60, Action::ClockStep(jumper, -CLOCK_JUMP_MS)));
+        }
+        if faults.recreate {
+            let victim = pick_present(&mut self.rng);
+            schedule.push((0.78, Action::Recreate(victim)));
         }
         if faults.skew {
             let stepped = pick(&mut self.rng);
@@ -683,7 +753,109 @@ impl<'a> Sim<'a> {
                     self.peers[peer].name
                 ));
             }
+            Action::Stall(peer, stalled) => {
+                let name = self.peers[peer].name.clone();
+                if let Some(running) = &self.peers[peer].running {
+                    running.transport.set_reading(!stalled);
+                    self.log_fault(if stalled {
+                        format!("{name} stopped reading its connections (hung, nothing closed)")
+                    } else {
+                        format!("{name} reads again")
+                    });
+                }
+            }
+            Action::BackUp(peer) => {
+                if self.peers[peer].back_up().await? {
+                    self.backed_up.insert(peer);
+                    self.log_fault(format!("backup of {} taken", self.peers[peer].name));
+                }
+            }
+            Action::Restore(peer, whole_folder) => self.restore(peer, whole_folder).await?,
+            Action::Recreate(peer) => self.recreate(peer).await?,
         }
+        Ok(())
+    }
+
+    /// Waits (60 s at most) until one peer acknowledged every change and row `peer` wrote, so
+    /// that losing its file loses no acknowledged write; `false` if that did not happen.
+    async fn wait_synced(&mut self, peer: usize) -> bool {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let device = self.peers[peer].device;
+        loop {
+            let Some(running) = &mut self.peers[peer].running else { return false };
+            if let Ok(status) = running.library.status().await {
+                let own: Vec<&lsync_protocol::StateMark> =
+                    status.watermarks.state.iter().filter(|mark| mark.owner == device).collect();
+                let synced = status.peers.iter().any(|other| {
+                    other.online
+                        && other.lag == 0
+                        && own.iter().all(|mark| {
+                            other.acked_state.iter().any(|acked| {
+                                acked.owner == device
+                                    && acked.model == mark.model
+                                    && acked.version >= mark.version
+                            })
+                        })
+                });
+                if synced {
+                    return true;
+                }
+            }
+            // Acknowledgements arrive as events on the peer (or not at all: then the deadline).
+            let next = tokio::time::timeout_at(deadline, running.events.recv()).await;
+            if next.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// The `restore` fault: the peer is stopped (once a peer holds everything it wrote) and
+    /// brought back from the backup taken earlier.
+    async fn restore(&mut self, victim: usize, whole_folder: bool) -> Result<(), SimError> {
+        let name = self.peers[victim].name.clone();
+        if !self.backed_up.contains(&victim) || self.peers[victim].running.is_none() {
+            self.log_fault(format!("restore of {name} skipped: no backup, or not running"));
+            return Ok(());
+        }
+        if !self.wait_synced(victim).await {
+            self.log_fault(format!("restore of {name} skipped: its writes reached no peer"));
+            return Ok(());
+        }
+        for other in 0..self.peers.len() {
+            if other != victim {
+                self.set_link(victim, other, true).await;
+            }
+        }
+        self.peers[victim].stop().await?;
+        self.peers[victim].restore_backup(whole_folder)?;
+        self.restart(victim).await?;
+        self.resyncing.insert(victim);
+        self.log_fault(if whole_folder {
+            format!("{name} restored from its backup, generation file too (it cannot tell)")
+        } else {
+            format!("{name}'s library.db restored from its backup (generation file kept)")
+        });
+        Ok(())
+    }
+
+    /// The `recreate` fault: the peer's library file is wiped (once a peer holds everything it
+    /// wrote) and it joins again under its identity.
+    async fn recreate(&mut self, victim: usize) -> Result<(), SimError> {
+        let name = self.peers[victim].name.clone();
+        if self.peers[victim].running.is_none() || !self.wait_synced(victim).await {
+            self.log_fault(format!("re-creation of {name} skipped: not running, or unsynced"));
+            return Ok(());
+        }
+        for other in 0..self.peers.len() {
+            if other != victim {
+                self.set_link(victim, other, true).await;
+            }
+        }
+        self.peers[victim].stop().await?;
+        self.peers[victim].recreate(self.library, &self.registry, &self.sync_config).await?;
+        self.restart(victim).await?;
+        self.resyncing.insert(victim);
+        self.log_fault(format!("{name} wiped and joined again under its identity, backfilling"));
         Ok(())
     }
 
@@ -754,6 +926,7 @@ impl<'a> Sim<'a> {
             if let Some(running) = &self.peers[index].running {
                 running.gate.heal_all().await;
                 running.gate.set_lossy(false);
+                running.transport.set_reading(true);
             }
         }
         self.log_fault("every fault healed".into());
@@ -808,6 +981,10 @@ impl<'a> Sim<'a> {
             )) => {
                 self.refused += 1;
             }
+            // A copy that learned it was restored (from a peer) resyncs: shared writes wait.
+            Err(LibraryError::NotReady { .. }) => {
+                self.refused += 1;
+            }
             Err(error) => {
                 return Err(SimError::Write(format!("{}: {error}", self.peers[peer].name)));
             }
@@ -827,6 +1004,16 @@ impl<'a> Sim<'a> {
             for event in &events {
                 self.changes_applied += applied(event);
                 self.watch_join(index, event);
+                if let Event::Backfill(progress) = event
+                    && progress.phase == lsync_node::BackfillPhase::Ready
+                    && self.resyncing.remove(&index)
+                {
+                    let name = self.peers[index].name.clone();
+                    self.log_fault(format!(
+                        "{name} is ready again ({} rows fetched)",
+                        progress.done
+                    ));
+                }
             }
         }
         if self.last_sample.elapsed() >= SAMPLE_EVERY {

@@ -407,6 +407,75 @@ impl Peer {
         running.forwarder.abort();
     }
 
+    /// Replaces the stopped peer's library file with a new, empty copy that joins again under
+    /// the same identity (its keys and pairings stay): it backfills when started.
+    pub(super) async fn recreate(
+        &mut self,
+        library_id: LibraryId,
+        registry: &Arc<Registry>,
+        config: &SyncConfig,
+    ) -> Result<(), SimError> {
+        for file in ["library.db", "library.db-wal", "library.db-shm", "library.db-generation"] {
+            let path = self.dir.join(file);
+            if path.exists() {
+                std::fs::remove_file(&path).map_err(|error| SimError::io(&path, &error))?;
+            }
+        }
+        let library = Library::join(
+            &self.dir.join("library.db"),
+            registry.clone(),
+            library_id,
+            self.device,
+            config.clone(),
+        )
+        .await
+        .map_err(|error| SimError::Setup(format!("{}: joining again: {error}", self.name)))?;
+        library.close().await.map_err(|error| SimError::Setup(format!("{}: {error}", self.name)))
+    }
+
+    /// Copies the running library to `backup.db` beside it (and the generation file to
+    /// `backup.db-generation`), as a backup tool would while the app runs.
+    pub(super) async fn back_up(&self) -> Result<bool, SimError> {
+        let Some(running) = &self.running else { return Ok(false) };
+        let backup = self.dir.join("backup.db");
+        if backup.exists() {
+            std::fs::remove_file(&backup).map_err(|error| SimError::io(&backup, &error))?;
+        }
+        let target = backup.to_string_lossy().into_owned();
+        sqlx::query("VACUUM INTO ?1")
+            .bind(target)
+            .execute(running.library.reader())
+            .await
+            .map_err(|error| SimError::Setup(format!("{}: backup: {error}", self.name)))?;
+        let generation = self.dir.join("library.db-generation");
+        if generation.exists() {
+            let copy = self.dir.join("backup.db-generation");
+            std::fs::copy(&generation, &copy).map_err(|error| SimError::io(&copy, &error))?;
+        }
+        Ok(true)
+    }
+
+    /// Puts the backup back in place of the stopped peer's library file; `with_generation`:
+    /// the generation file too (the whole folder restored: nothing at open can tell), otherwise
+    /// the generation file is kept, as the user guide says to restore.
+    pub(super) fn restore_backup(&self, with_generation: bool) -> Result<(), SimError> {
+        for file in ["library.db-wal", "library.db-shm"] {
+            let path = self.dir.join(file);
+            if path.exists() {
+                std::fs::remove_file(&path).map_err(|error| SimError::io(&path, &error))?;
+            }
+        }
+        let (backup, db) = (self.dir.join("backup.db"), self.dir.join("library.db"));
+        std::fs::copy(&backup, &db).map_err(|error| SimError::io(&db, &error))?;
+        let saved = self.dir.join("backup.db-generation");
+        if with_generation && saved.exists() {
+            let generation = self.dir.join("library.db-generation");
+            std::fs::copy(&saved, &generation)
+                .map_err(|error| SimError::io(&generation, &error))?;
+        }
+        Ok(())
+    }
+
     /// This peer's traffic so far, current run included.
     pub(super) fn traffic(&self) -> Traffic {
         let mut traffic = self.traffic.clone();
