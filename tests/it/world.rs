@@ -38,13 +38,35 @@ async fn a_device_catching_up_from_a_copy_made_after_tombstones_were_collected_d
     pair(&mut a, &mut p).await;
     pair(&mut a, &mut b).await;
     let (rows, folder) = tree(Uuid::now_v7(), "a/");
+    // A file in the folder carries a tag: the assignment must be hidden once the file is gone.
+    let RowEdit::Upsert { id: file, .. } = &rows[2] else { unreachable!() };
+    let file = *file;
     a.library.write_rows("entries", rows).await.unwrap();
-    converge(&mut [&mut a, &mut p, &mut b]).await;
+    let holiday = tag("holiday");
+    let Edit::Insert { id: tag_id, .. } = &holiday else { unreachable!() };
+    let tag_id = *tag_id;
+    let blob = |id: Uuid| Value::Blob(id.as_bytes().to_vec());
+    a.library
+        .write_shared(vec![
+            holiday,
+            Edit::Insert {
+                model: "tag_assignments".into(),
+                id: Registry::membership_id("tag_assignments", tag_id, file),
+                fields: [("tag_id".to_owned(), blob(tag_id)), ("entry_id".to_owned(), blob(file))]
+                    .into_iter()
+                    .collect(),
+            },
+        ])
+        .await
+        .unwrap();
+    let before = converge(&mut [&mut a, &mut p, &mut b]).await;
+    assert_eq!(before["tag_assignments"].len(), 1);
 
     let b_dir = b.close().await;
     a.library.write_rows("entries", vec![RowEdit::DeleteSubtree { id: folder }]).await.unwrap();
     let expected = converge(&mut [&mut a, &mut p]).await;
     assert_eq!(expected["entries"].len(), 4, "the folder and its two files are gone");
+    assert!(expected["tag_assignments"].is_empty(), "the tagged file is gone");
     eventually(&mut p, async |library| tombstones(&library).await == 0).await;
 
     let mut j =
@@ -54,7 +76,7 @@ async fn a_device_catching_up_from_a_copy_made_after_tombstones_were_collected_d
     let mut b = Node::start_in(b_dir, library, "b", test_config(), false).await;
     pair(&mut j, &mut b).await;
     let tables = converge(&mut [&mut j, &mut b]).await;
-    assert_eq!(tables, expected, "b deleted what a deleted while it was away");
+    assert_eq!(tables, expected, "b deleted what a deleted while it was away, and hid its tag");
     p.close().await;
     j.close().await;
     b.close().await;

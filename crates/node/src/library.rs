@@ -213,6 +213,10 @@ pub(crate) struct LibraryInner {
     pub(crate) read_ahead: std::sync::Mutex<HashMap<DeviceId, crate::sync::ReadAhead>>,
     /// Each peer's wall clock minus this device's, measured at the last watermark exchange.
     pub(crate) clock_offsets: std::sync::Mutex<HashMap<DeviceId, i64>>,
+    /// When this device last compared all rows of an (owner, model) with a peer: at most one
+    /// comparison per peer, owner and model every ten heartbeat intervals.
+    pub(crate) compared:
+        std::sync::Mutex<HashMap<(DeviceId, DeviceId, String), std::time::Instant>>,
 }
 
 impl LibraryInner {
@@ -356,6 +360,7 @@ impl Library {
             backfill: std::sync::Mutex::new(progress),
             read_ahead: std::sync::Mutex::new(HashMap::new()),
             clock_offsets: std::sync::Mutex::new(HashMap::new()),
+            compared: std::sync::Mutex::new(HashMap::new()),
         };
         Ok(Self { inner: Arc::new(inner) })
     }

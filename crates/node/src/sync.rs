@@ -13,7 +13,7 @@ use lsync_protocol::{
 };
 use lsync_store::{StoreError, store_clock};
 use lsync_transport::{RequestError, Transport};
-use lsync_watermark::{SharedProgress, StateProgress, shared_needs, state_needs};
+use lsync_watermark::{CatchUpStep, SharedProgress, StateProgress, shared_needs, state_needs};
 
 use crate::events::Event;
 use crate::library::{LibraryError, LibraryInner, now_ms};
@@ -569,73 +569,97 @@ pub(crate) async fn catch_up<T: Transport>(
     let mut pulled = false;
     let mut pruned_away = false;
 
-    // Device-owned rows first, per (owner, model) where the peer is ahead: shared records refer
-    // to rows (tag assignments to entries), never the other way round, so the rows being here
-    // first keeps the records that follow from waiting for them. The other order could park
-    // more records than `max_parked`: every page of them is then refused, and the rows that
-    // would unpark them are never pulled.
-    let their_state = StateProgress::from_wire(&theirs.state);
-    let their_collected = StateProgress::from_wire(&theirs.collected);
-    let mine = load_state(inner).await?;
-    for need in state_needs(&mine, &their_state, &their_collected) {
-        let target = their_state.get(need.owner, &need.model);
-        if need.compare {
-            let (Some(target), forgotten) = (target, their_collected.get(need.owner, &need.model))
-            else {
-                continue;
-            };
-            pulled |= compare_rows(inner, transport, peer, &need, target, forgotten).await?;
-            continue;
-        }
-        let mut after: Option<StateCursor> = None;
-        loop {
-            let request = Message::StateCatchUpRequest(StateCatchUpRequest {
-                owner: need.owner,
-                model: need.model.clone(),
-                since: need.since,
-                after,
-                limit,
-            });
-            tracing::trace!(%peer, ?after, "requesting a state page");
-            let Message::StatePage(page) = transport.request(peer, request, timeout).await? else {
-                return Err(CatchUpError::Unexpected("answer to StateCatchUpRequest"));
-            };
-            after = page.rows.last().map(|row| StateCursor { version: row.version, id: row.id });
-            pulled |= !page.rows.is_empty();
-            apply_state_page(inner, peer, page, need.since, after, target).await?;
-            if after.is_none() {
-                break;
+    // The order and the kind of each step are `watermark::catch_up_plan`'s: rows first (shared
+    // records refer to rows), comparisons where the peer forgot deletions, then shared changes.
+    let (mine_shared, mine_state) = (load_shared(inner).await?, load_state(inner).await?);
+    for step in lsync_watermark::catch_up_plan(&mine_shared, &mine_state, theirs) {
+        match step {
+            CatchUpStep::Compare { owner, model, target, forgotten } => {
+                // A comparison reads all of the owner's rows on both sides: at most one per
+                // peer, owner and model every ten heartbeat intervals, so a peer whose retention
+                // keeps forgetting deletions (a tiny `tombstone_retention`) cannot make this
+                // device compare on every heartbeat. Meanwhile nothing of it is pulled from that
+                // peer (a catch-up by version would raise the mark over forgotten deletions).
+                let key = (peer, owner, model.clone());
+                let pause = inner.config.heartbeat_interval.saturating_mul(10);
+                let recent = inner
+                    .compared
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get(&key)
+                    .is_some_and(|at| at.elapsed() < pause);
+                if recent {
+                    tracing::debug!(%peer, %owner, %model, "a comparison with the peer ran recently; the next one waits");
+                    continue;
+                }
+                pulled |=
+                    compare_rows(inner, transport, peer, owner, &model, target, forgotten).await?;
+                inner
+                    .compared
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(key, Instant::now());
             }
-        }
-    }
-
-    // Shared changes, until this device has all the peer's watermarks cover.
-    let their_shared = SharedProgress::from_wire(&theirs.shared);
-    loop {
-        let mine = load_shared(inner).await?;
-        let needs = shared_needs(&mine, &their_shared);
-        if needs.is_empty() {
-            break;
-        }
-        let request =
-            Message::SharedCatchUpRequest(SharedCatchUpRequest { after: mine.to_wire(), limit });
-        let Message::SharedCatchUpResponse(response) =
-            transport.request(peer, request, timeout).await?
-        else {
-            return Err(CatchUpError::Unexpected("answer to SharedCatchUpRequest"));
-        };
-        for pruned in &response.pruned {
-            pruned_away = true;
-            metrics::counter!("lsync_catch_up_pruned_total").increment(1);
-            tracing::warn!(%peer, origin = %pruned.origin, first_held = pruned.seq, "peer pruned changes this device lacks");
-        }
-        if response.changes.is_empty() {
-            break;
-        }
-        pulled = true;
-        apply_shared_changes(inner, peer, SharedBatch { changes: response.changes }).await?;
-        if response.complete {
-            break;
+            CatchUpStep::Rows { owner, model, since, target } => {
+                let mut after: Option<StateCursor> = None;
+                loop {
+                    let request = Message::StateCatchUpRequest(StateCatchUpRequest {
+                        owner,
+                        model: model.clone(),
+                        since,
+                        after,
+                        limit,
+                    });
+                    tracing::trace!(%peer, ?after, "requesting a state page");
+                    let Message::StatePage(page) =
+                        transport.request(peer, request, timeout).await?
+                    else {
+                        return Err(CatchUpError::Unexpected("answer to StateCatchUpRequest"));
+                    };
+                    after = page
+                        .rows
+                        .last()
+                        .map(|row| StateCursor { version: row.version, id: row.id });
+                    pulled |= !page.rows.is_empty();
+                    apply_state_page(inner, peer, page, since, after, Some(target)).await?;
+                    if after.is_none() {
+                        break;
+                    }
+                }
+            }
+            CatchUpStep::Shared { .. } => {
+                // Until this device has all the peer's watermarks cover.
+                let their_shared = SharedProgress::from_wire(&theirs.shared);
+                loop {
+                    let mine = load_shared(inner).await?;
+                    if shared_needs(&mine, &their_shared).is_empty() {
+                        break;
+                    }
+                    let request = Message::SharedCatchUpRequest(SharedCatchUpRequest {
+                        after: mine.to_wire(),
+                        limit,
+                    });
+                    let Message::SharedCatchUpResponse(response) =
+                        transport.request(peer, request, timeout).await?
+                    else {
+                        return Err(CatchUpError::Unexpected("answer to SharedCatchUpRequest"));
+                    };
+                    for pruned in &response.pruned {
+                        pruned_away = true;
+                        metrics::counter!("lsync_catch_up_pruned_total").increment(1);
+                        tracing::warn!(%peer, origin = %pruned.origin, first_held = pruned.seq, "peer pruned changes this device lacks");
+                    }
+                    if response.changes.is_empty() {
+                        break;
+                    }
+                    pulled = true;
+                    apply_shared_changes(inner, peer, SharedBatch { changes: response.changes })
+                        .await?;
+                    if response.complete {
+                        break;
+                    }
+                }
+            }
         }
     }
 
@@ -654,14 +678,15 @@ async fn compare_rows<T: Transport>(
     inner: &LibraryInner,
     transport: &T,
     peer: DeviceId,
-    need: &lsync_watermark::StateNeed,
+    owner: DeviceId,
+    model: &str,
     target: HlcTime,
-    forgotten: Option<HlcTime>,
+    forgotten: HlcTime,
 ) -> Result<bool, CatchUpError> {
     let timeout = inner.config.request_timeout;
     let registry = inner.registry().clone();
-    let (owner, model) = (need.owner, need.model.clone());
-    tracing::info!(%peer, %owner, %model, since = ?need.since, ?forgotten, "the peer forgot deletions above this device's mark: comparing every row");
+    let model = model.to_owned();
+    tracing::info!(%peer, %owner, %model, ?forgotten, "the peer forgot deletions above this device's mark: comparing every row");
     metrics::counter!("lsync_row_comparisons_total").increment(1);
     let mut after: Option<uuid::Uuid> = None;
     let mut pulled = false;
@@ -697,21 +722,28 @@ async fn compare_rows<T: Transport>(
                 )
                 .await?;
                 let mut deleted = applied.deleted;
-                deleted.extend(
-                    lsync_state_sync::sql::delete_missing(
-                        conn, &registry, owner, &model, after, through, target, &keys,
-                    )
-                    .await?,
-                );
+                let mut projection = applied.projection;
+                let (missing, hidden) = lsync_state_sync::sql::delete_missing(
+                    conn,
+                    &registry,
+                    owner,
+                    &model,
+                    after,
+                    through,
+                    target,
+                    &keys,
+                    now_ms(),
+                )
+                .await?;
+                deleted.extend(missing);
+                projection.absorb(hidden);
                 if !more {
                     let mark = StateMark { owner, model: model.clone(), version: target };
                     lsync_watermark::sql::raise_state_progress(conn, &[mark]).await?;
-                    if let Some(version) = forgotten {
-                        let mark = StateMark { owner, model: model.clone(), version };
-                        lsync_watermark::sql::raise_collected(conn, &[mark]).await?;
-                    }
+                    let mark = StateMark { owner, model: model.clone(), version: forgotten };
+                    lsync_watermark::sql::raise_collected(conn, &[mark]).await?;
                 }
-                Ok::<_, LibraryError>((applied.upserted, deleted, applied.projection))
+                Ok::<_, LibraryError>((applied.upserted, deleted, projection))
             })
             .await?;
         if !deleted.is_empty() {
@@ -862,26 +894,28 @@ pub(crate) async fn apply_backfill_page(
                         .iter()
                         .find(|mark| mark.owner == page.owner && mark.model == page.model)
                         .map(|mark| mark.version);
+                    let mut projection = applied.projection;
                     if let (Some((after, through)), Some(peer_mark)) =
                         (outcome.delete_missing, peer_mark)
                     {
-                        deleted.extend(
-                            lsync_state_sync::sql::delete_missing(
-                                conn,
-                                &registry,
-                                page.owner,
-                                &page.model,
-                                after,
-                                through,
-                                peer_mark,
-                                &keys,
-                            )
-                            .await?,
-                        );
+                        let (missing, hidden) = lsync_state_sync::sql::delete_missing(
+                            conn,
+                            &registry,
+                            page.owner,
+                            &page.model,
+                            after,
+                            through,
+                            peer_mark,
+                            &keys,
+                            now_ms(),
+                        )
+                        .await?;
+                        deleted.extend(missing);
+                        projection.absorb(hidden);
                     }
                     record_applied("backfill", count, applied.rejected, started);
                     changed = Some((page.owner, page.model, applied.upserted, deleted));
-                    applied.projection
+                    projection
                 }
                 BackfillPage::Shared(page) => {
                     let count = page.records.len();

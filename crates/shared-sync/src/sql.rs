@@ -31,7 +31,8 @@ pub struct Projection {
 }
 
 impl Projection {
-    fn absorb(&mut self, other: Projection) {
+    /// Adds what `other` showed, hid and parked.
+    pub fn absorb(&mut self, other: Projection) {
         self.shown.extend(other.shown);
         self.hidden.extend(other.hidden);
         self.parked.extend(other.parked);

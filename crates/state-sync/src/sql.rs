@@ -512,7 +512,8 @@ pub async fn delete_missing(
     through: Option<Uuid>,
     peer_mark: HlcTime,
     keep: &[Uuid],
-) -> Result<Vec<Uuid>, StateError> {
+    now_ms: u64,
+) -> Result<(Vec<Uuid>, Projection), StateError> {
     device_owned(registry, model_name)?;
     let after = after.map_or_else(Vec::new, |id| id.as_bytes().to_vec());
     let upper = if through.is_some() { " AND id <= ?3" } else { "" };
@@ -547,7 +548,14 @@ pub async fn delete_missing(
         }
         query.execute(&mut *conn).await?;
     }
-    Ok(missing)
+    // Shared records referencing a deleted row are hidden as orphans, as after any delete (the
+    // real-mode simulator found album entries still shown for entries a resync had deleted).
+    let projection = if missing.is_empty() {
+        Projection::default()
+    } else {
+        reproject_dependents(conn, registry, model_name, &missing, true, now_ms).await?
+    };
+    Ok((missing, projection))
 }
 
 /// How many live rows `owner` has in `model` (a backfill's progress total).

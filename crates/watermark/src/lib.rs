@@ -196,6 +196,77 @@ pub fn state_needs(
         .collect()
 }
 
+/// One step of a catch-up from a peer ([`catch_up_plan`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CatchUpStep {
+    /// Rows of (`owner`, `model`) changed after this device's mark `since`, in version order,
+    /// up to the peer's mark `target` (raised to it when complete, never above).
+    Rows {
+        /// Whose rows.
+        owner: DeviceId,
+        /// Which model.
+        model: String,
+        /// This device's mark (`None`: all rows).
+        since: Option<HlcTime>,
+        /// The peer's mark.
+        target: HlcTime,
+    },
+    /// All rows of (`owner`, `model`), in key order, compared with this device's: the peer forgot
+    /// deletions above this device's mark (`forgotten`, its collected mark), so rows it no longer
+    /// holds at or below `target` are deleted here; then the mark rises to `target` and this
+    /// device's collected mark to `forgotten`.
+    Compare {
+        /// Whose rows.
+        owner: DeviceId,
+        /// Which model.
+        model: String,
+        /// The peer's mark.
+        target: HlcTime,
+        /// The peer's collected mark.
+        forgotten: HlcTime,
+    },
+    /// Shared changes of these origins after this device's watermarks, until none is behind.
+    Shared {
+        /// The origins where the peer is ahead.
+        origins: Vec<DeviceId>,
+    },
+}
+
+/// What this device pulls from a peer whose watermarks are `theirs`, in order: device-owned rows
+/// first — shared records refer to rows (tag assignments to entries), never the other way round,
+/// so records that come after their rows are never parked waiting for them (the other order can
+/// park more than the parking bound, and every page is then refused) — then shared changes.
+/// The engine's catch-up and the deterministic simulator both follow this plan.
+pub fn catch_up_plan(
+    mine_shared: &SharedProgress,
+    mine_state: &StateProgress,
+    theirs: &lsync_protocol::Watermarks,
+) -> Vec<CatchUpStep> {
+    let their_state = StateProgress::from_wire(&theirs.state);
+    let their_collected = StateProgress::from_wire(&theirs.collected);
+    let mut plan = Vec::new();
+    for need in state_needs(mine_state, &their_state, &their_collected) {
+        let Some(target) = their_state.get(need.owner, &need.model) else { continue };
+        let forgotten = their_collected.get(need.owner, &need.model);
+        plan.push(match (need.compare, forgotten) {
+            (true, Some(forgotten)) => {
+                CatchUpStep::Compare { owner: need.owner, model: need.model, target, forgotten }
+            }
+            _ => CatchUpStep::Rows {
+                owner: need.owner,
+                model: need.model,
+                since: need.since,
+                target,
+            },
+        });
+    }
+    let shared = shared_needs(mine_shared, &SharedProgress::from_wire(&theirs.shared));
+    if !shared.is_empty() {
+        plan.push(CatchUpStep::Shared { origins: shared.iter().map(|need| need.origin).collect() });
+    }
+    plan
+}
+
 /// What an announced epoch means for what this device remembers about the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EpochCheck {
@@ -407,6 +478,43 @@ mod tests {
         let mut collected = StateProgress::default();
         collected.raise(device(1), "entries", t(10));
         assert!(state_needs(&mine, &theirs, &collected).iter().all(|need| !need.compare));
+    }
+
+    #[test]
+    fn a_catch_up_takes_rows_first_then_shared_changes_and_compares_where_deletions_were_forgotten()
+    {
+        let t = |ms| HlcTime::new(ms, 0).unwrap();
+        let mut mine_state = StateProgress::default();
+        mine_state.raise(device(1), "entries", t(10));
+        let mine_shared = SharedProgress::from_wire(&[OriginSeq { origin: device(1), seq: 3 }]);
+        let theirs = lsync_protocol::Watermarks {
+            library: lsync_protocol::LibraryId(uuid::Uuid::nil()),
+            device: device(9),
+            epoch: Epoch(1),
+            shared: vec![OriginSeq { origin: device(1), seq: 5 }],
+            state: vec![
+                StateMark { owner: device(1), model: "entries".into(), version: t(20) },
+                StateMark { owner: device(2), model: "entries".into(), version: t(7) },
+            ],
+            ready: true,
+            resync: false,
+            collected: vec![StateMark {
+                owner: device(1),
+                model: "entries".into(),
+                version: t(15),
+            }],
+            incarnation: None,
+            seen: None,
+            wall_ms: None,
+        };
+        let plan = catch_up_plan(&mine_shared, &mine_state, &theirs);
+        assert_eq!(plan.len(), 3, "{plan:?}");
+        assert!(matches!(&plan[0], CatchUpStep::Compare { owner, target, forgotten, .. }
+            if *owner == device(1) && *target == t(20) && *forgotten == t(15)));
+        assert!(
+            matches!(&plan[1], CatchUpStep::Rows { owner, since: None, .. } if *owner == device(2))
+        );
+        assert_eq!(plan[2], CatchUpStep::Shared { origins: vec![device(1)] });
     }
 
     #[test]

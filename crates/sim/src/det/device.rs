@@ -14,6 +14,7 @@
 mod backfill;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 use std::time::{Duration, Instant};
 
 use lsync_backfill::{Checkpoint, Phase};
@@ -29,9 +30,7 @@ use lsync_protocol::{
 use lsync_shared_sync::RecordState;
 use lsync_state_sync::{Current, Decision, TombstoneGroup, decide, plan_tombstone_gc};
 use lsync_transport::{MemoryNetwork, SendOutcome};
-use lsync_watermark::{
-    SharedProgress, StateProgress, advance_contiguous, shared_needs, state_needs,
-};
+use lsync_watermark::{CatchUpStep, SharedProgress, StateProgress, advance_contiguous};
 use uuid::Uuid;
 
 use super::trace::{Event, Trace};
@@ -191,6 +190,9 @@ enum PullStep {
     Shared { origins: Vec<DeviceId> },
     /// Device-owned rows of `owner` after this device's mark, up to the peer's mark `target`.
     State { owner: DeviceId, target: HlcTime, after: Option<StateCursor> },
+    /// All rows of `owner` in key order after `after`, compared with this device's: the peer
+    /// forgot deletions above this device's mark (`forgotten`), as the engine's `compare_rows`.
+    Compare { owner: DeviceId, target: HlcTime, forgotten: HlcTime, after: Option<Uuid> },
 }
 
 /// A catch-up from one peer in progress.
@@ -899,21 +901,21 @@ impl Device {
         if self.volatile.as_ref().is_none_or(|volatile| volatile.pulls.contains_key(&peer)) {
             return false;
         }
-        // Rows first, then shared changes, as the engine's `catch_up` (records refer to rows).
-        let mut steps = Vec::new();
-        let their_state = StateProgress::from_wire(&theirs.state);
-        let their_collected = StateProgress::from_wire(&theirs.collected);
-        for need in state_needs(&self.durable.state, &their_state, &their_collected) {
-            if let Some(target) = their_state.get(need.owner, &need.model) {
-                steps.push(PullStep::State { owner: need.owner, target, after: None });
-            }
-        }
-        let shared = shared_needs(&self.durable.shared, &SharedProgress::from_wire(&theirs.shared));
-        if !shared.is_empty() {
-            steps.push(PullStep::Shared {
-                origins: shared.iter().map(|need| need.origin).collect(),
-            });
-        }
+        // The engine's plan: rows first, comparisons where the peer forgot deletions, then
+        // shared changes.
+        let steps: Vec<PullStep> =
+            lsync_watermark::catch_up_plan(&self.durable.shared, &self.durable.state, theirs)
+                .into_iter()
+                .map(|step| match step {
+                    CatchUpStep::Rows { owner, target, .. } => {
+                        PullStep::State { owner, target, after: None }
+                    }
+                    CatchUpStep::Compare { owner, target, forgotten, .. } => {
+                        PullStep::Compare { owner, target, forgotten, after: None }
+                    }
+                    CatchUpStep::Shared { origins } => PullStep::Shared { origins },
+                })
+                .collect();
         let mut steps = steps.into_iter();
         let Some(first) = steps.next() else { return false };
         self.send_pull(ctx, peer, first, steps.collect(), for_backfill);
@@ -941,6 +943,14 @@ impl Device {
                     .collect(),
                 limit: tuning::PAGE_LIMIT,
             }),
+            PullStep::Compare { owner, after, .. } => {
+                Message::BackfillRequest(lsync_protocol::BackfillRequest {
+                    owner: *owner,
+                    model: STATE_MODEL.to_owned(),
+                    after: *after,
+                    limit: tuning::PAGE_LIMIT,
+                })
+            }
             PullStep::State { owner, after, .. } => {
                 Message::StateCatchUpRequest(StateCatchUpRequest {
                     owner: *owner,
@@ -1005,6 +1015,40 @@ impl Device {
                     // Every row of `owner` up to the peer's mark is now held (pages come in
                     // version order, none skipped), so the mark may rise to it.
                     self.durable.state.raise(owner, STATE_MODEL, target);
+                    self.ack(ctx, from);
+                    None
+                }
+            }
+            (PullStep::Compare { owner, target, forgotten, after }, Message::StatePage(page)) => {
+                // As the engine's `compare_rows`: apply the page, delete what the peer no longer
+                // holds in its key range at or below its mark; the last page raises the marks.
+                self.apply_rows(ctx, owner, &page.rows);
+                let keys: Vec<Uuid> = page.rows.iter().map(|row| row.id).collect();
+                let last = keys.last().copied();
+                let more = page.more && last.is_some();
+                let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+                let upper = if more {
+                    last.map_or(Bound::Unbounded, Bound::Included)
+                } else {
+                    Bound::Unbounded
+                };
+                let missing: Vec<Uuid> = self
+                    .durable
+                    .rows
+                    .range((lower, upper))
+                    .filter(|(id, held)| {
+                        held.owner == owner && held.version <= target && !keys.contains(id)
+                    })
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in missing {
+                    self.durable.rows.remove(&id);
+                }
+                if more {
+                    Some(PullStep::Compare { owner, target, forgotten, after: last })
+                } else {
+                    self.durable.state.raise(owner, STATE_MODEL, target);
+                    self.durable.collected.raise(owner, STATE_MODEL, forgotten);
                     self.ack(ctx, from);
                     None
                 }
