@@ -582,3 +582,33 @@ impl Drop for ChildTest {
         let _ = self.child.wait();
     }
 }
+
+/// A backup of a running node's library file (`VACUUM INTO`) and of its generation file.
+pub struct Backup {
+    db: std::path::PathBuf,
+    generation: Vec<u8>,
+}
+
+/// Takes a backup of `node`'s library while it runs, as a backup tool would.
+pub async fn back_up(node: &Node) -> Backup {
+    let db = node.dir.path().join("backup.db");
+    sqlx::query("VACUUM INTO ?1")
+        .bind(db.to_str().unwrap())
+        .execute(node.library.reader())
+        .await
+        .unwrap();
+    let generation = std::fs::read(node.dir.path().join("library.db-generation")).unwrap();
+    Backup { db, generation }
+}
+
+/// Puts `backup` back in the closed node's folder `dir`: the library file, and the generation
+/// file too when `whole_folder` (then nothing at open can tell it was restored).
+pub fn restore(dir: &Path, backup: &Backup, whole_folder: bool) {
+    for file in ["library.db-wal", "library.db-shm"] {
+        let _ = std::fs::remove_file(dir.join(file));
+    }
+    std::fs::copy(&backup.db, dir.join("library.db")).unwrap();
+    if whole_folder {
+        std::fs::write(dir.join("library.db-generation"), &backup.generation).unwrap();
+    }
+}

@@ -100,16 +100,7 @@ async fn a_copy_restored_without_knowing_it_never_reuses_a_change_number() {
     a.library.write_shared((0..3).map(|i| tag(&format!("kept{i}"))).collect()).await.unwrap();
     converge(&mut [&mut a, &mut b, &mut c]).await;
 
-    // A backup of a's folder: the database and the generation file.
-    let db = a.dir.path().join("library.db");
-    let (backup, generation) =
-        (a.dir.path().join("backup.db"), a.dir.path().join("library.db-generation"));
-    sqlx::query("VACUUM INTO ?1")
-        .bind(backup.to_str().unwrap())
-        .execute(a.library.reader())
-        .await
-        .unwrap();
-    let backup_generation = std::fs::read(&generation).unwrap();
+    let backup = back_up(&a).await;
 
     // b stops syncing; a's next changes reach only c, which then goes away.
     b.library.set_sync_enabled(false).await;
@@ -119,11 +110,7 @@ async fn a_copy_restored_without_knowing_it_never_reuses_a_change_number() {
 
     // a is restored, meets b, and writes while c is away.
     let a_dir = a.close().await;
-    for file in ["library.db-wal", "library.db-shm"] {
-        let _ = std::fs::remove_file(a_dir.path().join(file));
-    }
-    std::fs::copy(&backup, &db).unwrap();
-    std::fs::write(&generation, backup_generation).unwrap();
+    restore(a_dir.path(), &backup, true);
     b.library.set_sync_enabled(true).await;
     let mut a = Node::start_in(a_dir, library, "a", test_config(), false).await;
     online(&mut b, a.device()).await;
@@ -235,13 +222,7 @@ async fn a_restored_copy_that_writes_before_its_resync_gets_its_lost_rows_back()
         .await
         .unwrap();
     converge(&mut [&mut a, &mut b]).await;
-    let db = a.dir.path().join("library.db");
-    let backup = a.dir.path().join("backup.db");
-    sqlx::query("VACUUM INTO ?1")
-        .bind(backup.to_str().unwrap())
-        .execute(a.library.reader())
-        .await
-        .unwrap();
+    let backup = back_up(&a).await;
     a.library
         .write_rows("entries", (0..5).map(|i| entry(&format!("lost {i}"))).collect())
         .await
@@ -249,10 +230,7 @@ async fn a_restored_copy_that_writes_before_its_resync_gets_its_lost_rows_back()
     converge(&mut [&mut a, &mut b]).await;
 
     let a_dir = a.close().await;
-    for file in ["library.db-wal", "library.db-shm"] {
-        let _ = std::fs::remove_file(a_dir.path().join(file));
-    }
-    std::fs::copy(&backup, &db).unwrap();
+    restore(a_dir.path(), &backup, false);
     // Offline: a knows it was restored (its resync is pending) and writes before it meets b.
     let offline = open_library(a_dir.path(), library, &test_config(), false).await;
     assert_eq!(
@@ -282,15 +260,7 @@ async fn a_copy_restored_without_knowing_it_learns_it_from_a_peer_and_gets_its_l
         .await
         .unwrap();
     converge(&mut [&mut a, &mut b]).await;
-    let db = a.dir.path().join("library.db");
-    let (backup, generation) =
-        (a.dir.path().join("backup.db"), a.dir.path().join("library.db-generation"));
-    sqlx::query("VACUUM INTO ?1")
-        .bind(backup.to_str().unwrap())
-        .execute(a.library.reader())
-        .await
-        .unwrap();
-    let backup_generation = std::fs::read(&generation).unwrap();
+    let backup = back_up(&a).await;
     a.library
         .write_rows("entries", (0..5).map(|i| entry(&format!("lost {i}"))).collect())
         .await
@@ -303,11 +273,7 @@ async fn a_copy_restored_without_knowing_it_learns_it_from_a_peer_and_gets_its_l
     caught_up(&mut a, b_id).await;
 
     let a_dir = a.close().await;
-    for file in ["library.db-wal", "library.db-shm"] {
-        let _ = std::fs::remove_file(a_dir.path().join(file));
-    }
-    std::fs::copy(&backup, &db).unwrap();
-    std::fs::write(&generation, backup_generation).unwrap();
+    restore(a_dir.path(), &backup, true);
     // Offline: a cannot tell it was restored, and writes before it meets b.
     let offline = open_library(a_dir.path(), library, &test_config(), false).await;
     assert_eq!(
