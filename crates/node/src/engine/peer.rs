@@ -163,22 +163,14 @@ impl<T: Transport> PeerActor<T> {
                 });
                 return Ok((false, None));
             }
-            if let Some(seq) = sync::own_rollback(&inner, &theirs).await? {
-                // The peer holds more of this device's own changes than it does: its file was
-                // rolled back (restored together with the file that would have told at open).
-                // Fetch everything back before numbering on; shared writes wait meanwhile.
-                tracing::error!(%peer, seq, "the peer holds changes of this device that it lost: resyncing fully");
-                metrics::counter!("lsync_rollbacks_detected_total").increment(1);
-                supervisor.do_send(ResyncNeeded {
-                    scope: lsync_backfill::Scope::Everything,
-                    delete_missing: true,
-                });
-                return Ok((false, None));
-            }
-            if sync::copy_rolled_back(&inner, &theirs).await? {
-                // The peer heard more of this copy than the file holds: it was rolled back
-                // (restored with its generation file). Fetch everything back.
-                tracing::error!(%peer, seen = ?theirs.seen, "the peer saw more of this copy than its file holds (restored from an old copy): resyncing fully");
+            // The peer holds more of one of this device's incarnations than it does, or saw more
+            // of this copy than its file holds: the file was rolled back to an older copy (with
+            // the generation file that would have told at open). Fetch everything back; shared
+            // writes wait meanwhile. Both checks run, so the incarnation is recorded once.
+            let lost_changes = sync::own_rollback(&inner, &theirs).await?;
+            let seen_more = sync::copy_rolled_back(&inner, &theirs).await?;
+            if lost_changes.is_some() || seen_more {
+                tracing::error!(%peer, ?lost_changes, seen = ?theirs.seen, "this copy was rolled back to an older file: resyncing fully");
                 metrics::counter!("lsync_rollbacks_detected_total").increment(1);
                 supervisor.do_send(ResyncNeeded {
                     scope: lsync_backfill::Scope::Everything,

@@ -840,6 +840,33 @@ impl Device {
     }
 
     /// Applies `owner`'s rows through the owner-version rule.
+    /// Deletes `owner`'s rows in the key range `(after, through]` (`through = None`: to the end)
+    /// that the serving peer no longer holds (not among `keys`) at or below its mark, as
+    /// `state_sync::sql::delete_missing` does for a resync or a comparison.
+    pub(super) fn delete_missing(
+        &mut self,
+        owner: DeviceId,
+        after: Option<Uuid>,
+        through: Option<Uuid>,
+        peer_mark: HlcTime,
+        keys: &[Uuid],
+    ) {
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let upper = through.map_or(Bound::Unbounded, Bound::Included);
+        let missing: Vec<Uuid> = self
+            .durable
+            .rows
+            .range((lower, upper))
+            .filter(|(id, held)| {
+                held.owner == owner && held.version <= peer_mark && !keys.contains(id)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in missing {
+            self.durable.rows.remove(&id);
+        }
+    }
+
     fn apply_rows(&mut self, ctx: &mut Ctx<'_>, owner: DeviceId, rows: &[StateRow]) {
         for row in rows {
             if let Some(creator) = ctx.creators.get(&row.id)
@@ -1026,24 +1053,7 @@ impl Device {
                 let keys: Vec<Uuid> = page.rows.iter().map(|row| row.id).collect();
                 let last = keys.last().copied();
                 let more = page.more && last.is_some();
-                let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
-                let upper = if more {
-                    last.map_or(Bound::Unbounded, Bound::Included)
-                } else {
-                    Bound::Unbounded
-                };
-                let missing: Vec<Uuid> = self
-                    .durable
-                    .rows
-                    .range((lower, upper))
-                    .filter(|(id, held)| {
-                        held.owner == owner && held.version <= target && !keys.contains(id)
-                    })
-                    .map(|(id, _)| *id)
-                    .collect();
-                for id in missing {
-                    self.durable.rows.remove(&id);
-                }
+                self.delete_missing(owner, after, if more { last } else { None }, target, &keys);
                 if more {
                     Some(PullStep::Compare { owner, target, forgotten, after: last })
                 } else {

@@ -451,20 +451,7 @@ impl Device {
                 .find(|mark| mark.owner == owner && mark.model == STATE_MODEL)
                 .map(|mark| mark.version);
             if let Some(peer_mark) = peer_mark {
-                let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
-                let upper = through.map_or(Bound::Unbounded, Bound::Included);
-                let missing: Vec<Uuid> = self
-                    .durable
-                    .rows
-                    .range((lower, upper))
-                    .filter(|(id, held)| {
-                        held.owner == owner && held.version <= peer_mark && !keys.contains(id)
-                    })
-                    .map(|(id, _)| *id)
-                    .collect();
-                for id in missing {
-                    self.durable.rows.remove(&id);
-                }
+                self.delete_missing(owner, after, through, peer_mark, keys);
             }
         }
         // Everything the serving peer held up to its marks is here now: the changes below the
