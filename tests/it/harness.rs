@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use lsync_hlc::DeviceId;
 use lsync_node::config::SyncConfig;
-use lsync_node::{Event, Library};
+use lsync_node::{Edit, Event, Library};
 use lsync_protocol::{LibraryId, Message, Value};
 use lsync_store::{dump_tables, reference_registry};
 use lsync_transport::{
@@ -111,6 +111,23 @@ impl Node {
     pub async fn close(self) -> tempfile::TempDir {
         self.library.close().await.unwrap();
         self.dir
+    }
+
+    /// Writes shared edits as an app should: a copy that learned it must resync (a restore it
+    /// could not see itself, found out from a peer) refuses them with `NotReady` until its
+    /// backfill ends, so wait for that and write again.
+    pub async fn write_shared(&mut self, edits: Vec<Edit>) {
+        loop {
+            match self.library.write_shared(edits.clone()).await {
+                Err(lsync_node::LibraryError::NotReady { .. }) => {
+                    backfilled(self).await;
+                }
+                written => {
+                    written.unwrap();
+                    return;
+                }
+            }
+        }
     }
 
     /// Waits for the first event `pick` accepts.

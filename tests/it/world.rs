@@ -114,7 +114,9 @@ async fn a_copy_restored_without_knowing_it_never_reuses_a_change_number() {
     b.library.set_sync_enabled(true).await;
     let mut a = Node::start_in(a_dir, library, "a", test_config(), false).await;
     online(&mut b, a.device()).await;
-    a.library.write_shared((0..2).map(|i| tag(&format!("new{i}"))).collect()).await.unwrap();
+    // a learns from b that it was rolled back (b saw more of this copy than the restored file
+    // holds) and resyncs; whether the write lands before or after that, it must take fresh numbers.
+    a.write_shared((0..2).map(|i| tag(&format!("new{i}"))).collect()).await;
     converge(&mut [&mut a, &mut b]).await;
 
     // c comes back (it reaches b, whose address has not changed).
