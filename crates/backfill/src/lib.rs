@@ -163,6 +163,13 @@ pub struct Checkpoint {
     /// ends, raises this device's own collected mark to the peer's ([`PageOutcome::raise_collected`]).
     #[serde(default)]
     pub collected_marks: Vec<StateMark>,
+    /// Whether the copy was complete when this backfill started: a resync of a copy that was
+    /// ready once. Its tables still hold at least what its watermarks claim (a resync raises
+    /// them only when a step ends), so it keeps serving backfills meanwhile — were resyncing
+    /// copies refused as sources, devices that all resync at once (each fell behind another's
+    /// retention) would wait for each other, and a joiner for all of them, for ever.
+    #[serde(default)]
+    pub complete_before: bool,
 }
 
 impl Checkpoint {
@@ -189,7 +196,15 @@ impl Checkpoint {
             peer: None,
             completed: 0,
             collected_marks: Vec::new(),
+            complete_before: false,
         }
+    }
+
+    /// Whether this copy may serve a backfill: its tables hold at least what its watermarks
+    /// claim. A ready copy does, and so does one resyncing ([`Checkpoint::complete_before`]);
+    /// a joiner or a re-created device before its first backfill ends does not.
+    pub fn serves(&self) -> bool {
+        self.phase == Phase::Ready || self.complete_before
     }
 }
 
@@ -255,12 +270,20 @@ pub struct Candidate {
 }
 
 /// Picks the peer to backfill from: online, not known to be incomplete, not failed in this
-/// backfill; the one with the shortest measured round trip (unknown counts as slowest); ties by
-/// device id, so the choice is deterministic.
-pub fn choose_peer(candidates: &[Candidate]) -> Option<DeviceId> {
-    candidates
-        .iter()
-        .filter(|candidate| candidate.online && candidate.ready != Some(false) && !candidate.failed)
+/// backfill; `preferred` if it is one (the peer that showed a resync was needed holds what this
+/// copy lacks: a resync from another might not bring it, and the need would show again), else
+/// the one with the shortest measured round trip (unknown counts as slowest); ties by device id,
+/// so the choice is deterministic.
+pub fn choose_peer(candidates: &[Candidate], preferred: Option<DeviceId>) -> Option<DeviceId> {
+    let usable = candidates.iter().filter(|candidate| {
+        candidate.online && candidate.ready != Some(false) && !candidate.failed
+    });
+    if let Some(preferred) = preferred
+        && usable.clone().any(|candidate| candidate.device == preferred)
+    {
+        return Some(preferred);
+    }
+    usable
         .min_by_key(|candidate| (candidate.rtt_us.unwrap_or(u64::MAX), candidate.device))
         .map(|candidate| candidate.device)
 }
@@ -342,6 +365,12 @@ impl Backfill {
     /// Whether live changes may be applied (the copy is complete).
     pub fn is_ready(&self) -> bool {
         self.checkpoint.phase == Phase::Ready
+    }
+
+    /// Whether this copy may serve a backfill ([`Checkpoint::serves`]): what its watermarks
+    /// tell peers as [`Watermarks::ready`].
+    pub fn serves(&self) -> bool {
+        self.checkpoint.serves()
     }
 
     /// What to do now.
@@ -563,9 +592,10 @@ impl Backfill {
             checkpoint.delete_missing |= delete_missing && checkpoint.phase == Phase::Uninitialized;
             return;
         }
-        let completed = checkpoint.completed;
+        let (completed, complete_before) = (checkpoint.completed, checkpoint.serves());
         *checkpoint = Checkpoint::with_phase(Phase::Uninitialized, scope, delete_missing);
         checkpoint.completed = completed;
+        checkpoint.complete_before = complete_before;
         self.run_start = None;
     }
 

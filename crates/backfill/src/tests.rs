@@ -310,6 +310,30 @@ fn a_full_resync_deletes_what_the_peer_no_longer_holds_range_by_range() {
     assert_eq!(outcome.delete_missing, Some((Some(key(4)), None)));
 }
 
+/// Devices that all resync at once (each fell behind another's retention) must still find a
+/// source, and so must a joiner arriving then: a resyncing copy that was complete serves until
+/// its resync ends, through a restart; a joiner, or a re-created device, never does before its
+/// first backfill ends — not even when asked to resync meanwhile.
+#[test]
+fn a_resyncing_copy_that_was_complete_serves_backfills_and_a_joiner_does_not() {
+    for scope in [Scope::Shared, Scope::Everything] {
+        let mut backfill = Backfill::new(Checkpoint::ready());
+        backfill.resync(scope, scope == Scope::Everything);
+        assert!(!backfill.is_ready());
+        assert!(backfill.serves(), "{scope:?}");
+        let theirs = watermarks(device(1), &[(device(2), 10)], &[(device(2), "entries", 500)]);
+        backfill.planned(device(1), &theirs, &models());
+        backfill.page(&[key(1)], true, 10, 10);
+        assert!(Backfill::new(backfill.checkpoint().clone()).serves(), "{scope:?} after a restart");
+    }
+    let mut joiner = Backfill::new(Checkpoint::uninitialized());
+    assert!(!joiner.serves());
+    joiner.resync(Scope::Everything, true);
+    assert!(!joiner.serves());
+    joiner.resync(Scope::Shared, false);
+    assert!(!joiner.serves());
+}
+
 #[test]
 fn a_resync_during_a_larger_backfill_changes_nothing() {
     let mut backfill = planned();
@@ -347,13 +371,36 @@ fn the_peer_with_the_shortest_round_trip_serves() {
         candidate(3, Some(300), None),
         candidate(4, None, Some(true)),
     ];
-    assert_eq!(choose_peer(&candidates), Some(device(3)), "2 is not ready");
+    assert_eq!(choose_peer(&candidates, None), Some(device(3)), "2 is not ready");
     let mut failed = candidates;
     failed[2].failed = true;
-    assert_eq!(choose_peer(&failed), Some(device(1)));
+    assert_eq!(choose_peer(&failed, None), Some(device(1)));
     let offline: Vec<Candidate> =
         candidates.iter().map(|c| Candidate { online: false, ..*c }).collect();
-    assert_eq!(choose_peer(&offline), None);
+    assert_eq!(choose_peer(&offline, None), None);
+}
+
+/// A resync names the peer that showed the need (it holds what this copy lacks): that peer
+/// serves if it can, however slow; one that cannot is passed over as ever.
+#[test]
+fn a_resync_is_served_by_the_peer_that_showed_the_need_if_it_can() {
+    let candidate = |byte, rtt_us, ready, online| Candidate {
+        device: device(byte),
+        rtt_us,
+        online,
+        ready,
+        failed: false,
+    };
+    let candidates = [
+        candidate(1, Some(100), Some(true), true),
+        candidate(2, Some(900), Some(true), true),
+        candidate(3, Some(50), Some(false), true),
+        candidate(4, Some(10), Some(true), false),
+    ];
+    assert_eq!(choose_peer(&candidates, Some(device(2))), Some(device(2)));
+    assert_eq!(choose_peer(&candidates, Some(device(3))), Some(device(1)), "3 cannot serve");
+    assert_eq!(choose_peer(&candidates, Some(device(4))), Some(device(1)), "4 is offline");
+    assert_eq!(choose_peer(&candidates, Some(device(9))), Some(device(1)), "9 is unknown");
 }
 
 proptest! {

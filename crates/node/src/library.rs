@@ -206,6 +206,12 @@ pub(crate) struct LibraryInner {
     /// Whether this copy is complete (backfill `Ready`): only then are live changes applied and
     /// does the device offer itself as a backfill source.
     pub(crate) ready: AtomicBool,
+    /// Whether this copy may serve a backfill ([`lsync_backfill::Checkpoint::serves`]): ready,
+    /// or resyncing a copy that was. What its watermarks tell peers as `ready`.
+    pub(crate) serves: AtomicBool,
+    /// Backfills (and resyncs) this copy completed ([`lsync_backfill::Checkpoint::completed`]):
+    /// a resync asked for before one ended is stale.
+    pub(crate) backfills_completed: std::sync::atomic::AtomicU64,
     /// The backfill's latest progress, for status (`None` once ready and never backfilled in
     /// this process).
     pub(crate) backfill: std::sync::Mutex<Option<BackfillProgress>>,
@@ -234,6 +240,10 @@ impl LibraryInner {
 
     pub(crate) fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn serves(&self) -> bool {
+        self.serves.load(Ordering::Acquire)
     }
 }
 
@@ -340,6 +350,8 @@ impl Library {
             .await?;
         // No checkpoint: a copy made before backfill existed, complete by construction.
         let ready = checkpoint.as_ref().is_none_or(|checkpoint| checkpoint.phase == Phase::Ready);
+        let serves = checkpoint.as_ref().is_none_or(Checkpoint::serves);
+        let completed = checkpoint.as_ref().map_or(0, |checkpoint| checkpoint.completed);
         // Status shows where an unfinished backfill stands before sync starts.
         let progress = checkpoint
             .filter(|_| !ready)
@@ -357,6 +369,8 @@ impl Library {
             snapshot: std::sync::Mutex::new(None),
             counters: Counters::default(),
             ready: AtomicBool::new(ready),
+            serves: AtomicBool::new(serves),
+            backfills_completed: std::sync::atomic::AtomicU64::new(completed),
             backfill: std::sync::Mutex::new(progress),
             read_ahead: std::sync::Mutex::new(HashMap::new()),
             clock_offsets: std::sync::Mutex::new(HashMap::new()),

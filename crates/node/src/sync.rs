@@ -25,7 +25,7 @@ pub(crate) async fn own_watermarks(inner: &LibraryInner) -> Result<Watermarks, S
     let watermarks = inner
         .db
         .write(async |conn| {
-            lsync_watermark::sql::own_watermarks(conn, identity, inner.is_ready()).await
+            lsync_watermark::sql::own_watermarks(conn, identity, inner.serves()).await
         })
         .await?;
     *inner.snapshot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =

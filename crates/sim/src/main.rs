@@ -32,7 +32,7 @@ struct Cli {
     #[arg(long, value_name = "S")]
     seed: Option<u64>,
     /// Faults to inject: none, all, or a comma-separated list of partition, restart, offline,
-    /// join, skew, lossy.
+    /// join, skew, lossy, restore, recreate, retention, clock-jump, stall.
     #[arg(long, value_name = "LIST", default_value = "all", value_parser = parse_faults)]
     faults: Faults,
     /// Who is paired with whom: full, chain, star, or random (connected, average degree 3).
@@ -84,6 +84,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(filter) = std::env::var_os("LSYNC_SIM_LOG") {
+        // The engines' own log lines (real mode), each naming its device, for diagnosing a seed.
+        let filter = tracing_subscriber::EnvFilter::new(filter.to_string_lossy());
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let result = if cli.deterministic { run_deterministic(&cli) } else { run_real(&cli) };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -277,14 +277,11 @@ pub async fn note_epoch(
     let check = check_epoch(remembered.map(|epoch| Epoch(epoch.cast_unsigned())), announced);
     if let EpochCheck::Changed { .. } = check {
         reset_peer_acks(conn, peer).await?;
-        // A new copy (re-created, or restored and detected): what it announced before describes
-        // another file.
-        sqlx::query(
-            "UPDATE sync_peers SET seen_origin = NULL, seen_generation = NULL WHERE device = ?1",
-        )
-        .bind(peer.as_bytes().as_slice())
-        .execute(&mut *conn)
-        .await?;
+        // A new copy (re-created, or restored and detected). What it announced before (`seen`)
+        // is kept and told back to it: the peer it backfilled or resynced from may have heard
+        // less of its old copy than this device, and only this tells it to resync from here
+        // (the simulator found a restored copy that resynced from a peer which had been away
+        // lose, for good, the rows it had written since the backup).
     }
     if check != EpochCheck::Same {
         sqlx::query("UPDATE sync_peers SET epoch = ?2 WHERE device = ?1")

@@ -27,6 +27,8 @@ pub(super) struct BackfillActor<T: Transport> {
     machine: Backfill,
     /// What is known of each peer, for choosing whom to backfill from.
     candidates: HashMap<DeviceId, Candidate>,
+    /// The source a resync asked for ([`Resync::from`]), until the backfill ends.
+    preferred: Option<DeviceId>,
     /// A request or transaction is in flight.
     busy: bool,
     /// Consecutive failures without progress (for backoff).
@@ -57,6 +59,7 @@ impl<T: Transport> BackfillActor<T> {
             supervisor,
             machine,
             candidates: HashMap::new(),
+            preferred: None,
             busy: false,
             failures: 0,
             prefetch: None,
@@ -81,6 +84,10 @@ impl<T: Transport> BackfillActor<T> {
     fn publish(&self) {
         let progress = self.machine.progress(now_ms());
         self.inner.ready.store(self.machine.is_ready(), std::sync::atomic::Ordering::Release);
+        self.inner.serves.store(self.machine.serves(), std::sync::atomic::Ordering::Release);
+        self.inner
+            .backfills_completed
+            .store(self.machine.checkpoint().completed, std::sync::atomic::Ordering::Release);
         *self.inner.backfill.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
             Some(progress.clone());
         metrics::gauge!("lsync_backfill_rows_done").set(progress.done as f64);
@@ -90,7 +97,7 @@ impl<T: Transport> BackfillActor<T> {
 
     fn pick(&self) -> Option<DeviceId> {
         let candidates: Vec<Candidate> = self.candidates.values().copied().collect();
-        choose_peer(&candidates)
+        choose_peer(&candidates, self.preferred)
     }
 
     /// A request to `peer` failed: try another peer (or this one again after a backoff).
@@ -130,7 +137,11 @@ impl<T: Transport> BackfillActor<T> {
         match self.machine.next() {
             Command::Idle => {}
             Command::Plan | Command::Rebase => {
-                let Some(peer) = self.pick() else { return };
+                let Some(peer) = self.pick() else {
+                    tracing::debug!(candidates = ?self.candidates, "no peer to backfill from yet");
+                    return;
+                };
+                tracing::debug!(%peer, "asking a peer for its watermarks to plan the backfill");
                 self.busy = true;
                 let (inner, transport) = (self.inner.clone(), self.transport.clone());
                 let work =
@@ -139,6 +150,7 @@ impl<T: Transport> BackfillActor<T> {
                     match result {
                         Ok(theirs) if !theirs.ready => {
                             // Not a complete copy: not a source.
+                            tracing::debug!(%peer, "not a complete copy: not a backfill source");
                             actor.busy = false;
                             if let Some(candidate) = actor.candidates.get_mut(&peer) {
                                 candidate.ready = Some(false);
@@ -261,6 +273,7 @@ impl<T: Transport> BackfillActor<T> {
                         actor.busy = false;
                         actor.publish();
                         if became_ready {
+                            actor.preferred = None;
                             actor.supervisor.do_send(super::BackfillDone);
                         }
                         actor.drive(ctx);
@@ -277,6 +290,7 @@ impl<T: Transport> Actor for BackfillActor<T> {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.inner.ready.store(self.machine.is_ready(), std::sync::atomic::Ordering::Release);
+        self.inner.serves.store(self.machine.serves(), std::sync::atomic::Ordering::Release);
         if !self.machine.is_ready() {
             self.publish();
         }
@@ -344,6 +358,11 @@ impl<T: Transport> Handler<SetPaused> for BackfillActor<T> {
 pub(super) struct Resync {
     pub(super) scope: Scope,
     pub(super) delete_missing: bool,
+    /// The peer to resync from if it can serve (see [`choose_peer`]).
+    pub(super) from: Option<DeviceId>,
+    /// Backfills this copy had completed when the need was seen
+    /// ([`LibraryInner::backfills_completed`](crate::library::LibraryInner)).
+    pub(super) completed: u64,
 }
 impl Message for Resync {
     type Result = ();
@@ -352,6 +371,20 @@ impl Message for Resync {
 impl<T: Transport> Handler<Resync> for BackfillActor<T> {
     type Result = ();
     fn handle(&mut self, resync: Resync, ctx: &mut Self::Context) {
+        if resync.completed < self.machine.checkpoint().completed {
+            // A backfill or resync ended since the need was seen: the need, if it remains,
+            // shows again at the next catch-up. (The actor reads its mailbox only between
+            // backfills, so requests that several peers raised at once used to wait for the
+            // resync the first one started, then start one each: the simulator saw a restored
+            // copy resync fully three times over for one rollback.)
+            return;
+        }
+        let mut next = self.machine.clone();
+        next.resync(resync.scope, resync.delete_missing);
+        if next.checkpoint() == self.machine.checkpoint() {
+            // A backfill or resync under way covers it.
+            return;
+        }
         if self.busy {
             // Retry once the step in flight ends (it may move the checkpoint).
             ctx.run_later(Duration::from_millis(50), move |_, ctx| {
@@ -359,11 +392,7 @@ impl<T: Transport> Handler<Resync> for BackfillActor<T> {
             });
             return;
         }
-        let mut next = self.machine.clone();
-        next.resync(resync.scope, resync.delete_missing);
-        if next.checkpoint() == self.machine.checkpoint() {
-            return;
-        }
+        self.preferred = resync.from;
         tracing::warn!(scope = ?resync.scope, "a gap peer logs cannot close: resyncing");
         metrics::counter!("lsync_resyncs_total").increment(1);
         self.busy = true;

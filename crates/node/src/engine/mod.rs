@@ -64,7 +64,11 @@ pub(crate) async fn start<T: Transport>(
     let (ready, ready_rx) = tokio::sync::oneshot::channel();
     let transport = Arc::new(transport);
     let engine_transport = transport.clone();
+    // Every line the engine logs names its device: a process may run several libraries (an app
+    // with two, the simulator with many).
+    let span = tracing::info_span!("engine", device = %inner.identity().device);
     let thread = std::thread::Builder::new().name("lsync-engine".into()).spawn(move || {
+        let _span = span.enter();
         // Futures the engine leaves behind when it stops are dropped after its runtime stopped;
         // some (a database connection going back to its pool) spawn a task from their destructor,
         // which panics without a Tokio context. This context outlives the engine's runtime; what
@@ -357,6 +361,12 @@ struct ResyncNeeded {
     scope: lsync_backfill::Scope,
     /// Delete rows the peer no longer holds (a full resync).
     delete_missing: bool,
+    /// The peer that showed the need (it holds what this copy lacks): the resync's source if
+    /// it can serve.
+    from: DeviceId,
+    /// Backfills this copy had completed when the need was seen: one that ended since makes
+    /// the request stale.
+    completed: u64,
 }
 impl Message for ResyncNeeded {
     type Result = ();
@@ -369,6 +379,8 @@ impl<T: Transport> Handler<ResyncNeeded> for Supervisor<T> {
             backfill.do_send(backfill::Resync {
                 scope: resync.scope,
                 delete_missing: resync.delete_missing,
+                from: Some(resync.from),
+                completed: resync.completed,
             });
         }
     }

@@ -149,6 +149,8 @@ impl<T: Transport> PeerActor<T> {
         tracing::debug!(peer = %self.peer, "catch-up starts");
         let (inner, transport, peer) = (self.inner.clone(), self.transport.clone(), self.peer);
         let supervisor = self.supervisor.clone();
+        // What this catch-up starts from: a resync it asks for is stale once a backfill ended.
+        let completed = self.inner.backfills_completed.load(std::sync::atomic::Ordering::Acquire);
         let work = async move {
             let theirs = match theirs {
                 Some(theirs) => theirs,
@@ -160,6 +162,8 @@ impl<T: Transport> PeerActor<T> {
                 supervisor.do_send(ResyncNeeded {
                     scope: lsync_backfill::Scope::Everything,
                     delete_missing: true,
+                    from: peer,
+                    completed,
                 });
                 return Ok((false, None));
             }
@@ -175,6 +179,8 @@ impl<T: Transport> PeerActor<T> {
                 supervisor.do_send(ResyncNeeded {
                     scope: lsync_backfill::Scope::Everything,
                     delete_missing: true,
+                    from: peer,
+                    completed,
                 });
                 return Ok((false, None));
             }
@@ -185,6 +191,8 @@ impl<T: Transport> PeerActor<T> {
                 supervisor.do_send(ResyncNeeded {
                     scope: lsync_backfill::Scope::Shared,
                     delete_missing: false,
+                    from: peer,
+                    completed,
                 });
             }
             let ack = if pulled {

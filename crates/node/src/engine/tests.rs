@@ -78,6 +78,12 @@ impl Device {
         .expect("the child was restarted")
     }
 
+    /// Backfills (and resyncs) this copy completed, from its stored checkpoint.
+    async fn completed_backfills(&self) -> u64 {
+        let mut conn = self.library.reader().acquire().await.unwrap();
+        lsync_backfill::sql::load(&mut conn).await.unwrap().unwrap().completed
+    }
+
     async fn entries(&self) -> usize {
         let count: i64 = sqlx::query_scalar("SELECT count(*) FROM entries")
             .fetch_one(self.library.reader())
@@ -209,6 +215,57 @@ async fn a_child_failing_again_and_again_is_reported_each_time_with_a_growing_ba
         a.restarted(Child::Pruner, old).await;
     }
     assert_eq!(delays, ["100ms", "200ms", "400ms"]);
+    a.library.close().await.unwrap();
+    b.library.close().await.unwrap();
+}
+
+/// Several peers show the same need at once (a restored copy learns of its rollback from each
+/// of them): the resync the first request starts covers them all, and the copy resyncs once.
+/// The backfill actor reads its mailbox only between backfills, so the other requests used to
+/// start a resync each once the first ended: the simulator saw a restored copy resync fully
+/// three times over for one rollback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_a_running_resync_covers_start_no_second_one() {
+    use lsync_backfill::{Phase, Scope};
+    let (mut a, b, _hub) = pair_on_hub().await;
+    let b_id = b.library.identity().device;
+    let rows = (0..3000).map(|i| entry(&format!("file {i}"))).collect();
+    b.library.write_rows("entries", rows).await.unwrap();
+    holds(&mut a, 3000).await;
+    let completed_before = a.completed_backfills().await;
+
+    let supervisor = a.supervisor().await;
+    let resync = || super::ResyncNeeded {
+        scope: Scope::Everything,
+        delete_missing: true,
+        from: b_id,
+        completed: completed_before,
+    };
+    supervisor.send(resync()).await.unwrap();
+    a.wait_for(|event| {
+        matches!(event, Event::Backfill(progress) if progress.phase != Phase::Ready).then_some(())
+    })
+    .await;
+    for _ in 0..3 {
+        supervisor.send(resync()).await.unwrap();
+    }
+    a.wait_for(|event| {
+        matches!(event, Event::Backfill(progress) if progress.phase == Phase::Ready).then_some(())
+    })
+    .await;
+    // A request put off while the resync was busy came back every 50 ms and started a new
+    // resync as soon as this one ended: a second is given ample time to show up.
+    let another = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(event) = a.events.recv().await {
+            if matches!(&event, Event::Backfill(progress) if progress.phase != Phase::Ready) {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(another.is_err(), "a second resync started");
+    assert_eq!(a.completed_backfills().await, completed_before + 1);
+    holds(&mut a, 3000).await;
     a.library.close().await.unwrap();
     b.library.close().await.unwrap();
 }

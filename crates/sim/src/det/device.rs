@@ -173,6 +173,11 @@ impl Durable {
         self.backfill.as_ref().is_none_or(|checkpoint| checkpoint.phase == Phase::Ready)
     }
 
+    /// Whether it may serve a backfill (what its watermarks say as `ready`).
+    pub(super) fn serves(&self) -> bool {
+        self.backfill.as_ref().is_none_or(Checkpoint::serves)
+    }
+
     /// Raises `origin`'s contiguous watermark over the changes logged right above it.
     fn advance(&mut self, origin: DeviceId) {
         let current = self.shared.get(origin);
@@ -605,7 +610,7 @@ impl Device {
             epoch: lsync_protocol::Epoch(0),
             shared: self.durable.shared.to_wire(),
             state: self.durable.state.to_wire(),
-            ready: self.durable.ready(),
+            ready: self.durable.serves(),
             resync: false,
             collected: self.durable.collected.to_wire(),
             incarnation: None,

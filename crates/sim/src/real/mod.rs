@@ -481,6 +481,7 @@ impl<'a> Sim<'a> {
 
     fn log_fault(&mut self, what: String) {
         let at = self.started.elapsed().as_secs_f64();
+        tracing::info!(fault = %what, "simulator");
         self.fault_log.push(format!("{at:6.2} s  {what}"));
     }
 
@@ -515,6 +516,8 @@ impl<'a> Sim<'a> {
             let offset = i64::try_from(self.rng.next_u64() % 5_001).unwrap_or(0) - 2_500;
             peer.clock.set_offset_ms(offset);
         }
+        // With `LSYNC_SIM_LOG`, the engines' lines name devices: say which peer each one is.
+        tracing::info!(peer = %peer.name, device = %peer.device, "simulated device");
         let seed = self.rng.next_u64();
         peer.start(
             &self.registry,

@@ -80,7 +80,7 @@ impl Driver {
 
     fn pick(&self) -> Option<DeviceId> {
         let candidates: Vec<Candidate> = self.candidates.values().copied().collect();
-        choose_peer(&candidates)
+        choose_peer(&candidates, None)
     }
 
     fn online(&self, peer: DeviceId) -> bool {
