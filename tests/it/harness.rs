@@ -251,6 +251,24 @@ async fn pair_online(inviter: &mut Node, joiner: &mut Node) -> (DeviceId, Device
     (inviter_id, joiner_id)
 }
 
+/// Three devices a, b and c of `library`, each paired with each other.
+pub async fn three_paired(library: LibraryId) -> (Node, Node, Node) {
+    let (mut a, mut b, mut c) = three(library).await;
+    pair(&mut a, &mut b).await;
+    pair(&mut a, &mut c).await;
+    pair(&mut b, &mut c).await;
+    (a, b, c)
+}
+
+/// Three devices a, b and c of `library`, not paired yet.
+pub async fn three(library: LibraryId) -> (Node, Node, Node) {
+    (
+        Node::start(library, "a").await,
+        Node::start(library, "b").await,
+        Node::start(library, "c").await,
+    )
+}
+
 /// Waits until `node`'s backfill finished (its copy is ready).
 pub async fn backfilled(node: &mut Node) -> lsync_node::BackfillProgress {
     node.wait_for(|event| match event {

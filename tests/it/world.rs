@@ -89,14 +89,7 @@ async fn a_device_catching_up_from_a_copy_made_after_tombstones_were_collected_d
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_restored_without_knowing_it_never_reuses_a_change_number() {
     let library = new_library();
-    let (mut a, mut b, mut c) = (
-        Node::start(library, "a").await,
-        Node::start(library, "b").await,
-        Node::start(library, "c").await,
-    );
-    pair(&mut a, &mut b).await;
-    pair(&mut a, &mut c).await;
-    pair(&mut b, &mut c).await;
+    let (mut a, mut b, mut c) = three_paired(library).await;
     a.library.write_shared((0..3).map(|i| tag(&format!("kept{i}"))).collect()).await.unwrap();
     converge(&mut [&mut a, &mut b, &mut c]).await;
 
@@ -248,6 +241,54 @@ async fn a_restored_copy_that_writes_before_its_resync_gets_its_lost_rows_back()
     assert_eq!(tables["entries"].len(), 11, "kept, lost and new rows are everywhere");
     a.close().await;
     b.close().await;
+}
+
+/// a's rows written after a backup reach only c; a's `library.db` is restored (a knows, and
+/// resyncs) while c is away, so it resyncs from b, which never had those rows, then writes
+/// again, which puts its own mark above them. When c is back it tells a what it saw of a's old
+/// copy, and a resyncs from c: the rows come back everywhere. (Found by the real-mode
+/// simulator: c used to forget what it saw of a once a announced its new epoch, and the rows
+/// were lost on a and b for good.)
+/// What c saw reaches a only in the answer to a watermark request, and a's catch-up with c
+/// failed (c's sync was off): a used to ask again only when c looked ahead of it, which it no
+/// longer did once a wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_copy_that_resynced_from_a_peer_that_knew_less_gets_its_rows_from_one_that_knew_more()
+ {
+    let library = new_library();
+    let (mut a, mut b, mut c) = three_paired(library).await;
+    let kept = (0..5).map(|i| entry(&format!("kept {i}"))).collect();
+    a.library.write_rows("entries", kept).await.unwrap();
+    converge(&mut [&mut a, &mut b, &mut c]).await;
+    let backup = back_up(&a).await;
+
+    b.library.set_sync_enabled(false).await;
+    let lost = (0..5).map(|i| entry(&format!("lost {i}"))).collect();
+    a.library.write_rows("entries", lost).await.unwrap();
+    converge(&mut [&mut a, &mut c]).await;
+    // a catches up with c again, so c hears where a's copy is now.
+    let c_id = c.device();
+    a.library.set_sync_enabled(false).await;
+    a.library.set_sync_enabled(true).await;
+    caught_up(&mut a, c_id).await;
+    // c goes away (it keeps its address, so that a, whose address changes, reaches it again).
+    c.library.set_sync_enabled(false).await;
+
+    let a_dir = a.close().await;
+    restore(a_dir.path(), &backup, false);
+    b.library.set_sync_enabled(true).await;
+    let mut a = Node::start_in(a_dir, library, "a", test_config(), false).await;
+    backfilled(&mut a).await;
+    a.library.write_rows("entries", vec![entry("after the restore")]).await.unwrap();
+    let tables = converge(&mut [&mut a, &mut b]).await;
+    assert_eq!(tables["entries"].len(), 6, "b never had the lost rows");
+
+    c.library.set_sync_enabled(true).await;
+    let tables = converge(&mut [&mut a, &mut b, &mut c]).await;
+    assert_eq!(tables["entries"].len(), 11, "kept, lost and new rows are everywhere");
+    a.close().await;
+    b.close().await;
+    c.close().await;
 }
 
 /// As above, but the whole folder is restored (the generation file too), so nothing at open can

@@ -436,7 +436,7 @@ async fn serve_inner(
             let seen = inner
                 .db
                 .write(async |conn| {
-                    lsync_watermark::sql::record_seen(conn, peer, theirs.incarnation).await
+                    lsync_watermark::sql::record_seen(conn, peer, theirs.incarnation, true).await
                 })
                 .await?;
             Message::WatermarksResponse(Watermarks {
@@ -912,6 +912,25 @@ pub(crate) async fn apply_backfill_page(
                         .await?;
                         deleted.extend(missing);
                         projection.absorb(hidden);
+                    }
+                    // Own rows a resync brought back (a copy rolled back to an old file) keep the
+                    // versions they had; peers that heard of this device's later writes hold
+                    // marks above them and would never catch up on them. Written again, under
+                    // new versions, they reach every peer.
+                    if checkpoint.delete_missing
+                        && page.owner == device
+                        && !applied.upserted.is_empty()
+                    {
+                        let restamped = lsync_state_sync::sql::restamp_own(
+                            conn,
+                            &registry,
+                            &inner.clock,
+                            &page.model,
+                            &applied.upserted,
+                            now_ms(),
+                        )
+                        .await?;
+                        tracing::info!(model = %page.model, rows = restamped.len(), "own rows a resync brought back written again under new versions");
                     }
                     record_applied("backfill", count, applied.rejected, started);
                     changed = Some((page.owner, page.model, applied.upserted, deleted));

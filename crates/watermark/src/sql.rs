@@ -150,11 +150,15 @@ pub async fn own_watermarks(
 
 /// Remembers the incarnation and write count `peer` announced (`Watermarks::incarnation`);
 /// returns what was remembered before, to tell back to it (`Watermarks::seen`). The write count
-/// only grows within one incarnation.
+/// only grows within one incarnation. `told`: the caller tells the previous value back (a
+/// watermark request); a heartbeat does not, and so only raises the write count of the same
+/// incarnation — a new one replacing the old there would lose what the peer must hear (its copy
+/// was restored or re-created, and this device heard more of the old one).
 pub async fn record_seen(
     conn: &mut SqliteConnection,
     peer: DeviceId,
     announced: Option<OriginSeq>,
+    told: bool,
 ) -> Result<Option<OriginSeq>, StoreError> {
     let row = sqlx::query(
         "SELECT seen_origin, seen_generation FROM sync_peers
@@ -172,6 +176,9 @@ pub async fn record_seen(
     };
     if let Some(announced) = announced {
         let same = before.is_some_and(|before| before.origin == announced.origin);
+        if !same && !told && before.is_some() {
+            return Ok(before);
+        }
         sqlx::query(
             "UPDATE sync_peers SET seen_origin = ?2,
                  seen_generation = CASE WHEN ?4 THEN max(coalesce(seen_generation, 0), ?3) ELSE ?3 END

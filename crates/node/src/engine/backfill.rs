@@ -393,6 +393,11 @@ impl<T: Transport> Handler<Resync> for BackfillActor<T> {
             return;
         }
         self.preferred = resync.from;
+        // The peer that showed the need just answered: a failure of an earlier backfill (its
+        // sync was off then) does not rule it out.
+        if let Some(candidate) = resync.from.and_then(|from| self.candidates.get_mut(&from)) {
+            candidate.failed = false;
+        }
         tracing::warn!(scope = ?resync.scope, "a gap peer logs cannot close: resyncing");
         metrics::counter!("lsync_resyncs_total").increment(1);
         self.busy = true;

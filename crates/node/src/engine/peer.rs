@@ -39,6 +39,13 @@ pub(super) struct PeerActor<T: Transport> {
     pub(super) siblings: Arc<Siblings<T>>,
     pub(super) online: bool,
     pub(super) catching_up: bool,
+    /// The last catch-up failed: the next heartbeat from the peer starts one, with a watermark
+    /// request of its own, whether or not the heartbeat shows the peer ahead. Only a request's
+    /// answer tells what the peer saw of this copy (`Watermarks::seen`): a copy restored from an
+    /// old file, whose catch-up with a peer failed (its sync was off), would otherwise never
+    /// hear from that peer once its own writes put it ahead, and lose the rows only that peer
+    /// held.
+    pub(super) owed: bool,
     pub(super) outbound: Option<mpsc::Sender<Outbound>>,
     /// `peer{peer=…}`: every log line of the actor, its futures and its sender task is inside.
     pub(super) span: tracing::Span,
@@ -206,6 +213,7 @@ impl<T: Transport> PeerActor<T> {
             actor.catching_up = false;
             match result {
                 Ok((pulled, ack)) => {
+                    actor.owed = false;
                     tracing::debug!(peer = %actor.peer, pulled, "caught up");
                     actor.inner.emit(Event::CaughtUp { peer: actor.peer, pulled });
                     if let Some(ack) = ack {
@@ -214,6 +222,7 @@ impl<T: Transport> PeerActor<T> {
                     actor.siblings.prune_soon();
                 }
                 Err(error) => {
+                    actor.owed = true;
                     metrics::counter!("lsync_catch_up_failures_total").increment(1);
                     tracing::warn!(peer = %actor.peer, %error, "catch-up stopped; it resumes on the next heartbeat or reconnect");
                     // A peer going away mid-way is routine; this device failing to take what it
@@ -383,7 +392,7 @@ impl<T: Transport> Handler<FromPeer> for PeerActor<T> {
                             let _ = inner
                                 .db
                                 .write(async |conn| {
-                                    lsync_watermark::sql::record_seen(conn, peer, seen).await
+                                    lsync_watermark::sql::record_seen(conn, peer, seen, false).await
                                 })
                                 .await;
                         }
@@ -397,7 +406,9 @@ impl<T: Transport> Handler<FromPeer> for PeerActor<T> {
                     .into_actor(self)
                     .map(|behind, actor, ctx| {
                         actor.siblings.prune_soon();
-                        if let Some(theirs) = behind {
+                        if actor.owed {
+                            actor.catch_up(ctx, None);
+                        } else if let Some(theirs) = behind {
                             actor.catch_up(ctx, Some(theirs));
                         }
                     }),

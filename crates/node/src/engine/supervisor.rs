@@ -77,6 +77,7 @@ impl<T: Transport> Supervisor<T> {
             siblings: self.siblings.clone(),
             online: false,
             catching_up: false,
+            owed: false,
             outbound: None,
             span: tracing::info_span!("peer", %peer),
             _watch: self.watch(Child::Peer(peer), ctx),
