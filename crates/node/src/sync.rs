@@ -913,25 +913,6 @@ pub(crate) async fn apply_backfill_page(
                         deleted.extend(missing);
                         projection.absorb(hidden);
                     }
-                    // Own rows a resync brought back (a copy rolled back to an old file) keep the
-                    // versions they had; peers that heard of this device's later writes hold
-                    // marks above them and would never catch up on them. Written again, under
-                    // new versions, they reach every peer.
-                    if checkpoint.delete_missing
-                        && page.owner == device
-                        && !applied.upserted.is_empty()
-                    {
-                        let restamped = lsync_state_sync::sql::restamp_own(
-                            conn,
-                            &registry,
-                            &inner.clock,
-                            &page.model,
-                            &applied.upserted,
-                            now_ms(),
-                        )
-                        .await?;
-                        tracing::info!(model = %page.model, rows = restamped.len(), "own rows a resync brought back written again under new versions");
-                    }
                     record_applied("backfill", count, applied.rejected, started);
                     changed = Some((page.owner, page.model, applied.upserted, deleted));
                     projection

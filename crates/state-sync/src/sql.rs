@@ -369,46 +369,6 @@ pub async fn write_local<C: Clock>(
     Ok((rows, applied))
 }
 
-/// Writes this device's own rows `ids` of `model_name` again, unchanged, under new versions
-/// (as [`write_local`] would): rows a resync brought back to a copy rolled back to an old file.
-/// Their versions are older than the marks of peers that heard of this device's later writes,
-/// and a catch-up by version would never bring them there. Rows no longer held are skipped.
-/// Returns the rows as written.
-pub async fn restamp_own<C: Clock>(
-    conn: &mut SqliteConnection,
-    registry: &Registry,
-    clock: &HlcGenerator<C>,
-    model_name: &str,
-    ids: &[Uuid],
-    now_ms: u64,
-) -> Result<Vec<StateRow>, StateError> {
-    let model = device_owned(registry, model_name)?;
-    let columns: Vec<String> = model.columns.iter().map(|column| ident(&column.name)).collect();
-    let separator = if columns.is_empty() { "" } else { ", " };
-    let sql = format!(
-        "SELECT id, version, -1 AS kind{separator}{cols} FROM {table} WHERE id = ?1 AND owner = ?2",
-        cols = columns.join(", "),
-        table = ident(model_name),
-    );
-    let mut edits = Vec::with_capacity(ids.len());
-    for id in ids {
-        let found = sqlx::query(&sql)
-            .bind(id.as_bytes().as_slice())
-            .bind(clock.device().as_bytes().as_slice())
-            .fetch_optional(&mut *conn)
-            .await?;
-        if let Some(found) = found
-            && let StateOp::Upsert(values) = read_row_or_tombstone(&found, model)?.op
-        {
-            edits.push(RowEdit::Upsert { id: *id, values });
-        }
-    }
-    if edits.is_empty() {
-        return Ok(Vec::new());
-    }
-    Ok(write_local(conn, registry, clock, model_name, edits, now_ms).await?.0)
-}
-
 /// A row of the `UNION ALL` of a model's rows and its tombstones that [`rows_since`] and
 /// [`rows_by_key`] select: `id, version, kind` (-1 for a live row), then the model's columns.
 fn read_row_or_tombstone(

@@ -222,9 +222,14 @@ impl<T: Transport> PeerActor<T> {
                     actor.siblings.prune_soon();
                 }
                 Err(error) => {
-                    actor.owed = true;
                     metrics::counter!("lsync_catch_up_failures_total").increment(1);
-                    tracing::warn!(peer = %actor.peer, %error, "catch-up stopped; it resumes on the next heartbeat or reconnect");
+                    if actor.owed {
+                        // Retried on every heartbeat: said once, not every few seconds.
+                        tracing::debug!(peer = %actor.peer, %error, "catch-up failed again");
+                    } else {
+                        tracing::warn!(peer = %actor.peer, %error, "catch-up stopped; it resumes on the next heartbeat or reconnect");
+                    }
+                    actor.owed = true;
                     // A peer going away mid-way is routine; this device failing to take what it
                     // pulled (a full parking bound, a refused page) is for the app to see.
                     if matches!(error, sync::CatchUpError::Local(_)) {
