@@ -200,11 +200,15 @@ impl Checkpoint {
         }
     }
 
-    /// Whether this copy may serve a backfill: its tables hold at least what its watermarks
-    /// claim. A ready copy does, and so does one resyncing ([`Checkpoint::complete_before`]);
-    /// a joiner or a re-created device before its first backfill ends does not.
+    /// Whether this copy may serve a backfill: its tables hold what its watermarks claim. A
+    /// ready copy does, and so does one resyncing what it fell behind on
+    /// ([`Checkpoint::complete_before`]). A full resync that deletes what the peer no longer
+    /// holds (`delete_missing`: a copy restored from an old file) does not: its tables hold
+    /// rows deleted since the backup, and its own marks jump over that lost history as soon as
+    /// it writes (the simulator saw a joiner copy such rows and keep them for good). Nor does a
+    /// joiner or a re-created device before its first backfill ends.
     pub fn serves(&self) -> bool {
-        self.phase == Phase::Ready || self.complete_before
+        self.phase == Phase::Ready || (self.complete_before && !self.delete_missing)
     }
 }
 

@@ -312,19 +312,23 @@ fn a_full_resync_deletes_what_the_peer_no_longer_holds_range_by_range() {
 
 /// Devices that all resync at once (each fell behind another's retention) must still find a
 /// source, and so must a joiner arriving then: a resyncing copy that was complete serves until
-/// its resync ends, through a restart; a joiner, or a re-created device, never does before its
-/// first backfill ends — not even when asked to resync meanwhile.
+/// its resync ends, through a restart — unless the resync deletes what the peer no longer holds
+/// (a copy restored from an old file holds rows deleted since). A joiner, or a re-created
+/// device, never serves before its first backfill ends, not even when asked to resync.
 #[test]
 fn a_resyncing_copy_that_was_complete_serves_backfills_and_a_joiner_does_not() {
-    for scope in [Scope::Shared, Scope::Everything] {
+    for (scope, delete_missing) in
+        [(Scope::Shared, false), (Scope::Everything, false), (Scope::Everything, true)]
+    {
         let mut backfill = Backfill::new(Checkpoint::ready());
-        backfill.resync(scope, scope == Scope::Everything);
+        backfill.resync(scope, delete_missing);
         assert!(!backfill.is_ready());
-        assert!(backfill.serves(), "{scope:?}");
+        assert_eq!(backfill.serves(), !delete_missing, "{scope:?}");
         let theirs = watermarks(device(1), &[(device(2), 10)], &[(device(2), "entries", 500)]);
         backfill.planned(device(1), &theirs, &models());
         backfill.page(&[key(1)], true, 10, 10);
-        assert!(Backfill::new(backfill.checkpoint().clone()).serves(), "{scope:?} after a restart");
+        let restarted = Backfill::new(backfill.checkpoint().clone());
+        assert_eq!(restarted.serves(), !delete_missing, "{scope:?} after a restart");
     }
     let mut joiner = Backfill::new(Checkpoint::uninitialized());
     assert!(!joiner.serves());
