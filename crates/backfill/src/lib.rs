@@ -164,10 +164,11 @@ pub struct Checkpoint {
     #[serde(default)]
     pub collected_marks: Vec<StateMark>,
     /// Whether the copy was complete when this backfill started: a resync of a copy that was
-    /// ready once. Its tables still hold at least what its watermarks claim (a resync raises
-    /// them only when a step ends), so it keeps serving backfills meanwhile — were resyncing
-    /// copies refused as sources, devices that all resync at once (each fell behind another's
-    /// retention) would wait for each other, and a joiner for all of them, for ever.
+    /// ready once. Its tables still hold what its watermarks claim (a resync raises them only
+    /// when a step ends), so it keeps serving backfills meanwhile unless the resync deletes
+    /// what the peer no longer holds ([`Checkpoint::serves`]) — were resyncing copies refused
+    /// as sources, devices that all resync at once (each fell behind another's retention) would
+    /// wait for each other, and a joiner for all of them, for ever.
     #[serde(default)]
     pub complete_before: bool,
 }

@@ -253,8 +253,8 @@ async fn requests_a_running_resync_covers_start_no_second_one() {
         matches!(event, Event::Backfill(progress) if progress.phase == Phase::Ready).then_some(())
     })
     .await;
-    // A request put off while the resync was busy came back every 50 ms and started a new
-    // resync as soon as this one ended: a second is given ample time to show up.
+    // The requests queued while the resync ran used to start a new one as soon as it ended:
+    // a second is given ample time to show up.
     let another = tokio::time::timeout(Duration::from_secs(1), async {
         while let Some(event) = a.events.recv().await {
             if matches!(&event, Event::Backfill(progress) if progress.phase != Phase::Ready) {
