@@ -541,13 +541,7 @@ async fn a_device_restored_from_an_old_file_fetches_back_what_it_lost_and_number
     converge(&mut [&mut a, &mut b]).await;
 
     // A backup of a's file, taken while it runs.
-    let db = a.dir.path().join("library.db");
-    let backup = a.dir.path().join("backup.db");
-    sqlx::query("VACUUM INTO ?1")
-        .bind(backup.to_str().unwrap())
-        .execute(a.library.reader())
-        .await
-        .unwrap();
+    let backup = back_up(&a).await;
 
     // After the backup: new shared changes (numbered after the backup's), rows, a delete.
     a.library.write_shared((0..4).map(|i| tag(&format!("lost{i}"))).collect()).await.unwrap();
@@ -561,10 +555,7 @@ async fn a_device_restored_from_an_old_file_fetches_back_what_it_lost_and_number
 
     // The backup is restored over the file.
     let a_dir = a.close().await;
-    for file in ["library.db-wal", "library.db-shm"] {
-        let _ = std::fs::remove_file(a_dir.path().join(file));
-    }
-    std::fs::copy(&backup, &db).unwrap();
+    restore(a_dir.path(), &backup, false);
     let mut a = Node::start_as(a_dir, library, "a", test_config(), How::Reopen).await;
     assert_ne!(a.library.identity().epoch, old_epoch, "a restored copy announces a new epoch");
     assert!(
@@ -596,25 +587,13 @@ async fn a_device_restored_with_its_generation_file_learns_it_from_its_peer_and_
     pair(&mut a, &mut b).await;
     a.library.write_shared((0..3).map(|i| tag(&format!("kept{i}"))).collect()).await.unwrap();
     converge(&mut [&mut a, &mut b]).await;
-    let db = a.dir.path().join("library.db");
-    let (backup, generation) =
-        (a.dir.path().join("backup.db"), a.dir.path().join("library.db-generation"));
-    sqlx::query("VACUUM INTO ?1")
-        .bind(backup.to_str().unwrap())
-        .execute(a.library.reader())
-        .await
-        .unwrap();
-    let backup_generation = std::fs::read(&generation).unwrap();
+    let backup = back_up(&a).await;
     a.library.write_shared((0..4).map(|i| tag(&format!("lost{i}"))).collect()).await.unwrap();
     let before = converge(&mut [&mut a, &mut b]).await;
 
     // Both files restored: the file count cannot tell; b's watermarks can.
     let a_dir = a.close().await;
-    for file in ["library.db-wal", "library.db-shm"] {
-        let _ = std::fs::remove_file(a_dir.path().join(file));
-    }
-    std::fs::copy(&backup, &db).unwrap();
-    std::fs::write(&generation, backup_generation).unwrap();
+    restore(a_dir.path(), &backup, true);
     let mut a = Node::start_as(a_dir, library, "a", test_config(), How::Reopen).await;
     assert_eq!(a.library.status().await.unwrap().backfill.phase, BackfillPhase::Ready);
     backfilled(&mut a).await;
