@@ -27,7 +27,9 @@ pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// What the library needs from a running sync engine, whatever its transport.
 pub(crate) trait Engine: Send + Sync {
     /// Local device-owned rows of `model` were committed; `since` is this device's mark for the
-    /// model before the write.
+    /// model before the write, or `Some(HlcTime::MAX)` when the copy claimed none of its own rows
+    /// (it may not serve: its mark is not backed by what it holds, see
+    /// `Batcher::push_state_unclaimed`).
     fn local_state(
         &self,
         model: String,
@@ -413,8 +415,12 @@ impl Library {
         let (since, rows) = inner
             .db
             .write(async |conn| {
+                // Read first: `serves` turns true only after the resync's end committed, so a
+                // write that reads it true also reads the mark the resync left.
+                let claimed = inner.serves();
                 let since =
                     lsync_watermark::sql::load_state_progress(conn).await?.get(device, model);
+                let since = if claimed { since } else { Some(HlcTime::MAX) };
                 let (rows, _) = lsync_state_sync::sql::write_local(
                     conn,
                     &registry,

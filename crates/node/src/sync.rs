@@ -18,7 +18,7 @@ use lsync_watermark::{CatchUpStep, SharedProgress, StateProgress, shared_needs, 
 use crate::events::Event;
 use crate::library::{LibraryError, LibraryInner, now_ms};
 
-/// This device's current watermarks.
+/// This device's current watermarks, as its peers are told them ([`lsync_watermark::told`]).
 /// Also refreshes the snapshot heartbeats carry.
 pub(crate) async fn own_watermarks(inner: &LibraryInner) -> Result<Watermarks, StoreError> {
     let identity = inner.identity();
@@ -28,6 +28,8 @@ pub(crate) async fn own_watermarks(inner: &LibraryInner) -> Result<Watermarks, S
             lsync_watermark::sql::own_watermarks(conn, identity, inner.serves()).await
         })
         .await?;
+    // What peers are told: a copy that may not serve claims no device-owned rows.
+    let watermarks = lsync_watermark::told(watermarks);
     *inner.snapshot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
         Some(watermarks.clone());
     Ok(watermarks)
@@ -410,6 +412,11 @@ async fn serve_inner(
     request: Message,
 ) -> Result<Message, LibraryError> {
     tracing::trace!(request = request.name(), "serving");
+    if matches!(request, Message::StateCatchUpRequest(_) | Message::BackfillRequest(_))
+        && let Some(refusal) = lsync_watermark::refuse_rows(inner.serves())
+    {
+        return Ok(Message::Error(refusal));
+    }
     let registry = inner.registry().clone();
     Ok(match request {
         Message::WatermarksRequest(theirs) => {
@@ -1246,6 +1253,81 @@ mod tests {
             let second =
                 page_rows(super::serve(&inner, peer, request(first.last().copied())).await);
             assert_eq!(second.len(), 6, "the page read now, not the one read ahead (4 rows)");
+            library.close().await.unwrap();
+        });
+    }
+
+    #[test]
+    fn a_copy_resyncing_what_it_may_have_lost_claims_no_rows_and_serves_none() {
+        actix::System::new().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("library.db");
+            let registry = Arc::new(reference_registry().unwrap());
+            let library = Library::create(
+                &path,
+                registry.clone(),
+                LibraryId(Uuid::new_v4()),
+                DeviceId::from_bytes([1; 16]),
+                SyncConfig::default(),
+            )
+            .await
+            .unwrap();
+            let (me, peer) = (library.identity().device, DeviceId::from_bytes([2; 16]));
+            library
+                .with_transaction(async |conn| {
+                    lsync_watermark::sql::add_peer(conn, peer, "peer", 0).await
+                })
+                .await
+                .unwrap();
+            library.write_rows("entries", entries(5)).await.unwrap();
+            // A backup, more writes, then the backup put back (the generation file kept, as the
+            // user guide says): the copy resyncs at open, and until a peer serves it its tables
+            // lack the rows written after the backup.
+            let backup = dir.path().join("backup.db");
+            sqlx::query("VACUUM INTO ?1")
+                .bind(backup.to_str().unwrap())
+                .execute(library.reader())
+                .await
+                .unwrap();
+            library.write_rows("entries", entries(5)).await.unwrap();
+            library.close().await.unwrap();
+            for file in ["library.db-wal", "library.db-shm"] {
+                let _ = std::fs::remove_file(dir.path().join(file));
+            }
+            std::fs::copy(&backup, &path).unwrap();
+            let library = Library::open(&path, registry, SyncConfig::default()).await.unwrap();
+            let inner = library.inner.clone();
+            assert!(!inner.serves(), "a restored copy serves nothing before its resync");
+            let told = super::own_watermarks(&inner).await.unwrap();
+            let answer = super::serve(&inner, peer, Message::WatermarksRequest(told)).await;
+            let Message::WatermarksResponse(answer) = answer else { panic!("{answer:?}") };
+            assert!(!answer.ready);
+            assert_eq!(answer.state, vec![], "no device-owned rows claimed");
+            assert_eq!(answer.collected, vec![]);
+            let requests = [
+                Message::StateCatchUpRequest(lsync_protocol::StateCatchUpRequest {
+                    owner: me,
+                    model: "entries".into(),
+                    since: None,
+                    after: None,
+                    limit: 100,
+                }),
+                Message::BackfillRequest(BackfillRequest {
+                    owner: me,
+                    model: "entries".into(),
+                    after: None,
+                    limit: 100,
+                }),
+            ];
+            for request in requests {
+                let name = request.name();
+                match super::serve(&inner, peer, request).await {
+                    Message::Error(error) => {
+                        assert_eq!(error.code, lsync_protocol::ErrorCode::Busy, "{name}");
+                    }
+                    other => panic!("{name} answered while resyncing: {other:?}"),
+                }
+            }
             library.close().await.unwrap();
         });
     }

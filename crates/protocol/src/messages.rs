@@ -143,6 +143,8 @@ pub struct StateBatch {
     /// the owner's rows of this model after it. A receiver whose own mark is at least `since` may
     /// raise its mark to the batch's newest version; one further behind applies the rows but
     /// keeps its mark, and catches up the gap by watermark. `None`: from the very first write.
+    /// `Some(HlcTime::MAX)`: the batch claims nothing, the owner's copy is resyncing what it may
+    /// have lost (restored from an old file, re-created) and its mark is not backed by its rows.
     #[serde(default)]
     pub since: Option<HlcTime>,
 }

@@ -156,6 +156,38 @@ pub fn shared_needs(mine: &SharedProgress, theirs: &SharedProgress) -> Vec<Origi
         .collect()
 }
 
+/// The watermarks a device tells its peers (requests, responses, heartbeats, and the acks made
+/// from them), from what it holds: `ready` says whether it may serve a backfill. A copy that may
+/// not — a joiner still downloading, or a copy resyncing rows it may have lost (restored from an
+/// old file, re-created, pushed past a peer's retention) — claims no device-owned rows: neither
+/// marks nor collected marks. Its tables are between two states, and a peer would take them for
+/// the owners': a comparison deletes the rows the copy lacks for now, a catch-up raises the
+/// peer's mark over deletions the copy lost (the real-mode simulator found both: a peer that
+/// compared with a restored copy mid-resync deleted rows everyone else then deleted too, and the
+/// copy got them back). Shared progress is told as ever: a change numbered by its origin is the
+/// same change wherever it is held.
+pub fn told(mut watermarks: lsync_protocol::Watermarks) -> lsync_protocol::Watermarks {
+    if !watermarks.ready {
+        watermarks.state.clear();
+        watermarks.collected.clear();
+    }
+    watermarks
+}
+
+/// The answer a device gives to a request for device-owned rows (a catch-up page, a backfill
+/// page, the pages of a comparison) while it claims none ([`told`]: it may not serve a backfill),
+/// or `None` when it answers. A request planned from watermarks told before the copy learned it
+/// must resync is refused rather than answered from tables the requester would trust; it asks
+/// again (or another peer) later.
+pub fn refuse_rows(ready: bool) -> Option<lsync_protocol::ErrorMessage> {
+    (!ready).then(|| lsync_protocol::ErrorMessage {
+        code: lsync_protocol::ErrorCode::Busy,
+        message: "this copy is downloading or resyncing its rows: ask again later, or another \
+                  peer"
+            .into(),
+    })
+}
+
 /// What `mine` lacks of device-owned rows compared with `theirs`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StateNeed {
@@ -515,6 +547,37 @@ mod tests {
             matches!(&plan[1], CatchUpStep::Rows { owner, since: None, .. } if *owner == device(2))
         );
         assert_eq!(plan[2], CatchUpStep::Shared { origins: vec![device(1)] });
+    }
+
+    #[test]
+    fn a_copy_that_may_not_serve_claims_no_rows_and_refuses_row_requests() {
+        let mark = |owner| StateMark {
+            owner: device(owner),
+            model: "entries".into(),
+            version: HlcTime::new(5, 0).unwrap(),
+        };
+        let watermarks = |ready| lsync_protocol::Watermarks {
+            library: lsync_protocol::LibraryId(uuid::Uuid::nil()),
+            device: device(1),
+            epoch: Epoch(1),
+            shared: vec![OriginSeq { origin: device(2), seq: 3 }],
+            state: vec![mark(1), mark(2)],
+            ready,
+            resync: false,
+            collected: vec![mark(2)],
+            incarnation: None,
+            seen: None,
+            wall_ms: None,
+        };
+        assert_eq!(told(watermarks(true)), watermarks(true));
+        let resyncing = told(watermarks(false));
+        assert!(resyncing.state.is_empty() && resyncing.collected.is_empty());
+        assert_eq!(resyncing.shared, watermarks(false).shared, "shared progress is told");
+        assert_eq!(refuse_rows(true), None);
+        assert_eq!(
+            refuse_rows(false).map(|error| error.code),
+            Some(lsync_protocol::ErrorCode::Busy)
+        );
     }
 
     #[test]

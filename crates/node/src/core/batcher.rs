@@ -17,7 +17,9 @@ pub enum Flush {
         /// The device-owned model.
         model: String,
         /// The owner's mark for the model before the first row of this flush: the flush holds
-        /// every change of the model after it (the `since` of the `StateBatch`).
+        /// every change of the model after it (the `since` of the `StateBatch`). `HlcTime::MAX`
+        /// when it claims no such thing: rows written while this copy claimed none of its own
+        /// ([`Batcher::push_state_unclaimed`]); a receiver applies them and keeps its mark.
         since: Option<HlcTime>,
         /// The rows, at most one per primary key (its newest version), in primary-key order.
         rows: Vec<StateRow>,
@@ -40,6 +42,9 @@ struct PendingState {
     newest: Option<HlcTime>,
     /// When the first write of this batch arrived: the window is measured from here.
     first_write: Instant,
+    /// A write of this batch was made while the copy claimed none of its own rows: the batch
+    /// claims no contiguity, and its flushes carry `since = HlcTime::MAX`.
+    unclaimed: bool,
 }
 
 /// The local shared changes since the last flush.
@@ -111,20 +116,44 @@ impl Batcher {
         rows: Vec<StateRow>,
         now: Instant,
     ) {
+        self.push(model, since, false, rows, now);
+    }
+
+    /// Records a local write of device-owned rows of `model` made while this copy claims none of
+    /// its own rows (it may not serve: a copy resyncing what it may have lost, see
+    /// `lsync_watermark::told`). Its mark before the write is not backed by what it holds — a
+    /// restored copy's mark lies below the rows it lost, and a peer that holds more than that
+    /// mark would raise its own over deletions it never saw — so the batch these rows join
+    /// claims nothing: its flushes carry `since = HlcTime::MAX`. Receivers apply the rows and
+    /// keep their marks; they catch up once the copy is whole again.
+    pub fn push_state_unclaimed(&mut self, model: &str, rows: Vec<StateRow>, now: Instant) {
+        self.push(model, None, true, rows, now);
+    }
+
+    fn push(
+        &mut self,
+        model: &str,
+        since: Option<HlcTime>,
+        unclaimed: bool,
+        rows: Vec<StateRow>,
+        now: Instant,
+    ) {
         self.observe(now);
         if rows.is_empty() {
             return;
         }
         debug_assert!(
-            rows.iter().all(|row| Some(row.version) > since),
+            unclaimed || rows.iter().all(|row| Some(row.version) > since),
             "a write's rows must be newer than the mark before it"
         );
         let pending = match self.state.get_mut(model) {
             Some(pending) => {
                 // The batch holds every change after its `since`: a write may only continue from
-                // a mark the batch already covers, or there would be a gap.
+                // a mark the batch already covers, or there would be a gap. A batch that claims
+                // nothing stays so (the copy's mark jumps when its resync ends).
+                pending.unclaimed |= unclaimed;
                 debug_assert!(
-                    since <= pending.newest.max(pending.since),
+                    pending.unclaimed || since <= pending.newest.max(pending.since),
                     "write to {model} continues from {since:?}, but the pending batch holds \
                      changes only up to {:?}",
                     pending.newest.max(pending.since)
@@ -136,6 +165,7 @@ impl Batcher {
                 rows: HashMap::new(),
                 newest: None,
                 first_write: now,
+                unclaimed,
             }),
         };
         for row in rows {
@@ -255,6 +285,15 @@ impl Batcher {
 fn state_flushes(model: String, pending: PendingState, max_rows: usize) -> Vec<Flush> {
     let mut rows: Vec<StateRow> = pending.rows.into_values().collect();
     rows.sort_unstable_by_key(|row| (row.version, row.id));
+    if pending.unclaimed {
+        return chunk_by_version(None, rows, max_rows)
+            .into_iter()
+            .map(|(_, mut rows)| {
+                rows.sort_unstable_by_key(|row| row.id);
+                Flush::State { model: model.clone(), since: Some(HlcTime::MAX), rows }
+            })
+            .collect();
+    }
     let chunks = chunk_by_version(pending.since, rows, max_rows);
     let mut previous_since = None;
     chunks
@@ -395,6 +434,28 @@ mod tests {
         assert_eq!(batcher.pending_rows(), 2);
         check(&batcher.poll(start + WINDOW), &[(Some("file"), Some(1), &[(3, 6), (7, 4)])]);
         assert_eq!(batcher.pending_rows(), 0);
+    }
+
+    #[test]
+    fn rows_written_while_the_copy_claims_none_claim_no_contiguity_in_any_chunk() {
+        let start = Instant::now();
+        let mut batcher = Batcher::new(WINDOW, 2);
+        let unclaimed = Some(u64::MAX);
+        // A claimed write, then one made while the copy resyncs: the whole batch claims nothing.
+        batcher.push_state("file", Some(version(1)), vec![row(1, 2), row(2, 3)], start);
+        batcher.push_state_unclaimed("file", vec![row(3, 4)], start);
+        // The resync ended and the mark jumped above the batch: still nothing claimed.
+        batcher.push_state("file", Some(version(9)), vec![row(4, 10)], start);
+        check(
+            &batcher.flush_all(),
+            &[
+                (Some("file"), unclaimed, &[(1, 2), (2, 3)]),
+                (Some("file"), unclaimed, &[(3, 4), (4, 10)]),
+            ],
+        );
+        // The next batch starts afresh.
+        batcher.push_state("file", Some(version(10)), vec![row(5, 11)], start);
+        check(&batcher.flush_all(), &[(Some("file"), Some(10), &[(5, 11)])]);
     }
 
     #[test]

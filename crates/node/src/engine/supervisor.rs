@@ -327,7 +327,12 @@ impl<T: Transport> Actor for Supervisor<T> {
 impl<T: Transport> Handler<LocalState> for Supervisor<T> {
     type Result = ();
     fn handle(&mut self, message: LocalState, ctx: &mut Self::Context) {
-        self.batcher.push_state(&message.model, message.since, message.rows, Instant::now());
+        let now = Instant::now();
+        if message.since == Some(lsync_hlc::HlcTime::MAX) {
+            self.batcher.push_state_unclaimed(&message.model, message.rows, now);
+        } else {
+            self.batcher.push_state(&message.model, message.since, message.rows, now);
+        }
         self.schedule_flush(ctx);
     }
 }

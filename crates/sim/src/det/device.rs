@@ -533,8 +533,14 @@ impl Device {
             self.durable.state.raise(self.id, STATE_MODEL, version);
         }
         let now = ctx.instant();
+        let claimed = self.durable.serves();
         if let Some(volatile) = self.volatile.as_mut() {
-            volatile.batcher.push_state(STATE_MODEL, since, rows.clone(), now);
+            // As the engine's `write_rows`: a copy that may not serve claims none of its rows.
+            if claimed {
+                volatile.batcher.push_state(STATE_MODEL, since, rows.clone(), now);
+            } else {
+                volatile.batcher.push_state_unclaimed(STATE_MODEL, rows.clone(), now);
+            }
         }
         ctx.stats.row_writes += u64::try_from(rows.len()).unwrap_or(0);
         Ok(rows)
@@ -603,8 +609,9 @@ impl Device {
         }
     }
 
+    /// What this device tells its peers, as the engine does ([`lsync_watermark::told`]).
     fn watermarks(&self) -> Watermarks {
-        Watermarks {
+        lsync_watermark::told(Watermarks {
             library: lsync_protocol::LibraryId(Uuid::nil()),
             device: self.id,
             epoch: lsync_protocol::Epoch(0),
@@ -616,7 +623,7 @@ impl Device {
             incarnation: None,
             seen: None,
             wall_ms: None,
-        }
+        })
     }
 
     fn heartbeat_if_due(&mut self, ctx: &mut Ctx<'_>, connected: &[DeviceId]) {
@@ -786,6 +793,11 @@ impl Device {
                 let response = self.serve_shared(&request);
                 ctx.send(self.id, from, Wire::Response(id, response));
             }
+            Wire::Request(id, Message::StateCatchUpRequest(_) | Message::BackfillRequest(_))
+                if let Some(refusal) = lsync_watermark::refuse_rows(self.durable.serves()) =>
+            {
+                ctx.send(self.id, from, Wire::Response(id, Message::Error(refusal)));
+            }
             Wire::Request(id, Message::StateCatchUpRequest(request)) => {
                 let response = self.serve_state(&request);
                 ctx.send(self.id, from, Wire::Response(id, response));
@@ -815,8 +827,9 @@ impl Device {
     }
 
     fn ack(&mut self, ctx: &mut Ctx<'_>, to: DeviceId) {
-        let ack =
-            Ack { shared: self.durable.shared.to_wire(), state: self.durable.state.to_wire() };
+        // Made from the watermarks as told, as the engine's `ack_of(own_watermarks)`.
+        let Watermarks { shared, state, .. } = self.watermarks();
+        let ack = Ack { shared, state };
         ctx.send(self.id, to, Wire::OneWay(Message::Ack(ack)));
     }
 
@@ -1017,6 +1030,14 @@ impl Device {
             return;
         };
         ctx.stats.pages += 1;
+        if let Message::Error(_) = message {
+            // Refused (the peer may not serve rows now): the catch-up ends, as the engine's
+            // fails, and runs again on the next heartbeat that shows the peer ahead.
+            if pull.for_backfill {
+                self.backfill_failed(ctx, Some(from));
+            }
+            return;
+        }
         let next = match (pull.current, message) {
             (PullStep::Shared { origins }, Message::SharedCatchUpResponse(page)) => {
                 // An origin reported pruned is not available from this peer: either this device's

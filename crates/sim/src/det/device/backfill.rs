@@ -267,7 +267,7 @@ impl Device {
 
     /// A request of the backfill failed: the peer counts as failed for this backfill (every
     /// peer is forgiven once all failed), the machine drops it, and the next attempt waits.
-    fn backfill_failed(&mut self, ctx: &mut Ctx<'_>, peer: Option<DeviceId>) {
+    pub(super) fn backfill_failed(&mut self, ctx: &mut Ctx<'_>, peer: Option<DeviceId>) {
         let Some(driver) = self.driver() else { return };
         driver.asked = None;
         driver.failures = driver.failures.saturating_add(1);
