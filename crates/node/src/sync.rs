@@ -258,6 +258,10 @@ pub(crate) async fn exchange_watermarks<T: Transport>(
     peer: DeviceId,
 ) -> Result<Watermarks, CatchUpError> {
     let mut mine = own_watermarks(inner).await?;
+    // What this device heard of the peer's copy, so that a peer rolled back to an older file
+    // finds out before it answers (it would claim rows it lost).
+    mine.seen =
+        inner.db.read(async |conn| lsync_watermark::sql::load_seen(conn, peer).await).await?;
     let sent = inner.clock.wall_ms();
     mine.wall_ms = Some(sent);
     match transport
@@ -392,9 +396,20 @@ fn read_ahead(inner: &Arc<LibraryInner>, peer: DeviceId, next: BackfillRequest) 
     }
 }
 
+/// An answer to a request from a peer.
+pub(crate) struct Served {
+    /// What to send back.
+    pub(crate) response: Message,
+    /// The request told this device that its file was rolled back to an older copy (a watermark
+    /// request whose `seen` this file does not hold): the caller starts the full resync. The
+    /// answer already claims none of this device's rows.
+    pub(crate) rolled_back: bool,
+}
+
 /// Answers a request from a peer: watermarks, catch-up pages, backfill pages.
-pub(crate) async fn serve(inner: &Arc<LibraryInner>, peer: DeviceId, request: Message) -> Message {
-    match serve_inner(inner, peer, request).await {
+pub(crate) async fn serve(inner: &Arc<LibraryInner>, peer: DeviceId, request: Message) -> Served {
+    let mut rolled_back = false;
+    let response = match serve_inner(inner, peer, request, &mut rolled_back).await {
         Ok(response) => response,
         Err(error) => {
             tracing::warn!(%error, "failed to serve a request");
@@ -403,13 +418,15 @@ pub(crate) async fn serve(inner: &Arc<LibraryInner>, peer: DeviceId, request: Me
                 message: error.to_string().chars().take(500).collect(),
             })
         }
-    }
+    };
+    Served { response, rolled_back }
 }
 
 async fn serve_inner(
     inner: &Arc<LibraryInner>,
     peer: DeviceId,
     request: Message,
+    rolled_back: &mut bool,
 ) -> Result<Message, LibraryError> {
     tracing::trace!(request = request.name(), "serving");
     if matches!(request, Message::StateCatchUpRequest(_) | Message::BackfillRequest(_))
@@ -446,6 +463,15 @@ async fn serve_inner(
                     lsync_watermark::sql::record_seen(conn, peer, theirs.incarnation, true).await
                 })
                 .await?;
+            // The requester heard more of this copy than its file holds: found out here, before
+            // answering with claims on rows the file lost.
+            if copy_rolled_back(inner, &theirs).await? {
+                tracing::error!(%peer, seen = ?theirs.seen, "this copy was rolled back to an older file (told by a peer's request): resyncing fully");
+                metrics::counter!("lsync_rollbacks_detected_total").increment(1);
+                *rolled_back = true;
+                // Claims nothing from now on; the resync this starts keeps it so until it ends.
+                inner.serves.store(false, std::sync::atomic::Ordering::Release);
+            }
             Message::WatermarksResponse(Watermarks {
                 seen,
                 wall_ms: Some(inner.clock.wall_ms()),
@@ -1226,7 +1252,7 @@ mod tests {
                     limit: 6,
                 })
             };
-            let first = page_rows(super::serve(&inner, peer, request(None)).await);
+            let first = page_rows(super::serve(&inner, peer, request(None)).await.response);
             assert_eq!(first.len(), 6);
             // Let the read-ahead of the second page finish.
             loop {
@@ -1248,10 +1274,12 @@ mod tests {
                 peer,
                 Message::WatermarksRequest(super::own_watermarks(&inner).await.unwrap()),
             )
-            .await;
+            .await
+            .response;
             assert!(matches!(answer, Message::WatermarksResponse(_)));
-            let second =
-                page_rows(super::serve(&inner, peer, request(first.last().copied())).await);
+            let second = page_rows(
+                super::serve(&inner, peer, request(first.last().copied())).await.response,
+            );
             assert_eq!(second.len(), 6, "the page read now, not the one read ahead (4 rows)");
             library.close().await.unwrap();
         });
@@ -1299,7 +1327,8 @@ mod tests {
             let inner = library.inner.clone();
             assert!(!inner.serves(), "a restored copy serves nothing before its resync");
             let told = super::own_watermarks(&inner).await.unwrap();
-            let answer = super::serve(&inner, peer, Message::WatermarksRequest(told)).await;
+            let answer =
+                super::serve(&inner, peer, Message::WatermarksRequest(told)).await.response;
             let Message::WatermarksResponse(answer) = answer else { panic!("{answer:?}") };
             assert!(!answer.ready);
             assert_eq!(answer.state, vec![], "no device-owned rows claimed");
@@ -1321,13 +1350,73 @@ mod tests {
             ];
             for request in requests {
                 let name = request.name();
-                match super::serve(&inner, peer, request).await {
+                match super::serve(&inner, peer, request).await.response {
                     Message::Error(error) => {
                         assert_eq!(error.code, lsync_protocol::ErrorCode::Busy, "{name}");
                     }
                     other => panic!("{name} answered while resyncing: {other:?}"),
                 }
             }
+            library.close().await.unwrap();
+        });
+    }
+
+    #[test]
+    fn a_copy_restored_with_its_generation_file_learns_it_from_a_request_before_answering() {
+        actix::System::new().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("library.db");
+            let generation_file = dir.path().join("library.db-generation");
+            let registry = Arc::new(reference_registry().unwrap());
+            let library = Library::create(
+                &path,
+                registry.clone(),
+                LibraryId(Uuid::new_v4()),
+                DeviceId::from_bytes([1; 16]),
+                SyncConfig::default(),
+            )
+            .await
+            .unwrap();
+            let peer = DeviceId::from_bytes([2; 16]);
+            library
+                .with_transaction(async |conn| {
+                    lsync_watermark::sql::add_peer(conn, peer, "peer", 0).await
+                })
+                .await
+                .unwrap();
+            library.write_rows("entries", entries(5)).await.unwrap();
+            // The whole folder backed up, generation file included: nothing at open can tell.
+            let backup = dir.path().join("backup.db");
+            sqlx::query("VACUUM INTO ?1")
+                .bind(backup.to_str().unwrap())
+                .execute(library.reader())
+                .await
+                .unwrap();
+            let generation = std::fs::read(&generation_file).unwrap();
+            library.write_rows("entries", entries(5)).await.unwrap();
+            // What the peer heard of this copy last: more than the backup holds.
+            let heard = super::own_watermarks(&library.inner).await.unwrap().incarnation;
+            library.close().await.unwrap();
+            for file in ["library.db-wal", "library.db-shm"] {
+                let _ = std::fs::remove_file(dir.path().join(file));
+            }
+            std::fs::copy(&backup, &path).unwrap();
+            std::fs::write(&generation_file, generation).unwrap();
+            let library = Library::open(&path, registry, SyncConfig::default()).await.unwrap();
+            let inner = library.inner.clone();
+            assert!(inner.serves(), "nothing at open tells");
+            let mut request = super::own_watermarks(&inner).await.unwrap();
+            request.seen = heard;
+            let served = super::serve(&inner, peer, Message::WatermarksRequest(request)).await;
+            assert!(served.rolled_back, "the request told it");
+            let Message::WatermarksResponse(answer) = served.response else { panic!() };
+            assert!(!answer.ready);
+            assert_eq!(answer.state, vec![], "the answer claims none of the rows the file lost");
+            // Told once: the incarnation is recorded, and a second request changes nothing.
+            let mut again = super::own_watermarks(&inner).await.unwrap();
+            again.seen = heard;
+            let served = super::serve(&inner, peer, Message::WatermarksRequest(again)).await;
+            assert!(!served.rolled_back);
             library.close().await.unwrap();
         });
     }

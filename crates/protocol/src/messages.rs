@@ -117,9 +117,12 @@ pub struct Watermarks {
     /// and tells it back in [`Watermarks::seen`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incarnation: Option<OriginSeq>,
-    /// Only in a [`Message::WatermarksResponse`](crate::Message::WatermarksResponse): what the
+    /// In a [`Message::WatermarksResponse`](crate::Message::WatermarksResponse): what the
     /// responder last heard of the requester's incarnation and write count before this request.
-    /// A requester whose file does not hold that much was rolled back to an older copy.
+    /// In a [`Message::WatermarksRequest`](crate::Message::WatermarksRequest): what the requester
+    /// last heard of the responder's. A device whose file does not hold that much was rolled
+    /// back to an older copy; told in a request, it finds out before it answers, and answers as
+    /// a copy that claims none of its rows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seen: Option<OriginSeq>,
     /// The sender's wall clock (ms since the Unix epoch) when it sent a watermark request or

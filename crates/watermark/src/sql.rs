@@ -160,20 +160,7 @@ pub async fn record_seen(
     announced: Option<OriginSeq>,
     told: bool,
 ) -> Result<Option<OriginSeq>, StoreError> {
-    let row = sqlx::query(
-        "SELECT seen_origin, seen_generation FROM sync_peers
-         WHERE device = ?1 AND seen_origin IS NOT NULL AND seen_generation IS NOT NULL",
-    )
-    .bind(peer.as_bytes().as_slice())
-    .fetch_optional(&mut *conn)
-    .await?;
-    let before = match row {
-        Some(row) => Some(OriginSeq {
-            origin: DeviceId(read_uuid(&row, 0)?),
-            seq: seq_from_sql(row.try_get(1)?)?,
-        }),
-        None => None,
-    };
+    let before = load_seen(conn, peer).await?;
     if let Some(announced) = announced {
         let same = before.is_some_and(|before| before.origin == announced.origin);
         if !same && !told && before.is_some() {
@@ -192,6 +179,27 @@ pub async fn record_seen(
         .await?;
     }
     Ok(before)
+}
+
+/// What this device last heard of `peer`'s incarnation and write count ([`record_seen`]).
+pub async fn load_seen(
+    conn: &mut SqliteConnection,
+    peer: DeviceId,
+) -> Result<Option<OriginSeq>, StoreError> {
+    let row = sqlx::query(
+        "SELECT seen_origin, seen_generation FROM sync_peers
+         WHERE device = ?1 AND seen_origin IS NOT NULL AND seen_generation IS NOT NULL",
+    )
+    .bind(peer.as_bytes().as_slice())
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(match row {
+        Some(row) => Some(OriginSeq {
+            origin: DeviceId(read_uuid(&row, 0)?),
+            seq: seq_from_sql(row.try_get(1)?)?,
+        }),
+        None => None,
+    })
 }
 
 /// A paired device as remembered.

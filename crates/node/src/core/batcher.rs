@@ -130,6 +130,15 @@ impl Batcher {
         self.push(model, None, true, rows, now);
     }
 
+    /// Makes every pending batch of rows claim nothing: the copy just learned that its mark is
+    /// not backed by what it holds (its file was rolled back to an older copy), and rows written
+    /// before it knew must not carry the old claim either.
+    pub fn unclaim_state(&mut self) {
+        for pending in self.state.values_mut() {
+            pending.unclaimed = true;
+        }
+    }
+
     fn push(
         &mut self,
         model: &str,
@@ -453,9 +462,16 @@ mod tests {
                 (Some("file"), unclaimed, &[(3, 4), (4, 10)]),
             ],
         );
-        // The next batch starts afresh.
+        // The next batch starts afresh, until the copy learns its mark is not backed.
         batcher.push_state("file", Some(version(10)), vec![row(5, 11)], start);
-        check(&batcher.flush_all(), &[(Some("file"), Some(10), &[(5, 11)])]);
+        batcher.push_state("volume", Some(version(10)), vec![row(6, 12)], start);
+        check(
+            &batcher.poll(start + WINDOW),
+            &[(Some("file"), Some(10), &[(5, 11)]), (Some("volume"), Some(10), &[(6, 12)])],
+        );
+        batcher.push_state("file", Some(version(11)), vec![row(7, 13)], start + WINDOW);
+        batcher.unclaim_state();
+        check(&batcher.flush_all(), &[(Some("file"), unclaimed, &[(7, 13)])]);
     }
 
     #[test]

@@ -375,6 +375,10 @@ impl Message for ResyncNeeded {
 impl<T: Transport> Handler<ResyncNeeded> for Supervisor<T> {
     type Result = ();
     fn handle(&mut self, resync: ResyncNeeded, _: &mut Self::Context) {
+        if resync.delete_missing {
+            // Rows this copy wrote before it knew lie above a mark its tables do not back.
+            self.batcher.unclaim_state();
+        }
         if let Some(backfill) = &self.backfill {
             backfill.do_send(backfill::Resync {
                 scope: resync.scope,

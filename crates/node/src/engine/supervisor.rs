@@ -328,7 +328,7 @@ impl<T: Transport> Handler<LocalState> for Supervisor<T> {
     type Result = ();
     fn handle(&mut self, message: LocalState, ctx: &mut Self::Context) {
         let now = Instant::now();
-        if message.since == Some(lsync_hlc::HlcTime::MAX) {
+        if message.since == Some(HlcTime::MAX) {
             self.batcher.push_state_unclaimed(&message.model, message.rows, now);
         } else {
             self.batcher.push_state(&message.model, message.since, message.rows, now);
@@ -449,9 +449,22 @@ impl<T: Transport> Handler<FromTransport> for Supervisor<T> {
             // at once on connect).
             let inner = self.inner.clone();
             let enabled = self.enabled;
+            let supervisor = ctx.address();
             actix::spawn(async move {
                 let response = if enabled {
-                    sync::serve(&inner, request.peer, request.message).await
+                    // A resync this asks for is stale once a backfill ended after this point.
+                    let completed =
+                        inner.backfills_completed.load(std::sync::atomic::Ordering::Acquire);
+                    let served = sync::serve(&inner, request.peer, request.message).await;
+                    if served.rolled_back {
+                        supervisor.do_send(ResyncNeeded {
+                            scope: lsync_backfill::Scope::Everything,
+                            delete_missing: true,
+                            from: request.peer,
+                            completed,
+                        });
+                    }
+                    served.response
                 } else {
                     WireMessage::Error(lsync_protocol::ErrorMessage {
                         code: lsync_protocol::ErrorCode::Busy,
