@@ -143,13 +143,6 @@ fn run_deterministic(cli: &Cli) -> Result<bool, String> {
     if cli.keep.is_some() {
         return Err("--keep applies to the real mode; the deterministic mode keeps no files".into());
     }
-    if cli.topology != Topology::Full {
-        return Err(format!(
-            "--topology {} runs in the real mode only so far: the deterministic mode does not \
-             model resyncs yet, which partial pairing graphs need (docs/simulator.md)",
-            cli.topology
-        ));
-    }
     // The faults the deterministic mode does not model yet are said, not silently dropped.
     let faults = cli.faults.deterministic_part();
     let unmodelled: Vec<&str> =
@@ -164,13 +157,14 @@ fn run_deterministic(cli: &Cli) -> Result<bool, String> {
         peers: usize::from(cli.peers.unwrap_or(5)),
         ops: cli.ops.unwrap_or(300),
         faults,
+        topology: cli.topology,
     };
     let first = cli.seed.unwrap_or_else(time_seed);
     let count = cli.seeds.unwrap_or(1);
     let repro = |seed: u64| {
         format!(
-            "cargo xtask sim --deterministic --seed {seed} --peers {} --ops {} --faults {}",
-            config.peers, config.ops, config.faults
+            "cargo xtask sim --deterministic --seed {seed} --peers {} --ops {} --faults {} --topology {}",
+            config.peers, config.ops, config.faults, config.topology
         )
     };
     let status = Status::new(cli.json);
@@ -207,6 +201,7 @@ fn run_deterministic(cli: &Cli) -> Result<bool, String> {
             "peers": config.peers,
             "ops_per_seed": config.ops,
             "faults": config.faults.to_string(),
+            "topology": config.topology.to_string(),
             "seconds": seconds,
             "seeds_per_minute": per_minute,
             "steps": outcome.steps,
@@ -221,9 +216,9 @@ fn run_deterministic(cli: &Cli) -> Result<bool, String> {
         println!("{json}");
     } else {
         println!(
-            "deterministic: {} seeds from {first} ({} peers, {} ops each, faults {}) in {seconds:.1} s \
-             ({per_minute:.0} seeds/min, {} steps)",
-            outcome.runs, config.peers, config.ops, config.faults, outcome.steps
+            "deterministic: {} seeds from {first} ({} peers, {} topology, {} ops each, faults {}) \
+             in {seconds:.1} s ({per_minute:.0} seeds/min, {} steps)",
+            outcome.runs, config.peers, config.topology, config.ops, config.faults, outcome.steps
         );
         if outcome.failures.is_empty() {
             println!("all {} seeds kept every invariant and converged", outcome.runs);
@@ -249,8 +244,8 @@ fn print_seed(outcome: &det::SeedOutcome, config: &DetConfig) {
     let stats = &outcome.stats;
     let network = &outcome.network;
     println!(
-        "deterministic seed {}: {} peers, {} ops, faults {}",
-        outcome.seed, config.peers, config.ops, config.faults
+        "deterministic seed {}: {} peers ({} topology), {} ops, faults {}",
+        outcome.seed, config.peers, config.topology, config.ops, config.faults
     );
     println!(
         "  converged: {}  (workload {} steps, liveness {} of at most {LIVENESS_STEPS} steps, \

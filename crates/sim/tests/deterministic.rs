@@ -1,11 +1,11 @@
 //! The deterministic simulator in CI: a few hundred seeds of 5 devices under every fault must all
 //! pass, and a run must be a pure function of its seed.
 
-use lsync_sim::Faults;
 use lsync_sim::det::{DetConfig, run_many, run_seed};
+use lsync_sim::{Faults, Topology};
 
 fn config() -> DetConfig {
-    DetConfig { peers: 5, ops: 300, faults: Faults::ALL }
+    DetConfig { peers: 5, ops: 300, faults: Faults::ALL, topology: Topology::Full }
 }
 
 #[test]
@@ -41,4 +41,20 @@ fn every_seed_converges_and_keeps_every_invariant() {
     assert_eq!(stats.backfills, seeds, "every joining device became ready: {stats:?}");
     assert!(stats.backfill_pages > 5 * seeds, "backfills take several pages: {stats:?}");
     assert!(stats.backfill_rebases > 0 && stats.backfill_resumes > 0, "{stats:?}");
+}
+
+#[test]
+fn partial_pairing_graphs_converge_through_devices_not_paired_with_the_origin() {
+    for topology in [Topology::Chain, Topology::Star, Topology::Random] {
+        let config = DetConfig { topology, ..config() };
+        let outcome = run_many(&config, 0, 200, 2, &|_, _| {});
+        let failures: Vec<String> = outcome
+            .failures
+            .iter()
+            .map(|failed| {
+                format!("seed {}: {}", failed.seed, failed.failure.clone().unwrap_or_default())
+            })
+            .collect();
+        assert!(failures.is_empty(), "{topology}: {}", failures.join("\n"));
+    }
 }

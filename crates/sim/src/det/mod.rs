@@ -27,7 +27,7 @@ use lsync_transport::{LinkConfig, MemoryNetwork, NetworkStats, SplitMix64};
 use lsync_watermark::{SharedProgress, StateProgress};
 use uuid::Uuid;
 
-use crate::Faults;
+use crate::{Faults, Topology};
 pub use device::Stats;
 use device::{Ctx, Device, Held, Refused, STATE_MODEL, Wire, ident};
 use trace::{Event, Trace};
@@ -46,6 +46,8 @@ pub struct DetConfig {
     pub ops: u64,
     /// Faults injected.
     pub faults: Faults,
+    /// Who is paired with whom.
+    pub topology: Topology,
 }
 
 /// What one seed's run found.
@@ -247,6 +249,11 @@ struct World {
     paired: Vec<DeviceId>,
     /// When the joining device joins: once this few operations are left.
     join_when_left: Option<u64>,
+    /// Paired devices (lower index first): only they ever connect.
+    edges: BTreeSet<(usize, usize)>,
+    /// Per device index, the devices it is paired with, itself included (what the engine's
+    /// `sync_peers` holds, plus itself).
+    neighbours: Vec<Vec<DeviceId>>,
     /// Connected pairs (lower index first).
     connected: BTreeSet<(usize, usize)>,
     /// Pairs cut by the partition fault (lower index first).
@@ -297,9 +304,13 @@ impl World {
                 Device::new(*id, skew_ms, ready, Duration::ZERO, rng.next_u64())
             })
             .collect();
-        Self {
+        // `full` draws nothing from the generator, so its seeds replay as before topologies.
+        let edges = config.topology.edges(config.peers, &mut rng);
+        let mut world = Self {
             config: config.clone(),
             rng,
+            edges,
+            neighbours: vec![Vec::new(); ids.len()],
             now: Duration::ZERO,
             base: Instant::now(),
             network,
@@ -324,6 +335,20 @@ impl World {
             paired: ids[..config.peers].to_vec(),
             join_when_left: config.faults.join.then_some(config.ops / 2),
             ids,
+        };
+        world.update_neighbours();
+        world
+    }
+
+    /// Recomputes every device's paired set from the edges.
+    fn update_neighbours(&mut self) {
+        for (index, neighbours) in self.neighbours.iter_mut().enumerate() {
+            *neighbours = (0..self.born)
+                .filter(|other| {
+                    *other == index || self.edges.contains(&(index.min(*other), index.max(*other)))
+                })
+                .map(|other| self.ids[other])
+                .collect();
         }
     }
 
@@ -341,7 +366,7 @@ impl World {
             violations: &mut self.violations,
             next_request: &mut self.next_request,
             creators: &self.creators,
-            devices: &self.paired,
+            devices: &self.neighbours[index],
             stats: &mut self.stats,
         };
         work(&mut self.devices[index], &mut ctx)
@@ -393,7 +418,12 @@ impl World {
         if self.join_when_left.is_some_and(|left| self.ops_left <= left) {
             self.join_when_left = None;
             self.paired.push(self.ids[self.born]);
+            let joiner = self.born;
+            for peer in self.config.topology.join_edges(joiner, &mut self.rng) {
+                self.edges.insert((peer, joiner));
+            }
             self.born += 1;
+            self.update_neighbours();
             self.trace.record(Event::Fault, &[9, self.born as u64]);
         }
         let n = self.born;
@@ -476,7 +506,8 @@ impl World {
     fn sync_links(&mut self) {
         for a in 0..self.born {
             for b in a + 1..self.born {
-                let reachable = self.devices[a].is_up()
+                let reachable = self.edges.contains(&(a, b))
+                    && self.devices[a].is_up()
                     && self.devices[b].is_up()
                     && !self.network.is_partitioned(self.ids[a], self.ids[b]);
                 let was = self.connected.contains(&(a, b));
@@ -732,7 +763,14 @@ impl World {
                 }
                 // A joining device still backfilling needs nothing from the log: its backfill's
                 // pages bring the records, and its catch-up asks for what follows its marks.
-                for other in self.devices[..self.born].iter().filter(|other| other.durable.ready())
+                // Pruning waits for the devices paired with this one (the engine knows no
+                // others); the rest get the changes through them, checked below. The joining
+                // device is left out: paired after this device may have pruned, it backfills
+                // (from either of its peers, outside `full`).
+                let paired = &self.neighbours[self.index_of(device.id).unwrap_or(0)];
+                for other in self.devices[..self.born.min(self.config.peers)]
+                    .iter()
+                    .filter(|other| other.durable.ready() && paired.contains(&other.id))
                 {
                     let needs_from = other.durable.shared.get(*origin);
                     if *through > needs_from {
@@ -741,6 +779,30 @@ impl World {
                             device.id, other.id
                         ));
                     }
+                }
+            }
+        }
+        // Every change a complete copy still lacks is held in some device's log, so that it can
+        // travel to that copy (over devices not paired with its origin, outside `full`).
+        let newest: BTreeMap<DeviceId, u64> =
+            self.changes.keys().fold(BTreeMap::new(), |mut newest, (origin, seq)| {
+                let at = newest.entry(*origin).or_insert(0);
+                *at = (*at).max(*seq);
+                newest
+            });
+        for other in self.devices[..self.born].iter().filter(|other| other.durable.ready()) {
+            for (origin, last) in &newest {
+                let next = other.durable.shared.get(*origin) + 1;
+                if next <= *last
+                    && !self
+                        .devices
+                        .iter()
+                        .any(|holder| holder.durable.log.contains_key(&(*origin, next)))
+                {
+                    violations.push(format!(
+                        "{} lacks change {next} of {origin}, and no device holds it any more",
+                        other.id
+                    ));
                 }
             }
         }
