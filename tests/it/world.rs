@@ -251,13 +251,12 @@ async fn a_restored_copy_that_writes_before_its_resync_gets_its_lost_rows_back()
 /// were lost on a and b for good.)
 /// What c saw reaches a only in the answer to a watermark request, and a's catch-up with c
 /// failed (c's sync was off): a used to ask again only when c looked ahead of it, which it no
-/// longer did once a wrote. a now gets the rows back from c; b still does not: its mark for a's
-/// rows lies above the rows' versions, so it takes them for deleted. Writing them again under
-/// new versions would reach b, but also bring back, for good, rows a deleted after the backup
-/// that a peer which missed the delete still held (the simulator showed 1413 of them, seed 44);
-/// issue 16 stays open on it.
+/// longer did once a wrote. b's mark for a's rows lies above the rows' versions, so it took them
+/// for deleted; writing them again under new versions reached b, but also brought back rows a
+/// deleted after the backup that a peer which missed the delete still held (the simulator
+/// showed 1413 of them, seed 44). Instead a, once its rows came back, raises its own mark and
+/// own collected mark to a fresh version, and b compares a's rows with its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 16: a peer whose mark lies above a restored copy's recovered rows takes them for deleted"]
 async fn a_restored_copy_that_resynced_from_a_peer_that_knew_less_gets_its_rows_from_one_that_knew_more()
  {
     let library = new_library();

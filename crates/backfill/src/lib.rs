@@ -211,6 +211,20 @@ impl Checkpoint {
     pub fn serves(&self) -> bool {
         self.phase == Phase::Ready || (self.complete_before && !self.delete_missing)
     }
+
+    /// Whether this finished backfill brought back this device's own rows from a peer: a full
+    /// one of a copy that was not complete (re-created under its identity) or that deleted what
+    /// the peer no longer holds (restored from an old file). Its own rows are then the serving
+    /// peer's view of them, which other peers may not share: rows it wrote and lost that only a
+    /// third peer had, whose mark lies above them, or rows it deleted that a peer never saw go.
+    /// The device then raises its own mark and its own collected mark, per device-owned model
+    /// it holds rows of, to a fresh version (a barrier): a peer whose mark is below compares all
+    /// of the device's rows with it, once, and peers that compared pass the collected mark on.
+    pub fn brought_back_own_rows(&self) -> bool {
+        self.phase == Phase::Ready
+            && self.scope == Scope::Everything
+            && (self.delete_missing || !self.complete_before)
+    }
 }
 
 /// What the caller should do next.

@@ -481,3 +481,20 @@ fn a_state_step_inherits_the_serving_peers_collected_marks_the_higher_after_a_re
         "the copy cannot list deletions either peer forgot"
     );
 }
+
+#[test]
+fn only_a_finished_full_backfill_that_brought_own_rows_back_sets_a_barrier() {
+    let finished = |phase, scope, delete_missing, complete_before| {
+        let mut checkpoint = Checkpoint::with_phase(phase, scope, delete_missing);
+        checkpoint.complete_before = complete_before;
+        checkpoint.brought_back_own_rows()
+    };
+    // A restored copy's resync, a re-created device's (or a joiner's) first backfill.
+    assert!(finished(Phase::Ready, Scope::Everything, true, true));
+    assert!(finished(Phase::Ready, Scope::Everything, false, false));
+    // A complete copy resyncing what it fell behind on keeps its own rows.
+    assert!(!finished(Phase::Ready, Scope::Everything, false, true));
+    assert!(!finished(Phase::Ready, Scope::Shared, false, true));
+    // Not before it ends.
+    assert!(!finished(Phase::Uninitialized, Scope::Everything, true, true));
+}

@@ -992,8 +992,46 @@ pub(crate) async fn apply_backfill_page(
 pub(crate) async fn store_checkpoint(
     inner: &LibraryInner,
     checkpoint: &lsync_backfill::Checkpoint,
-) -> Result<(), StoreError> {
-    inner.db.write(async |conn| lsync_backfill::sql::store(conn, checkpoint).await).await
+) -> Result<(), LibraryError> {
+    inner
+        .db
+        .write(async |conn| {
+            if checkpoint.brought_back_own_rows() {
+                own_rows_barrier(conn, inner).await?;
+            }
+            lsync_backfill::sql::store(conn, checkpoint).await?;
+            Ok(())
+        })
+        .await
+}
+
+/// Raises this device's own mark and own collected mark for every device-owned model it holds
+/// rows of to a fresh version, in the caller's transaction: its peers compare its rows with
+/// theirs once ([`lsync_backfill::Checkpoint::brought_back_own_rows`]).
+async fn own_rows_barrier(
+    conn: &mut sqlx::SqliteConnection,
+    inner: &LibraryInner,
+) -> Result<(), LibraryError> {
+    let device = inner.identity().device;
+    let progress = lsync_watermark::sql::load_state_progress(conn).await?;
+    let mut marks = Vec::new();
+    for model in inner.registry().in_apply_order() {
+        if model.ownership != lsync_store::Ownership::DeviceOwned {
+            continue;
+        }
+        let Some(mark) = progress.get(device, &model.name) else { continue };
+        let now = inner.clock.now().map_err(lsync_state_sync::StateError::from)?;
+        let version = lsync_state_sync::local_version(now.time(), Some(mark));
+        marks.push(StateMark { owner: device, model: model.name.clone(), version });
+    }
+    if marks.is_empty() {
+        return Ok(());
+    }
+    tracing::info!(models = marks.len(), "own rows came back from a peer: peers compare them once");
+    lsync_watermark::sql::raise_state_progress(conn, &marks).await?;
+    lsync_watermark::sql::raise_collected(conn, &marks).await?;
+    store_clock(conn, inner.clock.last()).await?;
+    Ok(())
 }
 
 /// Applies a catch-up page (rows in version order after the mark) and raises the mark: to just
