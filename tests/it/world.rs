@@ -252,10 +252,13 @@ async fn a_restored_copy_that_writes_before_its_resync_gets_its_lost_rows_back()
 /// What c saw reaches a only in the answer to a watermark request, and a's catch-up with c
 /// failed (c's sync was off): a used to ask again only when c looked ahead of it, which it no
 /// longer did once a wrote. b's mark for a's rows lies above the rows' versions, so it took them
-/// for deleted; writing them again under new versions reached b, but also brought back rows a
+/// for deleted. Writing them again under new versions reached b, but also brought back rows a
 /// deleted after the backup that a peer which missed the delete still held (the simulator
-/// showed 1413 of them, seed 44). Instead a, once its rows came back, raises its own mark and
-/// own collected mark to a fresh version, and b compares a's rows with its own.
+/// showed 1413 of them, seed 44); a barrier set as soon as a's first resync ended (a raising its
+/// own mark and collected mark so that peers compare with it) passed this test 3 runs in 4, and
+/// in the fourth c compared with b, which had compared with a, and deleted the rows on the only
+/// device that still held them. Now the barrier waits until every paired peer has told what it
+/// heard of a without showing another rollback; b then compares with a and takes a's rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restored_copy_that_resynced_from_a_peer_that_knew_less_gets_its_rows_from_one_that_knew_more()
  {

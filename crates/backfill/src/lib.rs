@@ -171,6 +171,12 @@ pub struct Checkpoint {
     /// wait for each other, and a joiner for all of them, for ever.
     #[serde(default)]
     pub complete_before: bool,
+    /// A peer other than the source reported, during this resync that deletes what its source
+    /// no longer holds, that this copy had been rolled back: it may have heard more of this
+    /// copy's own rows than the source. Once this resync ends, another follows from that peer
+    /// ([`Backfill::resync_after`]), with this device's own rows by that peer's word as well.
+    #[serde(default)]
+    pub resync_after: Option<DeviceId>,
 }
 
 impl Checkpoint {
@@ -198,6 +204,7 @@ impl Checkpoint {
             completed: 0,
             collected_marks: Vec::new(),
             complete_before: false,
+            resync_after: None,
         }
     }
 
@@ -215,11 +222,12 @@ impl Checkpoint {
     /// Whether this finished backfill brought back this device's own rows from a peer: a full
     /// one of a copy that was not complete (re-created under its identity) or that deleted what
     /// the peer no longer holds (restored from an old file). Its own rows are then the serving
-    /// peer's view of them, which other peers may not share: rows it wrote and lost that only a
-    /// third peer had, whose mark lies above them, or rows it deleted that a peer never saw go.
-    /// The device then raises its own mark and its own collected mark, per device-owned model
-    /// it holds rows of, to a fresh version (a barrier): a peer whose mark is below compares all
-    /// of the device's rows with it, once, and peers that compared pass the collected mark on.
+    /// peers' view of them, which other peers may not share: rows it wrote and lost that a
+    /// third peer got, whose mark lies above them, or rows it deleted that a peer never saw go.
+    /// Once every paired peer has since told what it heard of this copy without showing another
+    /// rollback, the device sets a barrier: it raises its own mark and own collected mark to a
+    /// fresh version, and each peer compares its rows with it once. Not before: a peer that heard
+    /// more may be away, and a view spread too early deletes the rows only it still holds.
     pub fn brought_back_own_rows(&self) -> bool {
         self.phase == Phase::Ready
             && self.scope == Scope::Everything
@@ -588,7 +596,32 @@ impl Backfill {
             self.checkpoint.cursor = None;
             self.checkpoint.peer = None;
             self.run_start = None;
+            if self.checkpoint.resync_after.take().is_some() {
+                self.resync(Scope::Everything, true);
+            }
         }
+    }
+
+    /// `peer` reported that this copy was rolled back while a resync that deletes what its
+    /// source no longer holds runs from another peer: once it ends, another follows from `peer`
+    /// ([`Checkpoint::resync_after`]). Returns whether the checkpoint changed (store it). Nothing
+    /// changes when no such resync runs, when it runs from `peer`, when its source is not chosen
+    /// yet (the caller prefers `peer` as the source), or when one is already due: one follows at
+    /// most, and a report during it chains the next (open: a third peer that reported during
+    /// the first resync is not asked; its report was recorded and does not come again).
+    pub fn resync_after(&mut self, peer: DeviceId) -> bool {
+        let checkpoint = &mut self.checkpoint;
+        let running = checkpoint.phase != Phase::Ready
+            && checkpoint.delete_missing
+            && checkpoint.scope == Scope::Everything;
+        if !running || checkpoint.peer.is_none_or(|source| source == peer) {
+            return false;
+        }
+        if checkpoint.resync_after.is_some() {
+            return false;
+        }
+        checkpoint.resync_after = Some(peer);
+        true
     }
 
     /// Sync switched off: nothing is fetched until [`Backfill::resume`].

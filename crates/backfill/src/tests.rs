@@ -483,7 +483,34 @@ fn a_state_step_inherits_the_serving_peers_collected_marks_the_higher_after_a_re
 }
 
 #[test]
-fn only_a_finished_full_backfill_that_brought_own_rows_back_sets_a_barrier() {
+fn a_rollback_reported_by_another_peer_during_a_rollback_resync_chains_one_more() {
+    let (source, other) = (device(2), device(3));
+    let mut machine = Backfill::new(Checkpoint::ready());
+    machine.resync(Scope::Everything, true);
+    // Not planned yet: the caller prefers the reporter instead.
+    assert!(!machine.resync_after(other));
+    let theirs = watermarks(source, &[(device(5), 3)], &[(device(5), "entries", 7)]);
+    machine.planned(source, &theirs, &models());
+    assert!(!machine.resync_after(source), "the source's own report changes nothing");
+    assert!(machine.resync_after(other));
+    assert!(!machine.resync_after(device(4)), "one follows at most");
+    assert_eq!(machine.checkpoint().resync_after, Some(other));
+    // Finish the steps, then catch up: instead of Ready, a new resync that deletes.
+    while let Command::Fetch { .. } = machine.next() {
+        machine.page(&[], false, 0, 0);
+    }
+    let completed = machine.checkpoint().completed;
+    machine.caught_up();
+    let checkpoint = machine.checkpoint();
+    assert_eq!(checkpoint.phase, Phase::Uninitialized);
+    assert!(checkpoint.delete_missing && checkpoint.scope == Scope::Everything);
+    assert_eq!(checkpoint.completed, completed + 1, "the first resync counts as done");
+    assert_eq!(checkpoint.resync_after, None);
+    assert!(!checkpoint.brought_back_own_rows() && !checkpoint.serves());
+}
+
+#[test]
+fn only_a_finished_full_backfill_that_brought_own_rows_back_asks_for_a_barrier() {
     let finished = |phase, scope, delete_missing, complete_before| {
         let mut checkpoint = Checkpoint::with_phase(phase, scope, delete_missing);
         checkpoint.complete_before = complete_before;

@@ -219,6 +219,13 @@ pub(crate) struct LibraryInner {
     pub(crate) backfill: std::sync::Mutex<Option<BackfillProgress>>,
     /// Backfill pages read ahead for peers backfilling from this device.
     pub(crate) read_ahead: std::sync::Mutex<HashMap<DeviceId, crate::sync::ReadAhead>>,
+    /// Held for the whole of a row comparison with a peer: two at once (one peer actor each)
+    /// could interleave, one deleting what the other's newer view had just brought.
+    pub(crate) comparing: Mutex<()>,
+    /// After a backfill that brought this device's own rows back from a peer
+    /// (`Checkpoint::brought_back_own_rows`): the paired peers that have not yet told, without
+    /// showing another rollback, what they heard of this copy. Empty: the barrier is set.
+    pub(crate) barrier_pending: std::sync::Mutex<Option<std::collections::BTreeSet<DeviceId>>>,
     /// Each peer's wall clock minus this device's, measured at the last watermark exchange.
     pub(crate) clock_offsets: std::sync::Mutex<HashMap<DeviceId, i64>>,
     /// When this device last compared all rows of an (owner, model) with a peer: at most one
@@ -375,6 +382,8 @@ impl Library {
             backfills_completed: std::sync::atomic::AtomicU64::new(completed),
             backfill: std::sync::Mutex::new(progress),
             read_ahead: std::sync::Mutex::new(HashMap::new()),
+            comparing: Mutex::new(()),
+            barrier_pending: std::sync::Mutex::new(None),
             clock_offsets: std::sync::Mutex::new(HashMap::new()),
             compared: std::sync::Mutex::new(HashMap::new()),
         };

@@ -466,6 +466,7 @@ async fn serve_inner(
             // The requester heard more of this copy than its file holds: found out here, before
             // answering with claims on rows the file lost.
             if copy_rolled_back(inner, &theirs).await? {
+                own_rows_unconfirmed(inner);
                 tracing::error!(%peer, seen = ?theirs.seen, "this copy was rolled back to an older file (told by a peer's request): resyncing fully");
                 metrics::counter!("lsync_rollbacks_detected_total").increment(1);
                 *rolled_back = true;
@@ -719,6 +720,21 @@ async fn compare_rows<T: Transport>(
     let timeout = inner.config.request_timeout;
     let registry = inner.registry().clone();
     let model = model.to_owned();
+    // One comparison at a time; one that another (from a peer with a view as new) made
+    // needless is skipped.
+    let _comparing = inner.comparing.lock().await;
+    let (mark, collected) = inner
+        .db
+        .read(async |conn| {
+            Ok::<_, StoreError>((
+                lsync_watermark::sql::state_mark(conn, owner, &model).await?,
+                lsync_watermark::sql::load_collected(conn).await?.get(owner, &model),
+            ))
+        })
+        .await?;
+    if mark >= Some(target) && collected >= Some(forgotten) {
+        return Ok(false);
+    }
     tracing::info!(%peer, %owner, %model, ?forgotten, "the peer forgot deletions above this device's mark: comparing every row");
     metrics::counter!("lsync_row_comparisons_total").increment(1);
     let mut after: Option<uuid::Uuid> = None;
@@ -743,7 +759,13 @@ async fn compare_rows<T: Transport>(
         let (upserted, deleted, projection) = inner
             .db
             .write(async |conn| {
-                let applied = lsync_state_sync::sql::apply_rows(
+                // Rows the peer holds are taken even where this device's mark says it saw them
+                // go (absent at or below the mark): a deletion at or below that mark lies below
+                // the peer's collected mark too, which is above this device's mark, so the peer
+                // applied it and would not hold the row. A row it holds that this device lacks
+                // comes from a copy rolled back and resynced, after its barrier
+                // (`own_rows_barrier`). Tombstones held here still win.
+                let applied = lsync_state_sync::sql::apply_rows_known_through(
                     conn,
                     &registry,
                     owner,
@@ -751,6 +773,7 @@ async fn compare_rows<T: Transport>(
                     &page.columns,
                     page.rows,
                     false,
+                    None,
                     now_ms(),
                 )
                 .await?;
@@ -993,44 +1016,94 @@ pub(crate) async fn store_checkpoint(
     inner: &LibraryInner,
     checkpoint: &lsync_backfill::Checkpoint,
 ) -> Result<(), LibraryError> {
-    inner
+    let peers = inner
         .db
         .write(async |conn| {
-            if checkpoint.brought_back_own_rows() {
-                own_rows_barrier(conn, inner).await?;
-            }
             lsync_backfill::sql::store(conn, checkpoint).await?;
-            Ok(())
+            if !checkpoint.brought_back_own_rows() {
+                return Ok::<_, StoreError>(None);
+            }
+            let peers = lsync_watermark::sql::peers(conn).await?;
+            Ok(Some(
+                peers
+                    .into_iter()
+                    .map(|peer| peer.device)
+                    .collect::<std::collections::BTreeSet<_>>(),
+            ))
         })
-        .await
+        .await?;
+    if let Some(peers) = peers {
+        tracing::info!(
+            peers = peers.len(),
+            "own rows came back from a peer: the barrier waits for every peer to tell what it heard of this copy"
+        );
+        let empty = peers.is_empty();
+        *inner.barrier_pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(peers);
+        if empty {
+            own_rows_barrier(inner).await?;
+        }
+    }
+    Ok(())
+}
+
+/// `peer` told what it heard of this copy (a watermark exchange) and showed no rollback: once
+/// every paired peer has, after a backfill that brought this device's own rows back, the
+/// barrier is set ([`lsync_backfill::Checkpoint::brought_back_own_rows`]).
+pub(crate) async fn own_rows_confirmed(
+    inner: &LibraryInner,
+    peer: DeviceId,
+) -> Result<(), LibraryError> {
+    let due = {
+        let mut pending =
+            inner.barrier_pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let done =
+            pending.as_mut().is_some_and(|waiting| waiting.remove(&peer) && waiting.is_empty());
+        if done {
+            *pending = None;
+        }
+        done
+    };
+    if due {
+        own_rows_barrier(inner).await?;
+    }
+    Ok(())
+}
+
+/// A rollback was found: a barrier waiting for peers waits for the next resync instead.
+pub(crate) fn own_rows_unconfirmed(inner: &LibraryInner) {
+    *inner.barrier_pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
 }
 
 /// Raises this device's own mark and own collected mark for every device-owned model it holds
-/// rows of to a fresh version, in the caller's transaction: its peers compare its rows with
-/// theirs once ([`lsync_backfill::Checkpoint::brought_back_own_rows`]).
-async fn own_rows_barrier(
-    conn: &mut sqlx::SqliteConnection,
-    inner: &LibraryInner,
-) -> Result<(), LibraryError> {
+/// rows of to a fresh version: its peers compare its rows with theirs once.
+async fn own_rows_barrier(inner: &LibraryInner) -> Result<(), LibraryError> {
     let device = inner.identity().device;
-    let progress = lsync_watermark::sql::load_state_progress(conn).await?;
-    let mut marks = Vec::new();
-    for model in inner.registry().in_apply_order() {
-        if model.ownership != lsync_store::Ownership::DeviceOwned {
-            continue;
-        }
-        let Some(mark) = progress.get(device, &model.name) else { continue };
-        let now = inner.clock.now().map_err(lsync_state_sync::StateError::from)?;
-        let version = lsync_state_sync::local_version(now.time(), Some(mark));
-        marks.push(StateMark { owner: device, model: model.name.clone(), version });
-    }
-    if marks.is_empty() {
-        return Ok(());
-    }
-    tracing::info!(models = marks.len(), "own rows came back from a peer: peers compare them once");
-    lsync_watermark::sql::raise_state_progress(conn, &marks).await?;
-    lsync_watermark::sql::raise_collected(conn, &marks).await?;
-    store_clock(conn, inner.clock.last()).await?;
+    let registry = inner.registry().clone();
+    let count = inner
+        .db
+        .write(async |conn| {
+            let progress = lsync_watermark::sql::load_state_progress(conn).await?;
+            let mut marks = Vec::new();
+            for model in registry.in_apply_order() {
+                if model.ownership != lsync_store::Ownership::DeviceOwned {
+                    continue;
+                }
+                let Some(mark) = progress.get(device, &model.name) else { continue };
+                let now = inner.clock.now().map_err(lsync_state_sync::StateError::from)?;
+                let version = lsync_state_sync::local_version(now.time(), Some(mark));
+                marks.push(StateMark { owner: device, model: model.name.clone(), version });
+            }
+            lsync_watermark::sql::raise_state_progress(conn, &marks).await?;
+            lsync_watermark::sql::raise_collected(conn, &marks).await?;
+            store_clock(conn, inner.clock.last()).await?;
+            Ok::<_, LibraryError>(marks.len())
+        })
+        .await?;
+    tracing::info!(
+        models = count,
+        "every peer told what it heard of this copy: its peers compare its own rows once"
+    );
     Ok(())
 }
 

@@ -236,8 +236,17 @@ impl<T: Transport> BackfillActor<T> {
                 ctx.wait(work.into_actor(self).map(move |result, actor, ctx| match result {
                     Ok(_) => {
                         let mut next = actor.machine.clone();
+                        let again = next.checkpoint().resync_after;
                         next.caught_up();
-                        tracing::info!(%peer, "backfill complete: this copy is ready");
+                        if let Some(again) = again {
+                            tracing::warn!(%peer, from = %again, "resync done; another peer heard more of this copy: resyncing from it too");
+                            actor.preferred = Some(again);
+                            if let Some(candidate) = actor.candidates.get_mut(&again) {
+                                candidate.failed = false;
+                            }
+                        } else {
+                            tracing::info!(%peer, "backfill complete: this copy is ready");
+                        }
                         actor.persist(ctx, next);
                     }
                     Err(error) => actor.failed(ctx, Some(peer), &error),
@@ -381,8 +390,15 @@ impl<T: Transport> Handler<Resync> for BackfillActor<T> {
         }
         let mut next = self.machine.clone();
         next.resync(resync.scope, resync.delete_missing);
-        if next.checkpoint() == self.machine.checkpoint() {
-            // A backfill or resync under way covers it.
+        let mut after = self.machine.clone();
+        let chained =
+            resync.delete_missing && resync.from.is_some_and(|from| after.resync_after(from));
+        if next.checkpoint() == self.machine.checkpoint() && !chained {
+            // A backfill or resync under way covers it. One whose source is not chosen yet
+            // prefers the peer that showed the need.
+            if self.machine.checkpoint().peer.is_none() && self.preferred.is_none() {
+                self.preferred = resync.from;
+            }
             return;
         }
         if self.busy {
@@ -390,6 +406,14 @@ impl<T: Transport> Handler<Resync> for BackfillActor<T> {
             ctx.run_later(Duration::from_millis(50), move |_, ctx| {
                 ctx.address().do_send(resync);
             });
+            return;
+        }
+        if chained {
+            // A rollback resync runs from another peer: this one may have heard more of this
+            // copy's own rows; it serves the next resync, once this one ends.
+            tracing::warn!(from = ?resync.from, "rolled back, told again during the resync: another follows from that peer");
+            self.busy = true;
+            self.persist(ctx, after);
             return;
         }
         self.preferred = resync.from;

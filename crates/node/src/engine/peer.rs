@@ -181,6 +181,7 @@ impl<T: Transport> PeerActor<T> {
             let lost_changes = sync::own_rollback(&inner, &theirs).await?;
             let seen_more = sync::copy_rolled_back(&inner, &theirs).await?;
             if lost_changes.is_some() || seen_more {
+                sync::own_rows_unconfirmed(&inner);
                 tracing::error!(%peer, ?lost_changes, seen = ?theirs.seen, "this copy was rolled back to an older file: resyncing fully");
                 metrics::counter!("lsync_rollbacks_detected_total").increment(1);
                 supervisor.do_send(ResyncNeeded {
@@ -191,6 +192,7 @@ impl<T: Transport> PeerActor<T> {
                 });
                 return Ok((false, None));
             }
+            sync::own_rows_confirmed(&inner, peer).await?;
             sync::record_ack(&inner, peer, &sync::ack_of(&theirs)).await?;
             let outcome = sync::catch_up(&inner, &*transport, peer, &theirs).await?;
             let pulled = outcome.pulled;
