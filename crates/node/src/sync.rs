@@ -169,6 +169,21 @@ fn observe_rows(inner: &LibraryInner, peer: DeviceId, owner: DeviceId, versions:
     }
 }
 
+/// Moves this device's clock past the newest version a peer holds of this device's own rows
+/// (its watermarks: a request, a response, a heartbeat). A copy restored from an old file or
+/// re-created, whose clock runs behind, would otherwise stamp a new edit of a row below a
+/// version of that row it wrote before and lost, which peers still hold: the older edit would
+/// win everywhere (the real-mode simulator saw it, `--ops 3000 --topology random`). Versions
+/// beyond the drift bound are not adopted (`local_version` keeps writes after the own mark).
+pub(crate) fn observe_own_marks(inner: &LibraryInner, theirs: &Watermarks) {
+    let me = inner.identity().device;
+    if let Some(newest) =
+        theirs.state.iter().filter(|mark| mark.owner == me).map(|mark| mark.version).max()
+    {
+        let _ = inner.clock.update(lsync_hlc::Hlc::new(newest, me));
+    }
+}
+
 /// Observes the stamps of snapshot records from `peer` (a backfill page) with this device's
 /// clock, as [`observe_rows`] does for rows.
 fn observe_records(inner: &LibraryInner, peer: DeviceId, records: &[lsync_protocol::SharedRecord]) {
@@ -269,6 +284,7 @@ pub(crate) async fn exchange_watermarks<T: Transport>(
         .await?
     {
         Message::WatermarksResponse(theirs) => {
+            observe_own_marks(inner, &theirs);
             if let Some(their_wall) = theirs.wall_ms {
                 let received = inner.clock.wall_ms();
                 note_clock_offset(inner, peer, clock_offset_ms(sent, their_wall, received));
@@ -463,6 +479,7 @@ async fn serve_inner(
                     lsync_watermark::sql::record_seen(conn, peer, theirs.incarnation, true).await
                 })
                 .await?;
+            observe_own_marks(inner, &theirs);
             // The requester heard more of this copy than its file holds: found out here, before
             // answering with claims on rows the file lost.
             if copy_rolled_back(inner, &theirs).await? {
@@ -1528,6 +1545,44 @@ mod tests {
             again.seen = heard;
             let served = super::serve(&inner, peer, Message::WatermarksRequest(again)).await;
             assert!(!served.rolled_back);
+            library.close().await.unwrap();
+        });
+    }
+
+    #[test]
+    fn a_copy_stamps_its_next_edit_after_what_a_peer_holds_of_its_rows() {
+        actix::System::new().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let library = Library::create(
+                &dir.path().join("library.db"),
+                Arc::new(reference_registry().unwrap()),
+                LibraryId(Uuid::new_v4()),
+                DeviceId::from_bytes([1; 16]),
+                SyncConfig::default(),
+            )
+            .await
+            .unwrap();
+            let (inner, me, peer) =
+                (library.inner.clone(), library.identity().device, DeviceId::from_bytes([2; 16]));
+            library
+                .with_transaction(async |conn| {
+                    lsync_watermark::sql::add_peer(conn, peer, "peer", 0).await
+                })
+                .await
+                .unwrap();
+            // A peer holds a version of this device's rows 20 s ahead of its clock: written
+            // before a restore, by a clock that ran ahead then.
+            let ahead = lsync_hlc::HlcTime::new(inner.clock.wall_ms() + 20_000, 0).unwrap();
+            let mut theirs = super::own_watermarks(&inner).await.unwrap();
+            theirs.device = peer;
+            theirs.state = vec![lsync_protocol::StateMark {
+                owner: me,
+                model: "entries".into(),
+                version: ahead,
+            }];
+            let _ = super::serve(&inner, peer, Message::WatermarksRequest(theirs)).await;
+            let rows = library.write_rows("entries", entries(1)).await.unwrap();
+            assert!(rows[0].version > ahead, "{:?} not after {ahead:?}", rows[0].version);
             library.close().await.unwrap();
         });
     }

@@ -391,6 +391,7 @@ impl<T: Transport> Handler<FromPeer> for PeerActor<T> {
                 // `wait`, never `spawn`: see the note on database work on `PeerActor`.
                 ctx.wait(
                     async move {
+                        sync::observe_own_marks(&inner, &watermarks);
                         let _ = sync::record_ack(&inner, peer, &sync::ack_of(&watermarks)).await;
                         // What the peer's copy is at, told back to it in watermark responses (a
                         // copy rolled back to an old file learns it from them).
