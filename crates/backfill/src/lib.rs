@@ -171,12 +171,14 @@ pub struct Checkpoint {
     /// wait for each other, and a joiner for all of them, for ever.
     #[serde(default)]
     pub complete_before: bool,
-    /// A peer other than the source reported, during this resync that deletes what its source
-    /// no longer holds, that this copy had been rolled back: it may have heard more of this
-    /// copy's own rows than the source. Once this resync ends, another follows from that peer
-    /// ([`Backfill::resync_after`]), with this device's own rows by that peer's word as well.
+    /// Peers other than the source that reported, during this resync that deletes what its
+    /// source no longer holds, that this copy had been rolled back: each may have heard more of
+    /// this copy's own rows than the source. Once this resync ends, another follows from the
+    /// first of them, then from the next ([`Backfill::rolled_back_by`]), with this device's own
+    /// rows by that peer's word each time. A report comes once per peer and incarnation (the
+    /// copy records what it was told), so none may be dropped.
     #[serde(default)]
-    pub resync_after: Option<DeviceId>,
+    pub resync_after: Vec<DeviceId>,
 }
 
 impl Checkpoint {
@@ -204,7 +206,7 @@ impl Checkpoint {
             completed: 0,
             collected_marks: Vec::new(),
             complete_before: false,
-            resync_after: None,
+            resync_after: Vec::new(),
         }
     }
 
@@ -596,31 +598,29 @@ impl Backfill {
             self.checkpoint.cursor = None;
             self.checkpoint.peer = None;
             self.run_start = None;
-            if self.checkpoint.resync_after.take().is_some() {
+            if !self.checkpoint.resync_after.is_empty() {
+                let mut rest = std::mem::take(&mut self.checkpoint.resync_after);
+                rest.remove(0);
                 self.resync(Scope::Everything, true);
+                self.checkpoint.resync_after = rest;
             }
         }
     }
 
-    /// `peer` reported that this copy was rolled back while a resync that deletes what its
-    /// source no longer holds runs from another peer: once it ends, another follows from `peer`
-    /// ([`Checkpoint::resync_after`]). Returns whether the checkpoint changed (store it). Nothing
-    /// changes when no such resync runs, when it runs from `peer`, when its source is not chosen
-    /// yet (the caller prefers `peer` as the source), or when one is already due: one follows at
-    /// most, and a report during it chains the next (open: a third peer that reported during
-    /// the first resync is not asked; its report was recorded and does not come again).
-    pub fn resync_after(&mut self, peer: DeviceId) -> bool {
+    /// `peer` reported that this copy was rolled back while a resync that deletes what its source
+    /// no longer holds runs: unless `peer` is that resync's source, another follows from it once
+    /// this one ends ([`Checkpoint::resync_after`]; when the source is not chosen yet, the
+    /// caller may prefer `peer` instead). Returns whether the checkpoint changed (store it).
+    /// Nothing changes when no such resync runs (the caller starts one) or `peer` is already due.
+    pub fn rolled_back_by(&mut self, peer: DeviceId) -> bool {
         let checkpoint = &mut self.checkpoint;
         let running = checkpoint.phase != Phase::Ready
             && checkpoint.delete_missing
             && checkpoint.scope == Scope::Everything;
-        if !running || checkpoint.peer.is_none_or(|source| source == peer) {
+        if !running || checkpoint.peer == Some(peer) || checkpoint.resync_after.contains(&peer) {
             return false;
         }
-        if checkpoint.resync_after.is_some() {
-            return false;
-        }
-        checkpoint.resync_after = Some(peer);
+        checkpoint.resync_after.push(peer);
         true
     }
 

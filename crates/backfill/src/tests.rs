@@ -483,30 +483,39 @@ fn a_state_step_inherits_the_serving_peers_collected_marks_the_higher_after_a_re
 }
 
 #[test]
-fn a_rollback_reported_by_another_peer_during_a_rollback_resync_chains_one_more() {
-    let (source, other) = (device(2), device(3));
+fn rollbacks_reported_by_other_peers_during_a_rollback_resync_each_chain_one_more() {
+    let (source, other, third) = (device(2), device(3), device(4));
     let mut machine = Backfill::new(Checkpoint::ready());
+    assert!(!machine.rolled_back_by(other), "no resync runs: the caller starts one");
     machine.resync(Scope::Everything, true);
-    // Not planned yet: the caller prefers the reporter instead.
-    assert!(!machine.resync_after(other));
     let theirs = watermarks(source, &[(device(5), 3)], &[(device(5), "entries", 7)]);
     machine.planned(source, &theirs, &models());
-    assert!(!machine.resync_after(source), "the source's own report changes nothing");
-    assert!(machine.resync_after(other));
-    assert!(!machine.resync_after(device(4)), "one follows at most");
-    assert_eq!(machine.checkpoint().resync_after, Some(other));
-    // Finish the steps, then catch up: instead of Ready, a new resync that deletes.
-    while let Command::Fetch { .. } = machine.next() {
-        machine.page(&[], false, 0, 0);
-    }
+    assert!(!machine.rolled_back_by(source), "the source's own report changes nothing");
+    assert!(machine.rolled_back_by(other));
+    assert!(!machine.rolled_back_by(other), "already due");
+    assert!(machine.rolled_back_by(third));
+    assert_eq!(machine.checkpoint().resync_after, vec![other, third]);
+    let finish = |machine: &mut Backfill| {
+        while let Command::Fetch { .. } = machine.next() {
+            machine.page(&[], false, 0, 0);
+        }
+        machine.caught_up();
+    };
+    // Instead of Ready, a new resync that deletes; the next reporter stays due.
     let completed = machine.checkpoint().completed;
-    machine.caught_up();
+    finish(&mut machine);
     let checkpoint = machine.checkpoint();
     assert_eq!(checkpoint.phase, Phase::Uninitialized);
     assert!(checkpoint.delete_missing && checkpoint.scope == Scope::Everything);
     assert_eq!(checkpoint.completed, completed + 1, "the first resync counts as done");
-    assert_eq!(checkpoint.resync_after, None);
+    assert_eq!(checkpoint.resync_after, vec![third]);
     assert!(!checkpoint.brought_back_own_rows() && !checkpoint.serves());
+    machine.planned(other, &theirs, &models());
+    finish(&mut machine);
+    assert_eq!(machine.checkpoint().resync_after, Vec::<DeviceId>::new());
+    machine.planned(third, &theirs, &models());
+    finish(&mut machine);
+    assert!(machine.is_ready() && machine.checkpoint().brought_back_own_rows());
 }
 
 #[test]

@@ -737,19 +737,14 @@ async fn compare_rows<T: Transport>(
     let timeout = inner.config.request_timeout;
     let registry = inner.registry().clone();
     let model = model.to_owned();
-    // One comparison at a time; one that another (from a peer with a view as new) made
-    // needless is skipped.
+    // One comparison at a time; one that another made needless (this device's mark reached
+    // the peer's collected mark meanwhile: what called for it no longer holds) is skipped.
     let _comparing = inner.comparing.lock().await;
-    let (mark, collected) = inner
+    let mark = inner
         .db
-        .read(async |conn| {
-            Ok::<_, StoreError>((
-                lsync_watermark::sql::state_mark(conn, owner, &model).await?,
-                lsync_watermark::sql::load_collected(conn).await?.get(owner, &model),
-            ))
-        })
+        .read(async |conn| lsync_watermark::sql::state_mark(conn, owner, &model).await)
         .await?;
-    if mark >= Some(target) && collected >= Some(forgotten) {
+    if mark >= Some(forgotten) {
         return Ok(false);
     }
     tracing::info!(%peer, %owner, %model, ?forgotten, "the peer forgot deletions above this device's mark: comparing every row");

@@ -29,6 +29,9 @@ pub(super) struct BackfillActor<T: Transport> {
     candidates: HashMap<DeviceId, Candidate>,
     /// The source a resync asked for ([`Resync::from`]), until the backfill ends.
     preferred: Option<DeviceId>,
+    /// The peers a resync after a rollback was served by since the actor started: a later
+    /// report of the same rollback from one of them asks for nothing it did not bring.
+    rollback_sources: std::collections::HashSet<DeviceId>,
     /// A request or transaction is in flight.
     busy: bool,
     /// Consecutive failures without progress (for backoff).
@@ -60,6 +63,7 @@ impl<T: Transport> BackfillActor<T> {
             machine,
             candidates: HashMap::new(),
             preferred: None,
+            rollback_sources: std::collections::HashSet::new(),
             busy: false,
             failures: 0,
             prefetch: None,
@@ -236,7 +240,11 @@ impl<T: Transport> BackfillActor<T> {
                 ctx.wait(work.into_actor(self).map(move |result, actor, ctx| match result {
                     Ok(_) => {
                         let mut next = actor.machine.clone();
-                        let again = next.checkpoint().resync_after;
+                        let again = next.checkpoint().resync_after.first().copied();
+                        let checkpoint = next.checkpoint();
+                        if checkpoint.delete_missing && checkpoint.scope == Scope::Everything {
+                            actor.rollback_sources.insert(peer);
+                        }
                         next.caught_up();
                         if let Some(again) = again {
                             tracing::warn!(%peer, from = %again, "resync done; another peer heard more of this copy: resyncing from it too");
@@ -380,23 +388,30 @@ impl Message for Resync {
 impl<T: Transport> Handler<Resync> for BackfillActor<T> {
     type Result = ();
     fn handle(&mut self, resync: Resync, ctx: &mut Self::Context) {
-        if resync.completed < self.machine.checkpoint().completed {
+        // A rollback report comes once per peer and incarnation (the copy recorded it): it is
+        // never dropped. Each reporting peer may have heard more of this copy's own rows.
+        let rollback = resync.delete_missing && resync.scope == Scope::Everything;
+        let served_it = resync.from.is_some_and(|from| self.rollback_sources.contains(&from));
+        if resync.completed < self.machine.checkpoint().completed && (!rollback || served_it) {
             // A backfill or resync ended since the need was seen: the need, if it remains,
             // shows again at the next catch-up. (The actor reads its mailbox only between
             // backfills, so requests that several peers raised at once used to wait for the
-            // resync the first one started, then start one each: the simulator saw a restored
-            // copy resync fully three times over for one rollback.)
+            // resync the first one started, then start one each.)
             return;
         }
         let mut next = self.machine.clone();
         next.resync(resync.scope, resync.delete_missing);
+        let not_planned = self.machine.checkpoint().peer.is_none();
         let mut after = self.machine.clone();
-        let chained =
-            resync.delete_missing && resync.from.is_some_and(|from| after.resync_after(from));
+        let chained = rollback
+            && resync.from.is_some_and(|from| {
+                // A resync whose source is not chosen yet prefers the first reporter.
+                let preferred = not_planned && self.preferred.is_none_or(|p| p == from);
+                !preferred && after.rolled_back_by(from)
+            });
         if next.checkpoint() == self.machine.checkpoint() && !chained {
-            // A backfill or resync under way covers it. One whose source is not chosen yet
-            // prefers the peer that showed the need.
-            if self.machine.checkpoint().peer.is_none() && self.preferred.is_none() {
+            // A backfill or resync under way covers it.
+            if not_planned && self.preferred.is_none() {
                 self.preferred = resync.from;
             }
             return;

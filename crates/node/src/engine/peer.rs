@@ -158,6 +158,9 @@ impl<T: Transport> PeerActor<T> {
         let supervisor = self.supervisor.clone();
         // What this catch-up starts from: a resync it asks for is stale once a backfill ended.
         let completed = self.inner.backfills_completed.load(std::sync::atomic::Ordering::Acquire);
+        // Only an answer to this device's own request says what the peer heard of this copy
+        // (`seen`); heartbeat watermarks do not, and confirm nothing.
+        let asked = theirs.is_none();
         let work = async move {
             let theirs = match theirs {
                 Some(theirs) => theirs,
@@ -182,6 +185,8 @@ impl<T: Transport> PeerActor<T> {
             let seen_more = sync::copy_rolled_back(&inner, &theirs).await?;
             if lost_changes.is_some() || seen_more {
                 sync::own_rows_unconfirmed(&inner);
+                // Claims nothing from now on; the resync this starts keeps it so until it ends.
+                inner.serves.store(false, std::sync::atomic::Ordering::Release);
                 tracing::error!(%peer, ?lost_changes, seen = ?theirs.seen, "this copy was rolled back to an older file: resyncing fully");
                 metrics::counter!("lsync_rollbacks_detected_total").increment(1);
                 supervisor.do_send(ResyncNeeded {
@@ -192,7 +197,9 @@ impl<T: Transport> PeerActor<T> {
                 });
                 return Ok((false, None));
             }
-            sync::own_rows_confirmed(&inner, peer).await?;
+            if asked {
+                sync::own_rows_confirmed(&inner, peer).await?;
+            }
             sync::record_ack(&inner, peer, &sync::ack_of(&theirs)).await?;
             let outcome = sync::catch_up(&inner, &*transport, peer, &theirs).await?;
             let pulled = outcome.pulled;

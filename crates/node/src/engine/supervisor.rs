@@ -117,8 +117,13 @@ impl<T: Transport> Supervisor<T> {
                         .map(|m| m.column_names())
                         .unwrap_or_default();
                     let count = rows.len();
-                    let covers =
-                        Coverage::State { owner: device, model: model.clone(), version: newest };
+                    // A batch that claims nothing raises no receiver's mark, so no ack ever
+                    // covers it: it goes once, unretried; catch-up brings it after the resync.
+                    let covers = (since != Some(HlcTime::MAX)).then(|| Coverage::State {
+                        owner: device,
+                        model: model.clone(),
+                        version: newest,
+                    });
                     let batch = StateBatch { owner: device, model, columns, rows, since };
                     (WireMessage::StateBatch(batch), covers, count, "state")
                 }
@@ -128,7 +133,7 @@ impl<T: Transport> Supervisor<T> {
                     let count = batch.changes.len();
                     (
                         WireMessage::SharedBatch(batch),
-                        Coverage::Shared { origin: mark.origin, seq: mark.seq },
+                        Some(Coverage::Shared { origin: mark.origin, seq: mark.seq }),
                         count,
                         "shared",
                     )
@@ -137,11 +142,7 @@ impl<T: Transport> Supervisor<T> {
             metrics::histogram!("lsync_batch_rows", "kind" => kind).record(rows as f64);
             for (peer, addr) in &self.peers {
                 if self.online.contains_key(peer) {
-                    push(
-                        addr,
-                        *peer,
-                        Push { message: message.clone(), covers: Some(covers.clone()) },
-                    );
+                    push(addr, *peer, Push { message: message.clone(), covers: covers.clone() });
                 }
             }
         }
