@@ -1338,6 +1338,29 @@ mod tests {
             .collect()
     }
 
+    /// The peer every test here pairs with.
+    const PEER: DeviceId = DeviceId(Uuid::from_bytes([2; 16]));
+
+    /// A new library in `dir` (device `[1; 16]`), paired with [`PEER`].
+    async fn paired_library(dir: &std::path::Path) -> Library {
+        let library = Library::create(
+            &dir.join("library.db"),
+            Arc::new(reference_registry().unwrap()),
+            LibraryId(Uuid::new_v4()),
+            DeviceId::from_bytes([1; 16]),
+            SyncConfig::default(),
+        )
+        .await
+        .unwrap();
+        library
+            .with_transaction(async |conn| {
+                lsync_watermark::sql::add_peer(conn, PEER, "peer", 0).await
+            })
+            .await
+            .unwrap();
+        library
+    }
+
     fn page_rows(answer: Message) -> Vec<Uuid> {
         match answer {
             Message::StatePage(page) => page.rows.iter().map(|row| row.id).collect(),
@@ -1349,23 +1372,8 @@ mod tests {
     fn a_page_read_ahead_before_a_peer_asks_for_watermarks_is_not_served_after() {
         actix::System::new().block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let library = Library::create(
-                &dir.path().join("library.db"),
-                Arc::new(reference_registry().unwrap()),
-                LibraryId(Uuid::new_v4()),
-                DeviceId::from_bytes([1; 16]),
-                SyncConfig::default(),
-            )
-            .await
-            .unwrap();
-            let (inner, me, peer) =
-                (library.inner.clone(), library.identity().device, DeviceId::from_bytes([2; 16]));
-            library
-                .with_transaction(async |conn| {
-                    lsync_watermark::sql::add_peer(conn, peer, "joiner", 0).await
-                })
-                .await
-                .unwrap();
+            let library = paired_library(dir.path()).await;
+            let (inner, me, peer) = (library.inner.clone(), library.identity().device, PEER);
             library.write_rows("entries", entries(10)).await.unwrap();
             let request = |after| {
                 Message::BackfillRequest(BackfillRequest {
@@ -1414,22 +1422,8 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("library.db");
             let registry = Arc::new(reference_registry().unwrap());
-            let library = Library::create(
-                &path,
-                registry.clone(),
-                LibraryId(Uuid::new_v4()),
-                DeviceId::from_bytes([1; 16]),
-                SyncConfig::default(),
-            )
-            .await
-            .unwrap();
-            let (me, peer) = (library.identity().device, DeviceId::from_bytes([2; 16]));
-            library
-                .with_transaction(async |conn| {
-                    lsync_watermark::sql::add_peer(conn, peer, "peer", 0).await
-                })
-                .await
-                .unwrap();
+            let library = paired_library(dir.path()).await;
+            let (me, peer) = (library.identity().device, PEER);
             library.write_rows("entries", entries(5)).await.unwrap();
             // A backup, more writes, then the backup put back (the generation file kept, as the
             // user guide says): the copy resyncs at open, and until a peer serves it its tables
@@ -1491,22 +1485,8 @@ mod tests {
             let path = dir.path().join("library.db");
             let generation_file = dir.path().join("library.db-generation");
             let registry = Arc::new(reference_registry().unwrap());
-            let library = Library::create(
-                &path,
-                registry.clone(),
-                LibraryId(Uuid::new_v4()),
-                DeviceId::from_bytes([1; 16]),
-                SyncConfig::default(),
-            )
-            .await
-            .unwrap();
-            let peer = DeviceId::from_bytes([2; 16]);
-            library
-                .with_transaction(async |conn| {
-                    lsync_watermark::sql::add_peer(conn, peer, "peer", 0).await
-                })
-                .await
-                .unwrap();
+            let library = paired_library(dir.path()).await;
+            let peer = PEER;
             library.write_rows("entries", entries(5)).await.unwrap();
             // The whole folder backed up, generation file included: nothing at open can tell.
             let backup = dir.path().join("backup.db");
@@ -1548,23 +1528,8 @@ mod tests {
     fn a_copy_stamps_its_next_edit_after_what_a_peer_holds_of_its_rows() {
         actix::System::new().block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let library = Library::create(
-                &dir.path().join("library.db"),
-                Arc::new(reference_registry().unwrap()),
-                LibraryId(Uuid::new_v4()),
-                DeviceId::from_bytes([1; 16]),
-                SyncConfig::default(),
-            )
-            .await
-            .unwrap();
-            let (inner, me, peer) =
-                (library.inner.clone(), library.identity().device, DeviceId::from_bytes([2; 16]));
-            library
-                .with_transaction(async |conn| {
-                    lsync_watermark::sql::add_peer(conn, peer, "peer", 0).await
-                })
-                .await
-                .unwrap();
+            let library = paired_library(dir.path()).await;
+            let (inner, me, peer) = (library.inner.clone(), library.identity().device, PEER);
             // A peer holds a version of this device's rows 20 s ahead of its clock: written
             // before a restore, by a clock that ran ahead then.
             let ahead = lsync_hlc::HlcTime::new(inner.clock.wall_ms() + 20_000, 0).unwrap();

@@ -8,6 +8,17 @@ fn config() -> DetConfig {
     DetConfig { peers: 5, ops: 300, faults: Faults::ALL, topology: Topology::Full }
 }
 
+/// Each failed seed of `outcome`, as `seed N: why`.
+fn failures(outcome: &lsync_sim::det::ManyOutcome) -> Vec<String> {
+    outcome
+        .failures
+        .iter()
+        .map(|failed| {
+            format!("seed {}: {}", failed.seed, failed.failure.clone().unwrap_or_default())
+        })
+        .collect()
+}
+
 #[test]
 fn the_same_seed_gives_the_same_trace_and_different_seeds_differ() {
     let first = run_seed(&config(), 7);
@@ -22,13 +33,7 @@ fn the_same_seed_gives_the_same_trace_and_different_seeds_differ() {
 fn every_seed_converges_and_keeps_every_invariant() {
     let seeds = 500;
     let outcome = run_many(&config(), 0, seeds, 2, &|_, _| {});
-    let failures: Vec<String> = outcome
-        .failures
-        .iter()
-        .map(|failed| {
-            format!("seed {}: {}", failed.seed, failed.failure.clone().unwrap_or_default())
-        })
-        .collect();
+    let failures = failures(&outcome);
     assert!(
         failures.is_empty(),
         "{} of {seeds} seeds failed:\n{}",
@@ -48,13 +53,7 @@ fn partial_pairing_graphs_converge_through_devices_not_paired_with_the_origin() 
     for topology in [Topology::Chain, Topology::Star, Topology::Random] {
         let config = DetConfig { topology, ..config() };
         let outcome = run_many(&config, 0, 200, 2, &|_, _| {});
-        let failures: Vec<String> = outcome
-            .failures
-            .iter()
-            .map(|failed| {
-                format!("seed {}: {}", failed.seed, failed.failure.clone().unwrap_or_default())
-            })
-            .collect();
+        let failures = failures(&outcome);
         assert!(failures.is_empty(), "{topology}: {}", failures.join("\n"));
     }
 }
