@@ -1361,6 +1361,30 @@ mod tests {
         library
     }
 
+    /// A backup of `library`'s file in `dir` (`VACUUM INTO`, as a backup tool would) and of its
+    /// generation file.
+    async fn back_up(library: &Library, dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>) {
+        let backup = dir.join("backup.db");
+        sqlx::query("VACUUM INTO ?1")
+            .bind(backup.to_str().unwrap())
+            .execute(library.reader())
+            .await
+            .unwrap();
+        (backup, std::fs::read(dir.join("library.db-generation")).unwrap())
+    }
+
+    /// Puts a backup back in the closed library's folder: the file, and the generation file too
+    /// when `whole_folder` (nothing at open can tell then).
+    fn restore(dir: &std::path::Path, backup: &(std::path::PathBuf, Vec<u8>), whole_folder: bool) {
+        for file in ["library.db-wal", "library.db-shm"] {
+            let _ = std::fs::remove_file(dir.join(file));
+        }
+        std::fs::copy(&backup.0, dir.join("library.db")).unwrap();
+        if whole_folder {
+            std::fs::write(dir.join("library.db-generation"), &backup.1).unwrap();
+        }
+    }
+
     fn page_rows(answer: Message) -> Vec<Uuid> {
         match answer {
             Message::StatePage(page) => page.rows.iter().map(|row| row.id).collect(),
@@ -1428,18 +1452,10 @@ mod tests {
             // A backup, more writes, then the backup put back (the generation file kept, as the
             // user guide says): the copy resyncs at open, and until a peer serves it its tables
             // lack the rows written after the backup.
-            let backup = dir.path().join("backup.db");
-            sqlx::query("VACUUM INTO ?1")
-                .bind(backup.to_str().unwrap())
-                .execute(library.reader())
-                .await
-                .unwrap();
+            let backup = back_up(&library, dir.path()).await;
             library.write_rows("entries", entries(5)).await.unwrap();
             library.close().await.unwrap();
-            for file in ["library.db-wal", "library.db-shm"] {
-                let _ = std::fs::remove_file(dir.path().join(file));
-            }
-            std::fs::copy(&backup, &path).unwrap();
+            restore(dir.path(), &backup, false);
             let library = Library::open(&path, registry, SyncConfig::default()).await.unwrap();
             let inner = library.inner.clone();
             assert!(!inner.serves(), "a restored copy serves nothing before its resync");
@@ -1483,28 +1499,17 @@ mod tests {
         actix::System::new().block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("library.db");
-            let generation_file = dir.path().join("library.db-generation");
             let registry = Arc::new(reference_registry().unwrap());
             let library = paired_library(dir.path()).await;
             let peer = PEER;
             library.write_rows("entries", entries(5)).await.unwrap();
             // The whole folder backed up, generation file included: nothing at open can tell.
-            let backup = dir.path().join("backup.db");
-            sqlx::query("VACUUM INTO ?1")
-                .bind(backup.to_str().unwrap())
-                .execute(library.reader())
-                .await
-                .unwrap();
-            let generation = std::fs::read(&generation_file).unwrap();
+            let backup = back_up(&library, dir.path()).await;
             library.write_rows("entries", entries(5)).await.unwrap();
             // What the peer heard of this copy last: more than the backup holds.
             let heard = super::own_watermarks(&library.inner).await.unwrap().incarnation;
             library.close().await.unwrap();
-            for file in ["library.db-wal", "library.db-shm"] {
-                let _ = std::fs::remove_file(dir.path().join(file));
-            }
-            std::fs::copy(&backup, &path).unwrap();
-            std::fs::write(&generation_file, generation).unwrap();
+            restore(dir.path(), &backup, true);
             let library = Library::open(&path, registry, SyncConfig::default()).await.unwrap();
             let inner = library.inner.clone();
             assert!(inner.serves(), "nothing at open tells");
