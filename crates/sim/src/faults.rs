@@ -66,25 +66,12 @@ impl Faults {
 
     /// The faults the deterministic mode models (the others need the real engine's files,
     /// transport or resyncs, which it does not simulate yet).
-    pub const DETERMINISTIC: Faults = Faults {
-        restore: false,
-        recreate: false,
-        retention: false,
-        clock_jump: false,
-        stall: false,
-        ..Faults::ALL
-    };
+    pub const DETERMINISTIC: Faults =
+        Faults { restore: false, recreate: false, retention: false, ..Faults::ALL };
 
     /// These faults without the ones the deterministic mode does not model.
     pub fn deterministic_part(self) -> Faults {
-        Faults {
-            restore: false,
-            recreate: false,
-            retention: false,
-            clock_jump: false,
-            stall: false,
-            ..self
-        }
+        Faults { restore: false, recreate: false, retention: false, ..self }
     }
 
     fn flag(&mut self, name: &str) -> Option<&mut bool> {

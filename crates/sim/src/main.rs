@@ -212,6 +212,8 @@ fn run_deterministic(cli: &Cli) -> Result<bool, String> {
             "backfill_resumes": outcome.stats.backfill_resumes,
             "tombstones_collected": outcome.stats.tombstones_collected,
             "late_rows_refused": outcome.stats.late_rows_refused,
+            "clock_jumps": outcome.stats.clock_jumps,
+            "stalls": outcome.stats.stalls,
         });
         println!("{json}");
     } else {
@@ -256,13 +258,16 @@ fn print_seed(outcome: &det::SeedOutcome, config: &DetConfig) {
         outcome.virtual_ms
     );
     println!(
-        "  writes: {} shared, {} rows, {} refused;  crashes {};  backfills {};  skewed stamps {}",
+        "  writes: {} shared, {} rows, {} refused;  crashes {};  backfills {};  skewed stamps {};  \
+         clock jumps {};  stalls {}",
         stats.shared_writes,
         stats.row_writes,
         stats.refused,
         stats.crashes,
         stats.backfills,
-        stats.skewed
+        stats.skewed,
+        stats.clock_jumps,
+        stats.stalls
     );
     println!(
         "  network: {} sent, {} delivered, {} lost, {} duplicated, {} reordered, {} cut by partitions",

@@ -313,6 +313,10 @@ pub struct Stats {
     /// Received rows at or below the receiver's mark that it did not hold: deleted rows whose
     /// tombstone was collected, arriving late; not applied.
     pub late_rows_refused: u64,
+    /// Wall clocks jumped a year ahead (`clock-jump`).
+    pub clock_jumps: u64,
+    /// Devices that stopped reading for a while (`stall`).
+    pub stalls: u64,
 }
 
 impl Stats {
@@ -337,6 +341,8 @@ impl Stats {
             unavailable,
             tombstones_collected,
             late_rows_refused,
+            clock_jumps,
+            stalls,
         } = *other;
         self.messages += messages;
         self.shared_writes += shared_writes;
@@ -356,6 +362,8 @@ impl Stats {
         self.unavailable += unavailable;
         self.tombstones_collected += tombstones_collected;
         self.late_rows_refused += late_rows_refused;
+        self.clock_jumps += clock_jumps;
+        self.stalls += stalls;
     }
 }
 
@@ -481,8 +489,18 @@ impl Device {
         let stamp = self.tick(ctx).ok_or(Refused::Down)?;
         self.durable.own_seq += 1;
         // As the engine's `write_local`: after every stamp the record holds.
-        let time =
-            lsync_shared_sync::local_stamp_time(stamp.time(), self.durable.records.get(&record));
+        let shown = self.durable.records.get(&record);
+        let time = lsync_shared_sync::local_stamp_time(stamp.time(), shown);
+        // An edit made after the device showed a value wins over it, whatever the clocks say
+        // (a peer's clock a year ahead stamped what is shown).
+        if let Some(seen) = shown.and_then(RecordState::last_stamp)
+            && Hlc::new(time, stamp.device()) <= seen
+        {
+            ctx.fail(format!(
+                "{} edits {record} at {time:?}, not after the value it shows ({seen})",
+                self.id
+            ));
+        }
         let change = SharedChange {
             origin: self.id,
             seq: self.durable.own_seq,

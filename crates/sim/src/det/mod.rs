@@ -36,6 +36,11 @@ use trace::{Event, Trace};
 /// about 24 s of virtual time, some 100 heartbeat rounds — many times what a full catch-up of a
 /// run's writes over 16-row pages takes.
 pub const LIVENESS_STEPS: u64 = 3_000;
+/// How far the `clock-jump` fault moves a wall clock: a year, as the real mode's.
+const CLOCK_JUMP_MS: i64 = 365 * 24 * 3_600_000;
+/// Messages one directed link holds in flight with the `stall` fault: a stalled device's links
+/// fill within a few batch windows and refuse sends (the real transport's flow control).
+const STALL_LINK_CAPACITY: usize = 64;
 
 /// The shape of a deterministic run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -260,6 +265,10 @@ struct World {
     cut: BTreeSet<(usize, usize)>,
     /// Devices cut from everyone by the offline fault.
     offline: BTreeSet<usize>,
+    /// The device whose clock jumped a year ahead (`clock-jump`), and when it jumps back.
+    jumped: Option<(usize, Duration)>,
+    /// The device that stopped reading its connections (`stall`), and when it reads again.
+    stalled: Option<(usize, Duration)>,
     trace: Trace,
     violations: Vec<String>,
     next_request: u64,
@@ -285,6 +294,10 @@ impl World {
         let mut rng = SplitMix64::new(seed);
         let mut network = MemoryNetwork::new(rng.next_u64());
         network.set_default_link(if config.faults.lossy { lossy_link() } else { clean_link() });
+        if config.faults.stall {
+            // A stalled device's links fill up and refuse sends, as a peer's flow control does.
+            network.set_link_capacity(STALL_LINK_CAPACITY);
+        }
         let total = config.peers + usize::from(config.faults.join);
         let ids: Vec<DeviceId> =
             (0..total).map(|_| DeviceId::from_bytes(*random_uuid(&mut rng).as_bytes())).collect();
@@ -318,6 +331,8 @@ impl World {
             connected: BTreeSet::new(),
             cut: BTreeSet::new(),
             offline: BTreeSet::new(),
+            jumped: None,
+            stalled: None,
             trace: Trace::default(),
             violations: Vec::new(),
             next_request: 0,
@@ -472,6 +487,42 @@ impl World {
                     self.devices[device].boot(self.now, seed);
                     self.trace.record(Event::Fault, &[6, device as u64]);
                 }
+            }
+        }
+        if faults.clock_jump {
+            match self.jumped {
+                Some((device, until)) if self.now >= until => {
+                    self.devices[device].skew_ms -= CLOCK_JUMP_MS;
+                    self.jumped = None;
+                    self.trace.record(Event::Fault, &[11, device as u64]);
+                }
+                None if self.rng.chance(0.002) => {
+                    let device = below(&mut self.rng, n);
+                    let until = self.now + Duration::from_millis(200 + self.rng.next_u64() % 800);
+                    self.devices[device].skew_ms += CLOCK_JUMP_MS;
+                    self.jumped = Some((device, until));
+                    self.stats.clock_jumps += 1;
+                    self.trace.record(Event::Fault, &[10, device as u64]);
+                }
+                _ => {}
+            }
+        }
+        if faults.stall {
+            match self.stalled {
+                Some((device, until)) if self.now >= until => {
+                    self.network.set_reading(self.ids[device], true, self.now);
+                    self.stalled = None;
+                    self.trace.record(Event::Fault, &[13, device as u64]);
+                }
+                None if self.rng.chance(0.003) => {
+                    let device = below(&mut self.rng, n);
+                    let until = self.now + Duration::from_millis(300 + self.rng.next_u64() % 1_200);
+                    self.network.set_reading(self.ids[device], false, self.now);
+                    self.stalled = Some((device, until));
+                    self.stats.stalls += 1;
+                    self.trace.record(Event::Fault, &[12, device as u64]);
+                }
+                _ => {}
             }
         }
         if faults.skew && self.rng.chance(0.01) {
@@ -829,6 +880,12 @@ impl World {
     fn heal(&mut self) {
         self.cut.clear();
         self.offline.clear();
+        if let Some((device, _)) = self.jumped.take() {
+            self.devices[device].skew_ms -= CLOCK_JUMP_MS;
+        }
+        if let Some((device, _)) = self.stalled.take() {
+            self.network.set_reading(self.ids[device], true, self.now);
+        }
         self.apply_partitions();
         self.network.set_default_link(clean_link());
         for index in 0..self.born {

@@ -125,6 +125,9 @@ pub struct MemoryNetwork<P> {
     fifo_tail: BTreeMap<(DeviceId, DeviceId), Duration>,
     in_flight_per_link: BTreeMap<(DeviceId, DeviceId), usize>,
     link_capacity: usize,
+    /// Devices that stopped reading ([`MemoryNetwork::set_reading`]), with what arrived for
+    /// them since, in arrival order: still counted in flight on their links.
+    not_reading: BTreeMap<DeviceId, Vec<InFlight<P>>>,
     next_seq: u64,
     stats: NetworkStats,
 }
@@ -156,6 +159,7 @@ impl<P: Clone> MemoryNetwork<P> {
             fifo_tail: BTreeMap::new(),
             in_flight_per_link: BTreeMap::new(),
             link_capacity: DEFAULT_LINK_CAPACITY,
+            not_reading: BTreeMap::new(),
             next_seq: 0,
             stats: NetworkStats::default(),
         }
@@ -200,6 +204,27 @@ impl<P: Clone> MemoryNetwork<P> {
     /// Heals every partition.
     pub fn heal_all(&mut self) {
         self.partitions.clear();
+    }
+
+    /// Makes `device` stop reading (`false`) or read again (`true`) at virtual time `now`, as a
+    /// hung process that keeps its connections open: what arrives for it meanwhile waits, still
+    /// in flight on its links (so a link fills up and refuses sends, [`SendOutcome::Full`]), and
+    /// is delivered in arrival order from `now` once it reads again (unless a partition holds).
+    pub fn set_reading(&mut self, device: DeviceId, reading: bool, now: Duration) {
+        if !reading {
+            self.not_reading.entry(device).or_default();
+            return;
+        }
+        for message in self.not_reading.remove(&device).unwrap_or_default() {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            self.queue.insert((now, seq), message);
+        }
+    }
+
+    /// Whether `device` reads what arrives for it.
+    pub fn is_reading(&self, device: DeviceId) -> bool {
+        !self.not_reading.contains_key(&device)
     }
 
     /// Whether `a` and `b` are partitioned.
@@ -286,6 +311,10 @@ impl<P: Clone> MemoryNetwork<P> {
                 break;
             }
             let message = entry.remove();
+            if let Some(held) = self.not_reading.get_mut(&message.to) {
+                held.push(message);
+                continue;
+            }
             let key = (message.from, message.to);
             if let Some(count) = self.in_flight_per_link.get_mut(&key) {
                 *count = count.saturating_sub(1);
@@ -482,6 +511,29 @@ mod tests {
         assert_eq!(network.send(a, b, 3, ms(0)), SendOutcome::Full);
         assert_eq!(network.poll_deliveries(ms(5)).len(), 2);
         assert!(matches!(network.send(a, b, 3, ms(5)), SendOutcome::Scheduled { .. }));
+    }
+
+    #[test]
+    fn a_device_that_stops_reading_fills_its_links_and_gets_everything_in_order_later() {
+        let (a, b, c) = devices();
+        let mut network = MemoryNetwork::new(7);
+        network.set_link_capacity(3);
+        network.set_reading(b, false, ms(0));
+        assert!(!network.is_reading(b));
+        for payload in 1..=3u32 {
+            assert!(matches!(network.send(a, b, payload, ms(0)), SendOutcome::Scheduled { .. }));
+        }
+        assert!(matches!(network.send(a, c, 9, ms(0)), SendOutcome::Scheduled { .. }));
+        // Only the reading device gets anything; the stalled one's link is full.
+        let delivered = network.poll_deliveries(ms(10));
+        assert_eq!(delivered.iter().map(|d| (d.to, d.payload)).collect::<Vec<_>>(), [(c, 9)]);
+        assert_eq!(network.send(a, b, 4, ms(10)), SendOutcome::Full);
+        assert_eq!(network.in_flight_between(a, b), 3);
+        network.set_reading(b, true, ms(20));
+        let delivered = network.poll_deliveries(ms(20));
+        assert_eq!(delivered.iter().map(|d| d.payload).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(network.in_flight_between(a, b), 0);
+        assert!(matches!(network.send(a, b, 4, ms(20)), SendOutcome::Scheduled { .. }));
     }
 
     #[test]
