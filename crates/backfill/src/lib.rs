@@ -237,6 +237,37 @@ impl Checkpoint {
     }
 }
 
+/// A need for a resync, seen by a catch-up with `from` (its watermarks showed changes it pruned,
+/// `Scope::Shared`, or a rollback of this copy, `Scope::Everything` with `delete_missing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResyncRequest {
+    /// What to fetch again.
+    pub scope: Scope,
+    /// Whether rows the serving peer does not hold are deleted.
+    pub delete_missing: bool,
+    /// The peer that showed the need: the preferred source.
+    pub from: Option<DeviceId>,
+    /// [`Checkpoint::completed`] when the catch-up that saw the need started.
+    pub completed: u64,
+}
+
+/// What [`Backfill::on_resync_request`] decided.
+#[derive(Debug, Clone)]
+pub enum ResyncDecision {
+    /// A backfill ended since the need was seen: nothing to do.
+    Stale,
+    /// The backfill under way covers it; `prefer`: the requesting peer becomes the preferred
+    /// source (no source is chosen or preferred yet).
+    Covered {
+        /// Whether to prefer the requesting peer.
+        prefer: bool,
+    },
+    /// Another resync follows the running one, from the requesting peer: persist this machine.
+    Chain(Backfill),
+    /// A new plan starts: persist this machine (not `Ready`), prefer the requesting peer.
+    Start(Backfill),
+}
+
 /// What the caller should do next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -649,6 +680,48 @@ impl Backfill {
         checkpoint.completed = completed;
         checkpoint.complete_before = complete_before;
         self.run_start = None;
+    }
+
+    /// What to do with a request for a resync ([`ResyncRequest`]): the one decision the engine's
+    /// backfill actor and the deterministic simulator both take. `served_rollback`: a resync
+    /// after a rollback of this copy was already served by the requesting peer (since the
+    /// engine started); `preferred`: the source an earlier request asked for, if any.
+    ///
+    /// - A backfill or resync that ended since the need was seen makes the request stale (the
+    ///   need, if it remains, shows again at the next catch-up) — except a rollback report from
+    ///   a peer that served no resync after the rollback: each reporting peer may have heard
+    ///   more of this copy's own rows, so none of their reports is dropped.
+    /// - A rollback report from another peer while a rollback resync runs chains one more
+    ///   resync from that peer, after this one ([`Backfill::rolled_back_by`]).
+    /// - A backfill under way of the same or a larger scope covers the request.
+    /// - Otherwise a new plan starts ([`Backfill::resync`]).
+    pub fn on_resync_request(
+        &self,
+        request: &ResyncRequest,
+        served_rollback: bool,
+        preferred: Option<DeviceId>,
+    ) -> ResyncDecision {
+        let rollback = request.delete_missing && request.scope == Scope::Everything;
+        if request.completed < self.checkpoint.completed && (!rollback || served_rollback) {
+            return ResyncDecision::Stale;
+        }
+        let mut next = self.clone();
+        next.resync(request.scope, request.delete_missing);
+        let not_planned = self.checkpoint.peer.is_none();
+        let mut after = self.clone();
+        let chained = rollback
+            && request.from.is_some_and(|from| {
+                // A resync whose source is not chosen yet prefers the first reporter.
+                let first = not_planned && preferred.is_none_or(|p| p == from);
+                !first && after.rolled_back_by(from)
+            });
+        if chained {
+            return ResyncDecision::Chain(after);
+        }
+        if next.checkpoint == self.checkpoint {
+            return ResyncDecision::Covered { prefer: not_planned && preferred.is_none() };
+        }
+        ResyncDecision::Start(next)
     }
 
     /// Progress at `now_ms`.

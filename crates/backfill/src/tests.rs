@@ -519,6 +519,67 @@ fn rollbacks_reported_by_other_peers_during_a_rollback_resync_each_chain_one_mor
 }
 
 #[test]
+fn a_resync_request_is_stale_covered_chained_or_started() {
+    let (source, other) = (device(2), device(3));
+    let request = |scope, delete_missing, from, completed| ResyncRequest {
+        scope,
+        delete_missing,
+        from: Some(from),
+        completed,
+    };
+    let ready = Backfill::new(Checkpoint::ready());
+    let completed = ready.checkpoint().completed;
+    // A ready copy starts what is asked for.
+    let ResyncDecision::Start(shared) =
+        ready.on_resync_request(&request(Scope::Shared, false, source, completed), false, None)
+    else {
+        panic!("a shared resync of a ready copy starts");
+    };
+    assert_eq!(shared.checkpoint().scope, Scope::Shared);
+    assert!(!shared.is_ready());
+    // Asked again while it has no source yet: covered, and the first asker is preferred.
+    let again =
+        shared.on_resync_request(&request(Scope::Shared, false, other, completed), false, None);
+    assert!(matches!(again, ResyncDecision::Covered { prefer: true }));
+    let again = shared.on_resync_request(
+        &request(Scope::Shared, false, other, completed),
+        false,
+        Some(source),
+    );
+    assert!(matches!(again, ResyncDecision::Covered { prefer: false }));
+    // A full resync is larger than a shared one: it replaces it.
+    let full = request(Scope::Everything, true, source, completed);
+    let ResyncDecision::Start(mut rollback) = shared.on_resync_request(&full, false, None) else {
+        panic!("a rollback resync replaces a shared one");
+    };
+    // Another peer reports the rollback while it runs from the source: one more follows.
+    let theirs = watermarks(source, &[(device(5), 3)], &[(device(5), "entries", 7)]);
+    rollback.planned(source, &theirs, &models());
+    let reported = request(Scope::Everything, true, other, completed);
+    let ResyncDecision::Chain(chained) = rollback.on_resync_request(&reported, false, Some(source))
+    else {
+        panic!("a second reporter chains a resync");
+    };
+    assert_eq!(chained.checkpoint().resync_after, vec![other]);
+    // A need seen before a backfill ended is stale, unless it is a rollback report from a peer
+    // that served no resync after the rollback.
+    let mut done = Backfill::new(Checkpoint::ready());
+    done.resync(Scope::Shared, false);
+    done.planned(source, &theirs, &models());
+    while let Command::Fetch { .. } = done.next() {
+        done.page(&[], false, 0, 0);
+    }
+    done.caught_up();
+    assert!(done.is_ready());
+    let old = done.checkpoint().completed - 1;
+    let stale = done.on_resync_request(&request(Scope::Shared, false, source, old), false, None);
+    assert!(matches!(stale, ResyncDecision::Stale));
+    let report = request(Scope::Everything, true, other, old);
+    assert!(matches!(done.on_resync_request(&report, false, None), ResyncDecision::Start(_)));
+    assert!(matches!(done.on_resync_request(&report, true, None), ResyncDecision::Stale));
+}
+
+#[test]
 fn only_a_finished_full_backfill_that_brought_own_rows_back_asks_for_a_barrier() {
     let finished = |phase, scope, delete_missing, complete_before| {
         let mut checkpoint = Checkpoint::with_phase(phase, scope, delete_missing);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use lsync_backfill::{Backfill, Candidate, Command, Models, Scope, choose_peer};
+use lsync_backfill::{Backfill, Candidate, Command, Models, ResyncDecision, Scope, choose_peer};
 use lsync_hlc::DeviceId;
 use lsync_protocol::Watermarks;
 use lsync_store::Ownership;
@@ -388,49 +388,41 @@ impl Message for Resync {
 impl<T: Transport> Handler<Resync> for BackfillActor<T> {
     type Result = ();
     fn handle(&mut self, resync: Resync, ctx: &mut Self::Context) {
-        // A rollback report comes once per peer and incarnation (the copy recorded it): it is
-        // never dropped. Each reporting peer may have heard more of this copy's own rows.
-        let rollback = resync.delete_missing && resync.scope == Scope::Everything;
-        let served_it = resync.from.is_some_and(|from| self.rollback_sources.contains(&from));
-        if resync.completed < self.machine.checkpoint().completed && (!rollback || served_it) {
-            // A backfill or resync ended since the need was seen: the need, if it remains,
-            // shows again at the next catch-up. (The actor reads its mailbox only between
-            // backfills, so requests that several peers raised at once used to wait for the
-            // resync the first one started, then start one each.)
-            return;
-        }
-        let mut next = self.machine.clone();
-        next.resync(resync.scope, resync.delete_missing);
-        let not_planned = self.machine.checkpoint().peer.is_none();
-        let mut after = self.machine.clone();
-        let chained = rollback
-            && resync.from.is_some_and(|from| {
-                // A resync whose source is not chosen yet prefers the first reporter.
-                let preferred = not_planned && self.preferred.is_none_or(|p| p == from);
-                !preferred && after.rolled_back_by(from)
-            });
-        if next.checkpoint() == self.machine.checkpoint() && !chained {
-            // A backfill or resync under way covers it.
-            if not_planned && self.preferred.is_none() {
-                self.preferred = resync.from;
+        // The decision is `Backfill::on_resync_request`'s (the deterministic simulator takes
+        // the same one); this handler only persists what it chose.
+        let request = lsync_backfill::ResyncRequest {
+            scope: resync.scope,
+            delete_missing: resync.delete_missing,
+            from: resync.from,
+            completed: resync.completed,
+        };
+        let served = resync.from.is_some_and(|from| self.rollback_sources.contains(&from));
+        let decision = self.machine.on_resync_request(&request, served, self.preferred);
+        let next = match decision {
+            ResyncDecision::Stale => return,
+            ResyncDecision::Covered { prefer } => {
+                if prefer {
+                    self.preferred = resync.from;
+                }
+                return;
             }
-            return;
-        }
-        if self.busy {
-            // Retry once the step in flight ends (it may move the checkpoint).
-            ctx.run_later(Duration::from_millis(50), move |_, ctx| {
-                ctx.address().do_send(resync);
-            });
-            return;
-        }
-        if chained {
-            // A rollback resync runs from another peer: this one may have heard more of this
-            // copy's own rows; it serves the next resync, once this one ends.
-            tracing::warn!(from = ?resync.from, "rolled back, told again during the resync: another follows from that peer");
-            self.busy = true;
-            self.persist(ctx, after);
-            return;
-        }
+            ResyncDecision::Chain(_) | ResyncDecision::Start(_) if self.busy => {
+                // Retry once the step in flight ends (it may move the checkpoint).
+                ctx.run_later(Duration::from_millis(50), move |_, ctx| {
+                    ctx.address().do_send(resync);
+                });
+                return;
+            }
+            ResyncDecision::Chain(after) => {
+                // A rollback resync runs from another peer: this one may have heard more of
+                // this copy's own rows; it serves the next resync, once this one ends.
+                tracing::warn!(from = ?resync.from, "rolled back, told again during the resync: another follows from that peer");
+                self.busy = true;
+                self.persist(ctx, after);
+                return;
+            }
+            ResyncDecision::Start(next) => next,
+        };
         self.preferred = resync.from;
         // The peer that showed the need just answered: a failure of an earlier backfill (its
         // sync was off then) does not rule it out.
