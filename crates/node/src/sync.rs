@@ -512,16 +512,37 @@ async fn serve_inner(
             })
         }
         Message::StateCatchUpRequest(StateCatchUpRequest { owner, model, since, after, limit }) => {
-            let (columns, rows, more) = inner
+            // The collected mark and the rows are read in one transaction: a tombstone collected
+            // in between would be missing from the page without the refusal saying so.
+            let answer = inner
                 .db
                 .read(async |conn| {
-                    lsync_state_sync::sql::rows_since(
+                    let collected = lsync_watermark::sql::load_collected(conn).await?;
+                    if let Some(refusal) =
+                        lsync_watermark::refuse_rows_since(collected.get(owner, &model), since)
+                    {
+                        return Ok::<_, LibraryError>(Err(refusal));
+                    }
+                    Ok(Ok(lsync_state_sync::sql::rows_since(
                         conn, &registry, owner, &model, since, after, limit,
                     )
-                    .await
+                    .await?))
                 })
                 .await?;
-            Message::StatePage(StatePage { owner, model, columns, rows, more, estimated_total: 0 })
+            match answer {
+                Ok((columns, rows, more)) => Message::StatePage(StatePage {
+                    owner,
+                    model,
+                    columns,
+                    rows,
+                    more,
+                    estimated_total: 0,
+                }),
+                Err(refusal) => {
+                    tracing::debug!(%peer, %owner, %model, "a catch-up from below deletions this copy forgot: refused, the peer compares");
+                    Message::Error(refusal)
+                }
+            }
         }
         Message::BackfillRequest(request) => {
             let ahead = inner
@@ -662,10 +683,13 @@ pub(crate) async fn catch_up<T: Transport>(
                         limit,
                     });
                     tracing::trace!(%peer, ?after, "requesting a state page");
-                    let Message::StatePage(page) =
-                        transport.request(peer, request, timeout).await?
-                    else {
-                        return Err(CatchUpError::Unexpected("answer to StateCatchUpRequest"));
+                    let page = match transport.request(peer, request, timeout).await? {
+                        Message::StatePage(page) => page,
+                        // Refused: the peer may not serve rows now, or it forgot deletions
+                        // after this device's mark since it told its watermarks; the next ones
+                        // show it, and the next catch-up compares instead.
+                        Message::Error(error) => return Err(CatchUpError::Refused(error.message)),
+                        _ => return Err(CatchUpError::Unexpected("answer to StateCatchUpRequest")),
                     };
                     after = page
                         .rows
@@ -1436,6 +1460,78 @@ mod tests {
                 super::serve(&inner, peer, request(first.last().copied())).await.response,
             );
             assert_eq!(second.len(), 6, "the page read now, not the one read ahead (4 rows)");
+            library.close().await.unwrap();
+        });
+    }
+
+    #[test]
+    fn a_catch_up_from_below_deletions_this_copy_forgot_is_refused_not_served_without_them() {
+        actix::System::new().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let library = paired_library(dir.path()).await;
+            let (inner, me) = (library.inner.clone(), library.identity().device);
+            let written = entries(5);
+            let ids: Vec<Uuid> = written
+                .iter()
+                .map(|edit| match edit {
+                    RowEdit::Upsert { id, .. } => *id,
+                    _ => unreachable!(),
+                })
+                .collect();
+            library.write_rows("entries", written).await.unwrap();
+            let own_mark = async || {
+                super::own_watermarks(&inner)
+                    .await
+                    .unwrap()
+                    .state
+                    .iter()
+                    .find(|mark| mark.owner == me && mark.model == "entries")
+                    .map(|mark| mark.version)
+            };
+            // The peer's mark: before the delete.
+            let since = own_mark().await;
+            library.write_rows("entries", vec![RowEdit::Delete { id: ids[0] }]).await.unwrap();
+            let mark = own_mark().await.unwrap();
+            // Its tombstone is collected after the peer planned its catch-up (a retention cap
+            // passed, the peer left behind): the peer's watermarks said nothing was forgotten.
+            library
+                .with_transaction(async |conn| {
+                    let gc = lsync_state_sync::TombstoneGc {
+                        collect_through: vec![(me, "entries".to_owned(), mark)],
+                        resync: Vec::new(),
+                    };
+                    lsync_state_sync::sql::collect_tombstones(conn, &gc).await?;
+                    let forgotten = lsync_protocol::StateMark {
+                        owner: me,
+                        model: "entries".into(),
+                        version: mark,
+                    };
+                    lsync_watermark::sql::raise_collected(conn, &[forgotten]).await
+                })
+                .await
+                .unwrap();
+            let request = |since| {
+                Message::StateCatchUpRequest(lsync_protocol::StateCatchUpRequest {
+                    owner: me,
+                    model: "entries".into(),
+                    since,
+                    after: None,
+                    limit: 100,
+                })
+            };
+            // Served, the page would lack the delete and the peer would raise its mark over it,
+            // keeping the deleted row for good. Refused, it compares rows instead.
+            match super::serve(&inner, PEER, request(since)).await.response {
+                Message::Error(error) => {
+                    assert_eq!(error.code, lsync_protocol::ErrorCode::NotAvailable);
+                }
+                other => panic!("served a catch-up over a forgotten delete: {other:?}"),
+            }
+            // From the collected mark on nothing is missing: served.
+            assert!(
+                page_rows(super::serve(&inner, PEER, request(Some(mark))).await.response)
+                    .is_empty()
+            );
             library.close().await.unwrap();
         });
     }

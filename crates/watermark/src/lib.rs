@@ -188,6 +188,26 @@ pub fn refuse_rows(ready: bool) -> Option<lsync_protocol::ErrorMessage> {
     })
 }
 
+/// The answer to a catch-up request for rows of one (owner, model) changed after `since`, when
+/// this copy forgot deletions of it through `collected` (its collected mark now), or `None` when
+/// it answers. Rows changed after `since` cannot list deletions whose tombstones are gone: a
+/// requester whose mark lies below them would raise its mark over them and keep the deleted rows
+/// for good. Its watermarks said nothing was forgotten when it planned the catch-up (a retention
+/// cap passed, or the other peers acknowledged, since), so the request is refused; the next
+/// watermarks it gets show the collected mark, and it compares rows instead
+/// ([`CatchUpStep::Compare`]). The deterministic simulator found it (`--faults retention`).
+pub fn refuse_rows_since(
+    collected: Option<HlcTime>,
+    since: Option<HlcTime>,
+) -> Option<lsync_protocol::ErrorMessage> {
+    (collected > since).then(|| lsync_protocol::ErrorMessage {
+        code: lsync_protocol::ErrorCode::NotAvailable,
+        message: "deletions after the requested mark were forgotten here (their tombstones \
+                  collected): compare rows instead"
+            .into(),
+    })
+}
+
 /// What `mine` lacks of device-owned rows compared with `theirs`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StateNeed {
