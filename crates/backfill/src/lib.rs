@@ -503,17 +503,36 @@ impl Backfill {
     /// whether more follow, `estimated_total` is the peer's estimate for the step (0: no new
     /// estimate). Returns what
     /// the caller's transaction must do besides applying the rows; then persist the checkpoint.
+    ///
+    /// `forgotten`: the serving peer's collected mark for a state step's (owner, model) when it
+    /// read the page ([`lsync_protocol::StatePage::collected`]). Deletions it forgot after the
+    /// plan are missing from its pages without tombstones, so the step, when it ends, raises
+    /// this device's collected mark to the highest such mark (never above the step's own mark)
+    /// as well as to the one the plan's watermarks told.
     pub fn page(
         &mut self,
         keys: &[Uuid],
         more: bool,
         estimated_total: u64,
+        forgotten: Option<HlcTime>,
         now_ms: u64,
     ) -> PageOutcome {
         self.observe(now_ms);
         let mut outcome = PageOutcome::default();
         if self.checkpoint.phase != Phase::Backfilling {
             return outcome;
+        }
+        if let (Some(forgotten), Some(step)) =
+            (forgotten, self.checkpoint.steps.get(self.checkpoint.current))
+            && let StepKind::State { owner, model } = &step.kind
+        {
+            let marks = StateProgress::from_wire(&self.checkpoint.state_marks);
+            let capped = marks.get(*owner, model).map(|mark| mark.min(forgotten));
+            let mut collected = StateProgress::from_wire(&self.checkpoint.collected_marks);
+            if let Some(version) = capped {
+                collected.raise(*owner, model, version);
+                self.checkpoint.collected_marks = collected.to_wire();
+            }
         }
         if self.run_start.is_none() {
             let done = self.checkpoint.steps.iter().map(|step| step.done).sum();

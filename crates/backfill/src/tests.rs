@@ -108,23 +108,23 @@ fn planning_with_nothing_to_fetch_goes_straight_to_catching_up() {
 #[test]
 fn pages_advance_the_cursor_and_marks_rise_only_when_a_step_ends() {
     let mut backfill = planned();
-    let outcome = backfill.page(&[key(1), key(2)], true, 3, 10);
+    let outcome = backfill.page(&[key(1), key(2)], true, 3, None, 10);
     assert!(!outcome.step_done && outcome.raise_shared.is_empty());
     assert_eq!(backfill.checkpoint().cursor, Some(key(2)));
     // The last page of the only shared step raises the shared marks.
-    let outcome = backfill.page(&[key(3)], false, 3, 20);
+    let outcome = backfill.page(&[key(3)], false, 3, None, 20);
     assert!(outcome.step_done);
     assert_eq!(outcome.raise_shared, vec![OriginSeq { origin: device(2), seq: 10 }]);
     assert_eq!(backfill.checkpoint().current, 1);
     assert_eq!(backfill.checkpoint().cursor, None);
     // locations: one empty page ends it and raises its mark.
-    let outcome = backfill.page(&[], false, 0, 30);
+    let outcome = backfill.page(&[], false, 0, None, 30);
     assert_eq!(
         outcome.raise_state,
         vec![StateMark { owner: device(2), model: "locations".into(), version: time(400) }]
     );
     // entries: the last step; its end moves to CatchingUp.
-    let outcome = backfill.page(&[key(7)], false, 1, 40);
+    let outcome = backfill.page(&[key(7)], false, 1, None, 40);
     assert_eq!(outcome.raise_state[0].version, time(500));
     assert_eq!(backfill.phase(), Phase::CatchingUp);
     backfill.caught_up();
@@ -136,7 +136,7 @@ fn pages_advance_the_cursor_and_marks_rise_only_when_a_step_ends() {
 #[test]
 fn a_restart_resumes_from_the_checkpoint() {
     let mut backfill = planned();
-    backfill.page(&[key(1), key(2)], true, 10, 10);
+    backfill.page(&[key(1), key(2)], true, 10, None, 10);
     let stored = backfill.checkpoint().clone();
     let resumed = Backfill::new(stored);
     assert_eq!(
@@ -153,7 +153,7 @@ fn a_restart_resumes_from_the_checkpoint() {
 #[test]
 fn losing_the_serving_peer_requires_a_rebase_to_the_lower_marks() {
     let mut backfill = planned();
-    backfill.page(&[key(1)], true, 10, 10);
+    backfill.page(&[key(1)], true, 10, None, 10);
     backfill.peer_lost(device(1));
     assert_eq!(backfill.next(), Command::Rebase);
     // Peer 3 holds less of origin 2 and of entries, and nothing of locations.
@@ -214,7 +214,7 @@ fn pausing_before_the_plan_stops_planning_and_resuming_plans() {
 #[test]
 fn pausing_stops_fetching_and_resuming_continues_after_the_cursor() {
     let mut backfill = planned();
-    backfill.page(&[key(1), key(2)], true, 10, 10);
+    backfill.page(&[key(1), key(2)], true, 10, None, 10);
     let resumed = Command::Fetch {
         peer: device(1),
         step: StepKind::Shared { model: "tags".into() },
@@ -226,7 +226,7 @@ fn pausing_stops_fetching_and_resuming_continues_after_the_cursor() {
 #[test]
 fn pausing_while_the_serving_peer_is_gone_waits_and_resuming_rebases() {
     let mut backfill = planned();
-    backfill.page(&[key(1)], true, 10, 10);
+    backfill.page(&[key(1)], true, 10, None, 10);
     backfill.peer_lost(device(1));
     pause_and_resume(backfill, Phase::Backfilling, Phase::Paused, Command::Rebase);
 }
@@ -234,9 +234,9 @@ fn pausing_while_the_serving_peer_is_gone_waits_and_resuming_rebases() {
 #[test]
 fn pausing_while_catching_up_stops_it_and_resuming_catches_up() {
     let mut backfill = planned();
-    backfill.page(&[key(1)], false, 1, 10);
-    backfill.page(&[], false, 0, 20);
-    backfill.page(&[key(7)], false, 1, 30);
+    backfill.page(&[key(1)], false, 1, None, 10);
+    backfill.page(&[], false, 0, None, 20);
+    backfill.page(&[key(7)], false, 1, None, 30);
     let resumed = Command::CatchUp { peer: Some(device(1)) };
     pause_and_resume(backfill, Phase::CatchingUp, Phase::Paused, resumed);
 }
@@ -273,7 +273,7 @@ fn results_that_arrive_while_paused_are_kept_and_nothing_follows_until_resume() 
     assert_eq!(backfill.phase(), Phase::Paused);
     assert_eq!(backfill.next(), Command::Idle);
     // A page fetched before the pause.
-    backfill.page(&[key(1)], true, 10, 10);
+    backfill.page(&[key(1)], true, 10, None, 10);
     assert_eq!(backfill.checkpoint().cursor, Some(key(1)));
     assert_eq!(backfill.next(), Command::Idle);
     backfill.resume();
@@ -304,9 +304,9 @@ fn a_full_resync_deletes_what_the_peer_no_longer_holds_range_by_range() {
     backfill.resync(Scope::Everything, true);
     let theirs = watermarks(device(1), &[], &[(device(2), "entries", 500)]);
     backfill.planned(device(1), &theirs, &Models { shared: vec![], state: vec!["entries".into()] });
-    let outcome = backfill.page(&[key(1), key(4)], true, 5, 1);
+    let outcome = backfill.page(&[key(1), key(4)], true, 5, None, 1);
     assert_eq!(outcome.delete_missing, Some((None, Some(key(4)))));
-    let outcome = backfill.page(&[key(6)], false, 5, 2);
+    let outcome = backfill.page(&[key(6)], false, 5, None, 2);
     assert_eq!(outcome.delete_missing, Some((Some(key(4)), None)));
 }
 
@@ -326,7 +326,7 @@ fn a_resyncing_copy_that_was_complete_serves_backfills_and_a_joiner_does_not() {
         assert_eq!(backfill.serves(), !delete_missing, "{scope:?}");
         let theirs = watermarks(device(1), &[(device(2), 10)], &[(device(2), "entries", 500)]);
         backfill.planned(device(1), &theirs, &models());
-        backfill.page(&[key(1)], true, 10, 10);
+        backfill.page(&[key(1)], true, 10, None, 10);
         let restarted = Backfill::new(backfill.checkpoint().clone());
         assert_eq!(restarted.serves(), !delete_missing, "{scope:?} after a restart");
     }
@@ -341,7 +341,7 @@ fn a_resyncing_copy_that_was_complete_serves_backfills_and_a_joiner_does_not() {
 #[test]
 fn a_resync_during_a_larger_backfill_changes_nothing() {
     let mut backfill = planned();
-    backfill.page(&[key(1)], true, 10, 10);
+    backfill.page(&[key(1)], true, 10, None, 10);
     let before = backfill.checkpoint().clone();
     backfill.resync(Scope::Shared, false);
     assert_eq!(backfill.checkpoint(), &before);
@@ -350,8 +350,8 @@ fn a_resync_during_a_larger_backfill_changes_nothing() {
 #[test]
 fn progress_reports_rate_and_eta() {
     let mut backfill = planned();
-    backfill.page(&[key(1)], true, 101, 1_000);
-    backfill.page(&(2..=51).map(key).collect::<Vec<_>>(), true, 101, 2_000);
+    backfill.page(&[key(1)], true, 101, None, 1_000);
+    backfill.page(&(2..=51).map(key).collect::<Vec<_>>(), true, 101, None, 2_000);
     let progress = backfill.progress(2_000);
     assert_eq!(progress.done, 51);
     assert_eq!(progress.total, 101);
@@ -440,7 +440,7 @@ proptest! {
                 .collect();
             let more = held[index].iter().filter(|key| after.is_none_or(|after| **key > after)).count() > keys.len();
             now += 1;
-            let outcome = backfill.page(&keys, more, held[index].len() as u64, now);
+            let outcome = backfill.page(&keys, more, held[index].len() as u64, None, now);
             applied[index].extend(&keys);
             raised += outcome.raise_state.len() + usize::from(!outcome.raise_shared.is_empty());
             if restarts.next() == Some(true) {
@@ -464,7 +464,7 @@ fn a_state_step_inherits_the_serving_peers_collected_marks_the_higher_after_a_re
         ..watermarks(device(1), &[], &[(device(2), "entries", 500)])
     };
     backfill.planned(device(1), &theirs, &models());
-    assert!(backfill.page(&[], false, 0, 10).raise_collected.is_empty(), "the shared step");
+    assert!(backfill.page(&[], false, 0, None, 10).raise_collected.is_empty(), "the shared step");
     // The serving peer goes; the next one forgot more of entries@2.
     backfill.peer_lost(device(1));
     let next = Watermarks {
@@ -472,7 +472,7 @@ fn a_state_step_inherits_the_serving_peers_collected_marks_the_higher_after_a_re
         ..watermarks(device(3), &[], &[(device(2), "entries", 450)])
     };
     backfill.rebased(device(3), &next);
-    let outcome = backfill.page(&[key(1)], false, 0, 10);
+    let outcome = backfill.page(&[key(1)], false, 0, None, 10);
     assert!(outcome.step_done);
     assert_eq!(outcome.raise_state, [mark(device(2), "entries", 450)]);
     assert_eq!(
@@ -497,7 +497,7 @@ fn rollbacks_reported_by_other_peers_during_a_rollback_resync_each_chain_one_mor
     assert_eq!(machine.checkpoint().resync_after, vec![other, third]);
     let finish = |machine: &mut Backfill| {
         while let Command::Fetch { .. } = machine.next() {
-            machine.page(&[], false, 0, 0);
+            machine.page(&[], false, 0, None, 0);
         }
         machine.caught_up();
     };
@@ -567,7 +567,7 @@ fn a_resync_request_is_stale_covered_chained_or_started() {
     done.resync(Scope::Shared, false);
     done.planned(source, &theirs, &models());
     while let Command::Fetch { .. } = done.next() {
-        done.page(&[], false, 0, 0);
+        done.page(&[], false, 0, None, 0);
     }
     done.caught_up();
     assert!(done.is_ready());

@@ -219,9 +219,14 @@ pub(crate) struct LibraryInner {
     pub(crate) backfill: std::sync::Mutex<Option<BackfillProgress>>,
     /// Backfill pages read ahead for peers backfilling from this device.
     pub(crate) read_ahead: std::sync::Mutex<HashMap<DeviceId, crate::sync::ReadAhead>>,
-    /// Held for the whole of a row comparison with a peer: two at once (one peer actor each)
-    /// could interleave, one deleting what the other's newer view had just brought.
-    pub(crate) comparing: Mutex<()>,
+    /// Written for the whole of a row comparison with a peer, read for the whole of a catch-up
+    /// of rows by version: a comparison runs alone. Two at once (one peer actor each) could
+    /// interleave, one deleting what the other's newer view had just brought; and rows a
+    /// catch-up from another peer brings in the middle of a comparison are that peer's view,
+    /// which may hold a row the compared peer deleted and forgot (the comparison had passed its
+    /// key, then raised the mark over the deletion; found by the deterministic mode with
+    /// `--faults retention,offline`).
+    pub(crate) comparing: tokio::sync::RwLock<()>,
     /// After a backfill that brought this device's own rows back from a peer
     /// (`Checkpoint::brought_back_own_rows`): the paired peers that have not yet told, without
     /// showing another rollback, what they heard of this copy. Empty: the barrier is set.
@@ -382,7 +387,7 @@ impl Library {
             backfills_completed: std::sync::atomic::AtomicU64::new(completed),
             backfill: std::sync::Mutex::new(progress),
             read_ahead: std::sync::Mutex::new(HashMap::new()),
-            comparing: Mutex::new(()),
+            comparing: tokio::sync::RwLock::new(()),
             barrier_pending: std::sync::Mutex::new(None),
             clock_offsets: std::sync::Mutex::new(HashMap::new()),
             compared: std::sync::Mutex::new(HashMap::new()),

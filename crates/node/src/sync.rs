@@ -372,6 +372,8 @@ struct KeyPage {
     rows: Vec<lsync_protocol::StateRow>,
     more: bool,
     total: u64,
+    /// This device's collected mark for the (owner, model), read with the rows.
+    collected: Option<HlcTime>,
 }
 
 async fn read_backfill_page(
@@ -391,7 +393,8 @@ async fn read_backfill_page(
                 None => lsync_state_sync::sql::count_rows(conn, &registry, *owner, model).await?,
                 Some(_) => 0,
             };
-            Ok::<_, LibraryError>(KeyPage { columns, rows, more, total })
+            let collected = lsync_watermark::sql::load_collected(conn).await?.get(*owner, model);
+            Ok::<_, LibraryError>(KeyPage { columns, rows, more, total, collected })
         })
         .await
 }
@@ -537,6 +540,8 @@ async fn serve_inner(
                     rows,
                     more,
                     estimated_total: 0,
+                    // Not above `since` (refused otherwise), so it adds nothing to the request.
+                    collected: None,
                 }),
                 Err(refusal) => {
                     tracing::debug!(%peer, %owner, %model, "a catch-up from below deletions this copy forgot: refused, the peer compares");
@@ -579,6 +584,7 @@ async fn serve_inner(
                 rows: page.rows,
                 more: page.more,
                 estimated_total: page.total,
+                collected: page.collected,
             })
         }
         Message::SharedSnapshotRequest(SharedSnapshotRequest { model, after, limit }) => {
@@ -673,6 +679,8 @@ pub(crate) async fn catch_up<T: Transport>(
                     .insert(key, Instant::now());
             }
             CatchUpStep::Rows { owner, model, since, target } => {
+                // Never in the middle of a comparison (see `LibraryInner::comparing`).
+                let _rows = inner.comparing.read().await;
                 let mut after: Option<StateCursor> = None;
                 loop {
                     let request = Message::StateCatchUpRequest(StateCatchUpRequest {
@@ -763,7 +771,7 @@ async fn compare_rows<T: Transport>(
     let model = model.to_owned();
     // One comparison at a time; one that another made needless (this device's mark reached
     // the peer's collected mark meanwhile: what called for it no longer holds) is skipped.
-    let _comparing = inner.comparing.lock().await;
+    let _comparing = inner.comparing.write().await;
     let mark = inner
         .db
         .read(async |conn| lsync_watermark::sql::state_mark(conn, owner, &model).await)
@@ -775,6 +783,10 @@ async fn compare_rows<T: Transport>(
     metrics::counter!("lsync_row_comparisons_total").increment(1);
     let mut after: Option<uuid::Uuid> = None;
     let mut pulled = false;
+    // What this copy cannot list deletions of once the comparison ends: what the peer told it
+    // forgot, and what it forgot while serving the pages (deletions missing from them without
+    // tombstones), never above the mark the comparison raises.
+    let mut forgotten = forgotten;
     loop {
         let request = Message::BackfillRequest(BackfillRequest {
             owner,
@@ -792,6 +804,9 @@ async fn compare_rows<T: Transport>(
         let more = page.more && last.is_some();
         let through = if more { last } else { None };
         pulled |= !page.rows.is_empty();
+        if let Some(collected) = page.collected {
+            forgotten = forgotten.max(collected.min(target));
+        }
         let (upserted, deleted, projection) = inner
             .db
             .write(async |conn| {
@@ -882,6 +897,15 @@ impl BackfillPage {
         match self {
             BackfillPage::State(page) => page.rows.iter().map(|row| row.id).collect(),
             BackfillPage::Shared(page) => page.records.iter().map(|record| record.id).collect(),
+        }
+    }
+
+    /// The serving peer's collected mark when it read a page of rows
+    /// ([`StatePage::collected`]).
+    pub(crate) fn forgotten(&self) -> Option<HlcTime> {
+        match self {
+            BackfillPage::State(page) => page.collected,
+            BackfillPage::Shared(_) => None,
         }
     }
 

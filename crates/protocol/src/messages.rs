@@ -249,6 +249,13 @@ pub struct StatePage {
     /// The responder's estimate of all rows of the request (for progress and ETA).
     #[serde(default)]
     pub estimated_total: u64,
+    /// The responder's collected-deletion mark for (owner, model) when it read the page
+    /// (optional): deletions at or below it may be missing from the page without a tombstone.
+    /// A backfill step or a comparison raises the requester's own collected mark to it (capped
+    /// at the mark it raises), since the requester's copy cannot list those deletions either.
+    /// Absent from older peers: the collected mark their watermarks told stands in.
+    #[serde(default)]
+    pub collected: Option<HlcTime>,
 }
 
 /// Asks for the merged state of a shared model's records in primary-key order: backfill of shared

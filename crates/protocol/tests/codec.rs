@@ -164,11 +164,27 @@ fn message() -> impl Strategy<Value = Message> {
                     limit,
                 })
             }),
-        (device(), name(), columns_and_rows(), any::<bool>(), any::<u64>()).prop_map(
-            |(owner, model, (columns, rows), more, estimated_total)| {
-                Message::StatePage(StatePage { owner, model, columns, rows, more, estimated_total })
-            }
-        ),
+        (
+            device(),
+            name(),
+            columns_and_rows(),
+            any::<bool>(),
+            any::<u64>(),
+            prop::option::of(time())
+        )
+            .prop_map(
+                |(owner, model, (columns, rows), more, estimated_total, collected)| {
+                    Message::StatePage(StatePage {
+                        owner,
+                        model,
+                        columns,
+                        rows,
+                        more,
+                        estimated_total,
+                        collected,
+                    })
+                }
+            ),
         (device(), name(), prop::option::of(uuid()), limit()).prop_map(
             |(owner, model, after, limit)| Message::BackfillRequest(BackfillRequest {
                 owner,

@@ -66,12 +66,11 @@ impl Faults {
 
     /// The faults the deterministic mode models (the others need the real engine's files,
     /// transport or resyncs, which it does not simulate yet).
-    pub const DETERMINISTIC: Faults =
-        Faults { restore: false, recreate: false, retention: false, ..Faults::ALL };
+    pub const DETERMINISTIC: Faults = Faults { restore: false, recreate: false, ..Faults::ALL };
 
     /// These faults without the ones the deterministic mode does not model.
     pub fn deterministic_part(self) -> Faults {
-        Faults { restore: false, recreate: false, retention: false, ..self }
+        Faults { restore: false, recreate: false, ..self }
     }
 
     fn flag(&mut self, name: &str) -> Option<&mut bool> {

@@ -240,9 +240,10 @@ pub fn state_needs(
         })
         .map(|(owner, model, _)| {
             let since = mine.get(owner, model);
-            let compare = since.is_some_and(|since| {
-                their_collected.get(owner, model).is_some_and(|forgotten| forgotten > since)
-            });
+            // Without a mark (`None`) this device may still hold rows of the owner (applied from
+            // a live batch across a gap): rows changed since "the start" cannot tell it which of
+            // them the peer forgot the deletion of either.
+            let compare = their_collected.get(owner, model) > since;
             StateNeed { owner, model: model.to_owned(), since, compare }
         })
         .collect()
@@ -520,12 +521,13 @@ mod tests {
         theirs.raise(device(1), "entries", t(20));
         theirs.raise(device(2), "entries", t(20));
         let mut collected = StateProgress::default();
-        // Forgotten above my mark: compare. Nothing held here of device 2: take all, no compare.
+        // Forgotten above my mark: compare. No mark here of device 2 (rows of it may still be
+        // held, applied from a live batch across a gap): compare too.
         collected.raise(device(1), "entries", t(11));
         collected.raise(device(2), "entries", t(15));
         let needs = state_needs(&mine, &theirs, &collected);
         assert!(needs.iter().any(|need| need.owner == device(1) && need.compare));
-        assert!(needs.iter().any(|need| need.owner == device(2) && !need.compare));
+        assert!(needs.iter().any(|need| need.owner == device(2) && need.compare));
         // Forgotten only at or below my mark: a catch-up by version misses nothing.
         let mut collected = StateProgress::default();
         collected.raise(device(1), "entries", t(10));
@@ -567,6 +569,15 @@ mod tests {
             matches!(&plan[1], CatchUpStep::Rows { owner, since: None, .. } if *owner == device(2))
         );
         assert_eq!(plan[2], CatchUpStep::Shared { origins: vec![device(1)] });
+        // Without a mark this device may still hold rows of the owner (from a live batch across
+        // a gap): a peer that forgot deletions makes it compare too, and refuses rows since
+        // "the start", as it refuses them since any mark below what it forgot.
+        let plan = catch_up_plan(&mine_shared, &StateProgress::default(), &theirs);
+        assert!(matches!(&plan[0], CatchUpStep::Compare { owner, .. } if *owner == device(1)));
+        assert!(refuse_rows_since(Some(t(15)), None).is_some());
+        assert!(refuse_rows_since(Some(t(15)), Some(t(10))).is_some());
+        assert!(refuse_rows_since(Some(t(15)), Some(t(15))).is_none());
+        assert!(refuse_rows_since(None, None).is_none());
     }
 
     #[test]

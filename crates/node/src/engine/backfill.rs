@@ -193,7 +193,7 @@ impl<T: Transport> BackfillActor<T> {
                         let keys = page.keys();
                         let (more, total) = page.more_and_total();
                         let mut next = actor.machine.clone();
-                        let outcome = next.page(&keys, more, total, now_ms());
+                        let outcome = next.page(&keys, more, total, page.forgotten(), now_ms());
                         // Ask for the next page now: the peer reads it and the network carries
                         // it while this one is written. At most two pages are in memory.
                         let following = next.next();

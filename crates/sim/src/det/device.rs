@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 use std::time::{Duration, Instant};
 
-use lsync_backfill::{Checkpoint, Phase};
+use lsync_backfill::{Checkpoint, Phase, ResyncRequest, Scope};
 use lsync_hlc::{DeviceId, Hlc, HlcConfig, HlcState, HlcTime, Resume};
 use lsync_node::core::batcher::{Batcher, Flush};
 use lsync_node::core::retry::{Coverage, RetryQueue};
@@ -74,6 +74,12 @@ pub(super) mod tuning {
     /// First delay after a failed backfill request, doubled per failure in a row up to
     /// [`BACKFILL_BACKOFF_MAX`] (the engine's: 100 ms doubling up to `retry_max`).
     pub(in crate::det) const BACKFILL_BACKOFF: Duration = Duration::from_millis(25);
+    /// The log entries kept per origin with the `retention` fault (engine default 100,000; the
+    /// real mode's 200): a device away for a few hundred milliseconds is left behind.
+    pub(in crate::det) const RETENTION_ENTRIES: u64 = 12;
+    /// How long a tombstone is kept with the `retention` fault (engine default 30 days; the
+    /// real mode's 2 s), by its version's wall time on this device's clock.
+    pub(in crate::det) const TOMBSTONE_RETENTION_MS: u64 = 400;
     /// The longest delay between backfill attempts.
     pub(in crate::det) const BACKFILL_BACKOFF_MAX: Duration = Duration::from_millis(400);
 
@@ -154,6 +160,9 @@ pub(super) struct Durable {
     pub(super) state_acks: BTreeMap<DeviceId, StateProgress>,
     /// Per origin, the log was pruned through this sequence number.
     pub(super) pruned: BTreeMap<DeviceId, u64>,
+    /// Peers a retention cap left behind (the engine's `sync_peers.needs_resync`): not counted
+    /// for pruning until they acknowledged everything this copy no longer keeps.
+    pub(super) left_behind: BTreeSet<DeviceId>,
     /// Per origin, the changes a backfill's snapshot pages covered (the shared marks raised when
     /// its last shared step ended): never held in the log here.
     pub(super) snapshot_base: BTreeMap<DeviceId, u64>,
@@ -207,8 +216,23 @@ struct Pull {
     deadline: Duration,
     current: PullStep,
     rest: Vec<PullStep>,
+    /// Where it comes from and what it found so far.
+    meta: PullMeta,
+    /// No request is out: the step waits for another pull's step over rows to end (the
+    /// engine's `LibraryInner::comparing` lock, see [`Device::rows_busy`]).
+    waiting: bool,
+}
+
+/// What a catch-up carries from page to page.
+#[derive(Debug, Clone, Copy)]
+struct PullMeta {
     /// The catch-up that ends a backfill (`Command::CatchUp`): its end makes the copy ready.
     for_backfill: bool,
+    /// Backfills completed when it started: a resync it asks for is stale once one ended since.
+    completed: u64,
+    /// The peer reported changes this device lacks as pruned: at the end, a resync of the
+    /// shared records from snapshots is asked for (as the engine's peer actor does).
+    pruned: bool,
 }
 
 /// What the engine holds in memory: a crash loses it.
@@ -245,6 +269,9 @@ pub(super) struct Ctx<'a> {
     pub(super) devices: &'a [DeviceId],
     /// Counters.
     pub(super) stats: &'a mut Stats,
+    /// Whether retention caps are small (`retention`): logs and tombstones go before every
+    /// peer had them, and the peers left behind catch up from snapshots and comparisons.
+    pub(super) retention: bool,
 }
 
 impl Ctx<'_> {
@@ -313,6 +340,8 @@ pub struct Stats {
     /// Received rows at or below the receiver's mark that it did not hold: deleted rows whose
     /// tombstone was collected, arriving late; not applied.
     pub late_rows_refused: u64,
+    /// Resyncs started on a copy (a peer pruned changes it lacked: `retention`).
+    pub resyncs: u64,
     /// Wall clocks jumped a year ahead (`clock-jump`).
     pub clock_jumps: u64,
     /// Devices that stopped reading for a while (`stall`).
@@ -341,6 +370,7 @@ impl Stats {
             unavailable,
             tombstones_collected,
             late_rows_refused,
+            resyncs,
             clock_jumps,
             stalls,
         } = *other;
@@ -362,6 +392,7 @@ impl Stats {
         self.unavailable += unavailable;
         self.tombstones_collected += tombstones_collected;
         self.late_rows_refused += late_rows_refused;
+        self.resyncs += resyncs;
         self.clock_jumps += clock_jumps;
         self.stalls += stalls;
     }
@@ -576,6 +607,7 @@ impl Device {
         self.heartbeat_if_due(ctx, connected);
         self.prune_if_due(ctx);
         self.expire_pulls(ctx);
+        self.resume_waiting_pulls(ctx);
     }
 
     /// Sends one flush to every connected peer and waits for their acks.
@@ -696,17 +728,28 @@ impl Device {
             .devices
             .iter()
             .filter(|device| **device != self.id)
-            .map(|device| PrunePeer { device: *device, needs_resync: false })
+            .map(|device| PrunePeer {
+                device: *device,
+                needs_resync: self.durable.left_behind.contains(device),
+            })
             .collect();
-        // No retention cap: a simulated run is far shorter than any cap, and the cap's forced
-        // prunes are checked by the peer-log unit tests.
-        let policy = RetentionPolicy { max_age: Duration::MAX, max_entries_per_origin: u64::MAX };
+        // Without the retention fault no cap: a simulated run is far shorter than any cap.
+        let policy = if ctx.retention {
+            RetentionPolicy {
+                max_age: Duration::MAX,
+                max_entries_per_origin: tuning::RETENTION_ENTRIES,
+            }
+        } else {
+            RetentionPolicy { max_age: Duration::MAX, max_entries_per_origin: u64::MAX }
+        };
         let plan = plan_prune(&logs, &self.durable.shared, &peers, &self.durable.acks, &policy);
         for through in plan.prune_through {
             for peer in &peers {
                 let acked =
                     self.durable.acks.get(&peer.device).map_or(0, |acks| acks.get(through.origin));
-                if through.seq > acked {
+                // Only a retention cap prunes what a peer lacks, and the peer is left behind.
+                let left = peer.needs_resync || plan.resync.contains(&peer.device);
+                if through.seq > acked && !left {
                     ctx.fail(format!(
                         "{} prunes {} through {}; {} acked only {acked}",
                         self.id, through.origin, through.seq, peer.device
@@ -722,6 +765,7 @@ impl Device {
             *pruned = (*pruned).max(through.seq);
             ctx.trace.record(Event::Prune, &[ident(self.id), ident(through.origin), through.seq]);
         }
+        self.durable.left_behind.extend(plan.resync.iter().copied());
         self.collect_tombstones(ctx, &peers);
     }
 
@@ -733,16 +777,29 @@ impl Device {
             let slot = newest.entry(held.owner).or_insert(held.version);
             *slot = (*slot).max(held.version);
         }
+        // With the retention fault, tombstones older than the cap go whoever lacks them (their
+        // age by the version's wall time on this device's clock; the engine's by when it stored
+        // them).
+        let cutoff = self.wall_ms(ctx.now).saturating_sub(tuning::TOMBSTONE_RETENTION_MS);
+        let mut aged: BTreeMap<DeviceId, HlcTime> = BTreeMap::new();
+        for held in self.durable.rows.values().filter(|held| held.value.is_none()) {
+            if ctx.retention && held.version.physical_ms() < cutoff {
+                let slot = aged.entry(held.owner).or_insert(held.version);
+                *slot = (*slot).max(held.version);
+            }
+        }
         let groups: Vec<TombstoneGroup> = newest
             .into_iter()
             .map(|(owner, newest)| TombstoneGroup {
                 owner,
                 model: STATE_MODEL.to_owned(),
                 newest,
-                aged_newest: None,
+                aged_newest: aged.get(&owner).copied(),
             })
             .collect();
-        let peers: Vec<(DeviceId, bool)> = peers.iter().map(|peer| (peer.device, false)).collect();
+        let left_behind = &self.durable.left_behind;
+        let peers: Vec<(DeviceId, bool)> =
+            peers.iter().map(|peer| (peer.device, left_behind.contains(&peer.device))).collect();
         // Never above this device's own mark (the core caps it there): above it a late row could
         // still be older than a tombstone this device holds, and only the tombstone says it is dead.
         let gc = plan_tombstone_gc(&groups, &peers, &self.durable.state_acks, &self.durable.state);
@@ -754,6 +811,75 @@ impl Device {
             });
             ctx.stats.tombstones_collected +=
                 u64::try_from(before - self.durable.rows.len()).unwrap_or(0);
+        }
+        self.durable.left_behind.extend(gc.resync.iter().copied());
+        // A peer left behind counts again once it acknowledged everything this copy no longer
+        // keeps, as the engine's pruner decides (`watermark::caught_up_again`).
+        let mut pruned_through = SharedProgress::default();
+        for (origin, seq) in self.durable.shared.iter() {
+            let first_held = self
+                .durable
+                .log
+                .range((origin, 0)..=(origin, u64::MAX))
+                .next()
+                .map(|(key, _)| key.1);
+            pruned_through.raise(origin, first_held.map_or(seq, |first| first.saturating_sub(1)));
+        }
+        let again: Vec<DeviceId> = self
+            .durable
+            .left_behind
+            .iter()
+            .copied()
+            .filter(|device| !gc.resync.contains(device))
+            .filter(|device| {
+                let shared = self.durable.acks.get(device).cloned().unwrap_or_default();
+                let state = self.durable.state_acks.get(device).cloned().unwrap_or_default();
+                lsync_watermark::caught_up_again(
+                    &shared,
+                    &state,
+                    &pruned_through,
+                    &self.durable.collected,
+                )
+            })
+            .collect();
+        for device in again {
+            self.durable.left_behind.remove(&device);
+        }
+    }
+
+    /// Whether a step over rows of another pull than `peer`'s keeps `step` from starting, as the
+    /// engine's `comparing` lock does: a comparison runs alone (written), catch-ups of rows by
+    /// version run together (read). Shared steps take no part.
+    fn rows_busy(&self, peer: DeviceId, step: &PullStep) -> bool {
+        let Some(volatile) = self.volatile.as_ref() else { return false };
+        let mut others = volatile
+            .pulls
+            .iter()
+            .filter(|(other, pull)| **other != peer && !pull.waiting)
+            .map(|(_, pull)| &pull.current);
+        match step {
+            PullStep::Shared { .. } => false,
+            PullStep::State { .. } => others.any(|other| matches!(other, PullStep::Compare { .. })),
+            PullStep::Compare { .. } => others
+                .any(|other| matches!(other, PullStep::State { .. } | PullStep::Compare { .. })),
+        }
+    }
+
+    /// Starts the steps that waited for another pull's step over rows, once it ended.
+    fn resume_waiting_pulls(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(volatile) = self.volatile.as_ref() else { return };
+        let waiting: Vec<DeviceId> =
+            volatile.pulls.iter().filter(|(_, pull)| pull.waiting).map(|(peer, _)| *peer).collect();
+        for peer in waiting {
+            let Some(volatile) = self.volatile.as_mut() else { return };
+            let Some(pull) = volatile.pulls.remove(&peer) else { continue };
+            if self.rows_busy(peer, &pull.current) {
+                if let Some(volatile) = self.volatile.as_mut() {
+                    volatile.pulls.insert(peer, pull);
+                }
+                continue;
+            }
+            self.send_pull(ctx, peer, pull.current, pull.rest, pull.meta);
         }
     }
 
@@ -894,7 +1020,11 @@ impl Device {
             .rows
             .range((lower, upper))
             .filter(|(id, held)| {
-                held.owner == owner && held.version <= peer_mark && !keys.contains(id)
+                // Live rows only, as the engine's (its tombstones are kept: they still win).
+                held.value.is_some()
+                    && held.owner == owner
+                    && held.version <= peer_mark
+                    && !keys.contains(id)
             })
             .map(|(id, _)| *id)
             .collect();
@@ -981,7 +1111,9 @@ impl Device {
                 .collect();
         let mut steps = steps.into_iter();
         let Some(first) = steps.next() else { return false };
-        self.send_pull(ctx, peer, first, steps.collect(), for_backfill);
+        let completed = self.durable.backfill.as_ref().map_or(0, |checkpoint| checkpoint.completed);
+        let meta = PullMeta { for_backfill, completed, pruned: false };
+        self.send_pull(ctx, peer, first, steps.collect(), meta);
         true
     }
 
@@ -991,7 +1123,7 @@ impl Device {
         peer: DeviceId,
         step: PullStep,
         rest: Vec<PullStep>,
-        for_backfill: bool,
+        meta: PullMeta,
     ) {
         let request = *ctx.next_request;
         *ctx.next_request += 1;
@@ -1025,10 +1157,16 @@ impl Device {
             }
         };
         let deadline = ctx.now + tuning::REQUEST_TIMEOUT;
+        let waiting = self.rows_busy(peer, &step);
         if let Some(volatile) = self.volatile.as_mut() {
             volatile
                 .pulls
-                .insert(peer, Pull { request, deadline, current: step, rest, for_backfill });
+                .insert(peer, Pull { request, deadline, current: step, rest, meta, waiting });
+        }
+        if waiting {
+            // Asked for once the other step ends (`resume_waiting_pulls`), or abandoned at the
+            // deadline like any pull.
+            return;
         }
         ctx.send(self.id, peer, Wire::Request(request, message));
     }
@@ -1051,11 +1189,12 @@ impl Device {
         if let Message::Error(_) = message {
             // Refused (the peer may not serve rows now): the catch-up ends, as the engine's
             // fails, and runs again on the next heartbeat that shows the peer ahead.
-            if pull.for_backfill {
+            if pull.meta.for_backfill {
                 self.backfill_failed(ctx, Some(from));
             }
             return;
         }
+        let mut meta = pull.meta;
         let next = match (pull.current, message) {
             (PullStep::Shared { origins }, Message::SharedCatchUpResponse(page)) => {
                 // An origin reported pruned is not available from this peer: either this device's
@@ -1069,6 +1208,7 @@ impl Device {
                     .map(|pruned| pruned.origin)
                     .collect();
                 ctx.stats.unavailable += u64::try_from(unavailable.len()).unwrap_or(0);
+                meta.pruned |= !page.pruned.is_empty();
                 self.apply_changes(ctx, &page.changes);
                 self.ack(ctx, from);
                 let origins: Vec<DeviceId> =
@@ -1090,7 +1230,16 @@ impl Device {
                     None
                 }
             }
-            (PullStep::Compare { owner, target, forgotten, after }, Message::StatePage(page)) => {
+            (
+                PullStep::Compare { owner, target, mut forgotten, after },
+                Message::StatePage(page),
+            ) => {
+                // What the peer forgot while serving (deletions missing from its pages without
+                // tombstones) is forgotten here too, up to the mark the comparison raises, as
+                // the engine's `compare_rows`.
+                if let Some(collected) = page.collected {
+                    forgotten = forgotten.max(collected.min(target));
+                }
                 // As the engine's `compare_rows`: apply the page, delete what the peer no longer
                 // holds in its key range at or below its mark; the last page raises the marks.
                 self.apply_rows(ctx, owner, &page.rows);
@@ -1114,9 +1263,19 @@ impl Device {
         };
         let mut rest = pull.rest.into_iter();
         if let Some(step) = next.or_else(|| rest.next()) {
-            self.send_pull(ctx, from, step, rest.collect(), pull.for_backfill);
-        } else if pull.for_backfill {
+            self.send_pull(ctx, from, step, rest.collect(), meta);
+        } else if meta.for_backfill {
             self.backfill_caught_up(ctx, from);
+        } else if meta.pruned {
+            // As the engine's peer actor after a catch-up whose peer pruned what this device
+            // lacks: the shared records come again from snapshots.
+            let request = ResyncRequest {
+                scope: Scope::Shared,
+                delete_missing: false,
+                from: Some(from),
+                completed: meta.completed,
+            };
+            self.request_resync(ctx, request);
         }
     }
 
@@ -1153,8 +1312,13 @@ impl Device {
         Message::SharedCatchUpResponse(SharedCatchUpResponse { changes, complete, pruned })
     }
 
-    /// Serves a page of `owner`'s rows above `since`, in (version, id) order after the cursor.
+    /// Serves a page of `owner`'s rows above `since`, in (version, id) order after the cursor;
+    /// refused when this copy forgot deletions above `since` ([`lsync_watermark::refuse_rows_since`]).
     fn serve_state(&self, request: &StateCatchUpRequest) -> Message {
+        let collected = self.durable.collected.get(request.owner, &request.model);
+        if let Some(refusal) = lsync_watermark::refuse_rows_since(collected, request.since) {
+            return Message::Error(refusal);
+        }
         let mut rows: Vec<StateRow> = self
             .durable
             .rows
@@ -1178,6 +1342,8 @@ impl Device {
             rows,
             more,
             estimated_total: 0,
+            // Not above `since` (refused otherwise).
+            collected: None,
         })
     }
 }

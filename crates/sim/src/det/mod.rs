@@ -120,8 +120,8 @@ struct Marks {
     backfill: Option<Checkpoint>,
 }
 
-/// A phase's place in a backfill's one-way progress (the simulator never resyncs a copy, so
-/// a checkpoint's phase never goes back).
+/// A phase's place in a backfill's one-way progress (within one backfill the phase never goes
+/// back; a resync starts a new one).
 fn phase_rank(phase: Phase) -> u8 {
     match phase {
         Phase::Uninitialized => 0,
@@ -148,7 +148,14 @@ fn check_checkpoint(
         }
         return;
     };
-    if let Some(before) = before {
+    // A resync starts a new backfill over a copy that was complete, or one of a larger scope
+    // over a running one: from there, the same rules.
+    let restarted = before.is_some_and(|before| {
+        now.phase == Phase::Uninitialized
+            && now.complete_before
+            && (before.phase != Phase::Uninitialized || before.scope != now.scope)
+    });
+    if let Some(before) = before.filter(|_| !restarted) {
         if phase_rank(now.phase) < phase_rank(before.phase) || now.completed < before.completed {
             violations.push(format!(
                 "{device}'s backfill went back from {} to {}",
@@ -178,8 +185,9 @@ fn check_checkpoint(
         }
     }
     // Until a step ends, nothing it covers is claimed: a copy that has not caught up yet applies
-    // nothing but its backfill, so its marks come only from ended steps.
-    if matches!(now.phase, Phase::Uninitialized | Phase::Backfilling) {
+    // nothing but its backfill, so its marks come only from ended steps. (A resync's copy held
+    // its marks before: its steps raise them further.)
+    if matches!(now.phase, Phase::Uninitialized | Phase::Backfilling) && !now.complete_before {
         let ended = &now.steps[..now.current.min(now.steps.len())];
         let shared_pending = now.steps[ended.len()..]
             .iter()
@@ -383,6 +391,7 @@ impl World {
             creators: &self.creators,
             devices: &self.neighbours[index],
             stats: &mut self.stats,
+            retention: self.config.faults.retention,
         };
         work(&mut self.devices[index], &mut ctx)
     }
@@ -789,10 +798,12 @@ impl World {
                     let Some(newest) = self.oracle.rows.get(id).map(|held| held.version) else {
                         continue;
                     };
-                    // A deleted row may be gone altogether once its tombstone was collected.
+                    // A deleted row may be gone altogether once its tombstone was collected, or
+                    // held as the tombstone of an earlier delete of it (a comparison with a peer
+                    // that collected the later one cannot bring it): deleted either way.
                     let collected =
                         self.oracle.rows.get(id).is_some_and(|held| held.value.is_none())
-                            && !durable.rows.contains_key(id);
+                            && durable.rows.get(id).is_none_or(|held| held.value.is_none());
                     if newest <= version
                         && !collected
                         && durable.rows.get(id).is_none_or(|held| held.version < newest)
@@ -824,7 +835,8 @@ impl World {
                     .filter(|other| other.durable.ready() && paired.contains(&other.id))
                 {
                     let needs_from = other.durable.shared.get(*origin);
-                    if *through > needs_from {
+                    // Past a retention cap a device is left behind (it catches up from snapshots).
+                    if *through > needs_from && !device.durable.left_behind.contains(&other.id) {
                         violations.push(format!(
                             "{} pruned {origin} through {through}; {} has applied only {needs_from}",
                             device.id, other.id
@@ -834,14 +846,17 @@ impl World {
             }
         }
         // Every change a complete copy still lacks is held in some device's log, so that it can
-        // travel to that copy (over devices not paired with its origin, outside `full`).
+        // travel to that copy (over devices not paired with its origin, outside `full`). Not
+        // with retention caps: then a change may be pruned everywhere, and the copies that lack
+        // it get the records from snapshots (a shared resync); convergence checks the outcome.
         let newest: BTreeMap<DeviceId, u64> =
             self.changes.keys().fold(BTreeMap::new(), |mut newest, (origin, seq)| {
                 let at = newest.entry(*origin).or_insert(0);
                 *at = (*at).max(*seq);
                 newest
             });
-        for other in self.devices[..self.born].iter().filter(|other| other.durable.ready()) {
+        let ready = |other: &&Device| other.durable.ready() && !self.config.faults.retention;
+        for other in self.devices[..self.born].iter().filter(ready) {
             for (origin, last) in &newest {
                 let next = other.durable.shared.get(*origin) + 1;
                 if next <= *last
@@ -906,7 +921,18 @@ impl World {
         for device in &self.devices {
             let durable = &device.durable;
             if !durable.ready() {
-                return Some(format!("{} has not finished its backfill", device.id));
+                let checkpoint = durable.backfill.as_ref();
+                return Some(format!(
+                    "{} has not finished its backfill ({:?} of scope {:?}, step {:?} of {:?}, from \
+                     {:?}; complete before: {:?})",
+                    device.id,
+                    checkpoint.map(|c| c.phase),
+                    checkpoint.map(|c| c.scope),
+                    checkpoint.map(|c| c.current),
+                    checkpoint.map(|c| c.steps.len()),
+                    checkpoint.and_then(|c| c.peer),
+                    checkpoint.map(|c| c.complete_before),
+                ));
             }
             if let Some((id, expected)) = self
                 .oracle

@@ -25,7 +25,8 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use lsync_backfill::{
-    Backfill, Candidate, Checkpoint, Command, Models, Phase, StepKind, choose_peer,
+    Backfill, Candidate, Checkpoint, Command, Models, Phase, ResyncDecision, ResyncRequest,
+    StepKind, choose_peer,
 };
 use lsync_hlc::DeviceId;
 use lsync_protocol::{
@@ -52,6 +53,11 @@ pub(in crate::det) struct Driver {
     not_before: std::time::Duration,
     /// Started from a checkpoint past planning (counted once the device runs).
     resumed: bool,
+    /// The source a resync asked for, until the backfill ends (the engine's `preferred`).
+    preferred: Option<DeviceId>,
+    /// Resync requests that arrived while a request was in flight: taken once it ended, as the
+    /// engine's backfill actor retries them once its step in flight ended.
+    deferred: Vec<ResyncRequest>,
 }
 
 impl Driver {
@@ -65,6 +71,8 @@ impl Driver {
             failures: 0,
             not_before: std::time::Duration::ZERO,
             resumed,
+            preferred: None,
+            deferred: Vec::new(),
         }
     }
 
@@ -80,7 +88,7 @@ impl Driver {
 
     fn pick(&self) -> Option<DeviceId> {
         let candidates: Vec<Candidate> = self.candidates.values().copied().collect();
-        choose_peer(&candidates, None)
+        choose_peer(&candidates, self.preferred)
     }
 
     fn online(&self, peer: DeviceId) -> bool {
@@ -119,6 +127,7 @@ enum Traced {
     Page,
     Ready,
     Failed,
+    Resync,
 }
 
 /// The models a plan covers (the engine takes them from the registry, parents first).
@@ -164,7 +173,7 @@ impl Device {
         let me = self.id;
         let Some(volatile) = self.volatile.as_mut() else { return };
         let Some(driver) = volatile.backfill.as_mut() else { return };
-        if driver.machine.is_ready() {
+        if driver.machine.is_ready() && driver.deferred.is_empty() {
             return;
         }
         let resumed = std::mem::take(&mut driver.resumed);
@@ -196,6 +205,7 @@ impl Device {
         if let Some(peer) = lost {
             self.backfill_failed(ctx, Some(peer));
         }
+        self.take_deferred(ctx);
         let watermarks = self.watermarks();
         let persisted = self.durable.backfill.as_ref().map(persisted_part);
         let Some(driver) = self.driver() else { return };
@@ -263,6 +273,54 @@ impl Device {
         let deadline = ctx.now + tuning::REQUEST_TIMEOUT;
         driver.asked = Some(Asked { request, peer, deadline, kind });
         ctx.send(me, peer, Wire::Request(request, message));
+    }
+
+    /// A catch-up found a gap logs cannot close: what [`Backfill::on_resync_request`] decides
+    /// (the engine's backfill actor takes the same decision), applied to the checkpoint. A copy
+    /// that founded the library (no checkpoint) starts from a ready one. Deferred while a
+    /// request of the backfill is in flight.
+    pub(super) fn request_resync(&mut self, ctx: &mut Ctx<'_>, request: ResyncRequest) {
+        let Some(volatile) = self.volatile.as_mut() else { return };
+        let driver = volatile.backfill.get_or_insert_with(|| {
+            Driver::new(self.durable.backfill.clone().unwrap_or_else(Checkpoint::ready))
+        });
+        if driver.asked.is_some() {
+            driver.deferred.push(request);
+            return;
+        }
+        // No rollback resync in this mode yet: no peer has served one.
+        match driver.machine.on_resync_request(&request, false, driver.preferred) {
+            ResyncDecision::Stale => return,
+            ResyncDecision::Covered { prefer } => {
+                if prefer {
+                    driver.preferred = request.from;
+                }
+                return;
+            }
+            ResyncDecision::Chain(next) => driver.machine = next,
+            ResyncDecision::Start(next) => {
+                driver.machine = next;
+                driver.preferred = request.from;
+                if let Some(from) = request.from {
+                    driver.candidate(from).failed = false;
+                }
+                ctx.stats.resyncs += 1;
+            }
+        }
+        let checkpoint = driver.machine.checkpoint().clone();
+        self.durable.backfill = Some(checkpoint);
+        self.trace_backfill(ctx, Traced::Resync, request.from.map_or(0, ident));
+    }
+
+    /// Resync requests deferred while a request was in flight.
+    fn take_deferred(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(driver) = self.driver() else { return };
+        if driver.asked.is_some() || driver.deferred.is_empty() {
+            return;
+        }
+        for request in std::mem::take(&mut driver.deferred) {
+            self.request_resync(ctx, request);
+        }
     }
 
     /// A request of the backfill failed: the peer counts as failed for this backfill (every
@@ -403,7 +461,7 @@ impl Device {
                 .or_default()
                 .merge(&RecordState::from_record(record));
         }
-        self.backfill_page(ctx, None, &keys, page.more, page.estimated_total);
+        self.backfill_page(ctx, None, &keys, page.more, page.estimated_total, None);
     }
 
     /// A page of one owner's rows: applied through the owner-version rule, as every row is.
@@ -424,7 +482,14 @@ impl Device {
         let keys: Vec<Uuid> = page.rows.iter().map(|row| row.id).collect();
         self.check_page(ctx, &keys, after);
         self.apply_rows(ctx, page.owner, &page.rows);
-        self.backfill_page(ctx, Some(page.owner), &keys, page.more, page.estimated_total);
+        self.backfill_page(
+            ctx,
+            Some(page.owner),
+            &keys,
+            page.more,
+            page.estimated_total,
+            page.collected,
+        );
     }
 
     /// The rest of a page's transaction: what the machine derives from the page (marks to raise,
@@ -436,10 +501,11 @@ impl Device {
         keys: &[Uuid],
         more: bool,
         estimated_total: u64,
+        forgotten: Option<lsync_hlc::HlcTime>,
     ) {
         let now_ms = u64::try_from(ctx.now.as_millis()).unwrap_or(u64::MAX);
         let Some(driver) = self.driver() else { return };
-        let outcome = driver.machine.page(keys, more, estimated_total, now_ms);
+        let outcome = driver.machine.page(keys, more, estimated_total, forgotten, now_ms);
         driver.failures = 0;
         let checkpoint = driver.machine.checkpoint().clone();
         // A full resync's deletion of what the serving peer no longer holds (never for a joining
@@ -481,12 +547,22 @@ impl Device {
         driver.asked = None;
         driver.failures = 0;
         driver.machine.caught_up();
-        if !driver.machine.is_ready() {
+        let checkpoint = driver.machine.checkpoint().clone();
+        let ready = driver.machine.is_ready();
+        let joined = !checkpoint.complete_before;
+        if ready {
+            driver.preferred = None;
+        }
+        // Ready, or (a chained resync) the next plan: persisted either way.
+        self.durable.backfill = Some(checkpoint);
+        if !ready {
             return;
         }
-        let checkpoint = driver.machine.checkpoint().clone();
-        self.durable.backfill = Some(checkpoint);
-        ctx.stats.backfills += 1;
+        // A joining device's backfill (a resync of a copy that was complete is counted when it
+        // starts, `Stats::resyncs`).
+        if joined {
+            ctx.stats.backfills += 1;
+        }
         self.trace_backfill(ctx, Traced::Ready, ident(from));
         self.ack(ctx, from);
     }
@@ -518,6 +594,7 @@ impl Device {
             rows: page,
             more,
             estimated_total,
+            collected: self.durable.collected.get(request.owner, &request.model),
         })
     }
 
