@@ -799,8 +799,9 @@ async fn compare_rows<T: Transport>(
             Message::Error(error) => return Err(CatchUpError::Refused(error.message)),
             _ => return Err(CatchUpError::Unexpected("answer to BackfillRequest")),
         };
-        let keys: Vec<uuid::Uuid> = page.rows.iter().map(|row| row.id).collect();
-        let last = keys.last().copied();
+        let keys: Vec<(uuid::Uuid, HlcTime)> =
+            page.rows.iter().map(|row| (row.id, row.version)).collect();
+        let last = keys.last().map(|(id, _)| *id);
         let more = page.more && last.is_some();
         let through = if more { last } else { None };
         pulled |= !page.rows.is_empty();
@@ -965,7 +966,6 @@ pub(crate) async fn apply_backfill_page(
     let registry = inner.registry().clone();
     let device = inner.identity().device;
     let started = Instant::now();
-    let keys = page.keys();
     let (changed, projection) = inner
         .db
         .write(async |conn| {
@@ -982,6 +982,9 @@ pub(crate) async fn apply_backfill_page(
                     // mark: a restored copy's mark may lie above rows it lost (it wrote newer
                     // ones since), which the mark would refuse as deleted here. What this device
                     // deleted is held as tombstones, or acknowledged by every peer and absent.
+                    // What the peer holds, for the resync's deletion (`delete_missing`).
+                    let held: Vec<(uuid::Uuid, HlcTime)> =
+                        page.rows.iter().map(|row| (row.id, row.version)).collect();
                     let known_through = if checkpoint.delete_missing && page.owner == device {
                         None
                     } else {
@@ -1022,7 +1025,7 @@ pub(crate) async fn apply_backfill_page(
                             after,
                             through,
                             peer_mark,
-                            &keys,
+                            &held,
                             now_ms(),
                         )
                         .await?;

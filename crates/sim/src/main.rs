@@ -212,6 +212,7 @@ fn run_deterministic(cli: &Cli) -> Result<bool, String> {
             "backfill_resumes": outcome.stats.backfill_resumes,
             "tombstones_collected": outcome.stats.tombstones_collected,
             "late_rows_refused": outcome.stats.late_rows_refused,
+            "resyncs": outcome.stats.resyncs,
             "clock_jumps": outcome.stats.clock_jumps,
             "stalls": outcome.stats.stalls,
         });
@@ -280,13 +281,14 @@ fn print_seed(outcome: &det::SeedOutcome, config: &DetConfig) {
     );
     println!(
         "  sync: {} re-sends, {} catch-up pages, {} pulls abandoned, {} log entries pruned, \
-         {} tombstones collected, {} late rows refused",
+         {} tombstones collected, {} late rows refused, {} resyncs",
         stats.resent,
         stats.pages,
         stats.pulls_abandoned,
         stats.pruned,
         stats.tombstones_collected,
-        stats.late_rows_refused
+        stats.late_rows_refused,
+        stats.resyncs
     );
     println!(
         "  backfill: {} pages, {} rebases onto another peer, {} resumes after a crash, {} failed \

@@ -499,9 +499,13 @@ pub async fn rows_by_key(
 /// A full resync's authoritative deletion: removes `owner`'s rows of `model` whose key lies in
 /// `(after, through]` (`through = None`: to the end), whose version is at most `peer_mark` (the
 /// serving peer's mark for the (owner, model): it holds every row up to there that is alive),
-/// and which are not in `keep` — rows the serving peer no longer holds, whose tombstones were
-/// collected before this device saw them. A newer row is one the peer has not seen yet (written
-/// since, or received from the owner directly) and stays. Returns the removed keys.
+/// and which the serving peer does not hold at the same or a newer version (`keep`: the keys and
+/// versions of its page) — rows it no longer holds, whose tombstones were collected before this
+/// device saw them, and rows it holds only as an older tombstone: with its mark above this
+/// device's version it saw that write, and a later delete of it whose tombstone it collected
+/// since (a row deleted, written again and deleted again). A row newer than the peer's mark is
+/// one the peer has not seen yet (written since, or received from the owner directly) and
+/// stays. Returns the removed keys.
 #[expect(clippy::too_many_arguments, reason = "one range of one owner's model, and a bound")]
 pub async fn delete_missing(
     conn: &mut SqliteConnection,
@@ -511,7 +515,7 @@ pub async fn delete_missing(
     after: Option<Uuid>,
     through: Option<Uuid>,
     peer_mark: HlcTime,
-    keep: &[Uuid],
+    keep: &[(Uuid, HlcTime)],
     now_ms: u64,
 ) -> Result<(Vec<Uuid>, Projection), StateError> {
     device_owned(registry, model_name)?;
@@ -519,23 +523,24 @@ pub async fn delete_missing(
     let upper = if through.is_some() { " AND id <= ?3" } else { "" };
     // `+owner`: a range of the primary key, filtered (see `rows_by_key`).
     let sql = format!(
-        "SELECT id FROM {} WHERE +owner = ?1 AND id > ?2{upper} AND version <= ?4",
+        "SELECT id, version FROM {} WHERE +owner = ?1 AND id > ?2{upper} AND version <= ?4",
         ident(model_name)
     );
     let through = through.map(|id| id.as_bytes().to_vec()).unwrap_or_default();
-    let held: Vec<Vec<u8>> = sqlx::query_scalar(&sql)
+    let held: Vec<(Vec<u8>, i64)> = sqlx::query_as(&sql)
         .bind(owner.as_bytes().as_slice())
         .bind(after.as_slice())
         .bind(through.as_slice())
         .bind(time_to_sql(peer_mark)?)
         .fetch_all(&mut *conn)
         .await?;
-    let keep: std::collections::HashSet<&Uuid> = keep.iter().collect();
+    let keep: HashMap<Uuid, HlcTime> = keep.iter().copied().collect();
     let mut missing = Vec::new();
-    for bytes in held {
+    for (bytes, version) in held {
         let id = Uuid::from_slice(&bytes)
             .map_err(|_| StoreError::Corrupt(format!("{model_name}: a key is not a UUID")))?;
-        if !keep.contains(&id) {
+        let version = time_from_sql(version)?;
+        if keep.get(&id).is_none_or(|theirs| *theirs < version) {
             missing.push(id);
         }
     }

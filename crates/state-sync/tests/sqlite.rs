@@ -8,8 +8,8 @@ use std::sync::Arc;
 use lsync_hlc::{DeviceId, HlcConfig, HlcGenerator, HlcTime, ManualClock, Resume};
 use lsync_protocol::{LibraryId, StateCursor, StateMark, StateRow, Value};
 use lsync_state_sync::sql::{
-    Applied, RowEdit, apply_rows, collect_tombstones, rows_by_key, rows_since, tombstone_groups,
-    write_local,
+    Applied, RowEdit, apply_rows, collect_tombstones, delete_missing, rows_by_key, rows_since,
+    tombstone_groups, write_local,
 };
 use lsync_state_sync::{StateError, plan_tombstone_gc};
 use lsync_store::{
@@ -210,6 +210,44 @@ async fn rows_claimed_by_another_device_are_rejected_and_counted() {
     // And b itself may not write a's row.
     let result = b.write(vec![dir(id, None, "also mine?")]).await;
     assert!(matches!(result, Err(StateError::NotOwner { owner, .. }) if owner == a.id()));
+}
+
+#[tokio::test]
+async fn a_comparison_deletes_rows_the_peer_lacks_or_holds_only_older_up_to_its_mark() {
+    let (a, b) = (Device::new(1).await, Device::new(2).await);
+    let (kept, gone, older, newer) =
+        (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    a.write(vec![dir(older, None, "o")]).await.unwrap();
+    let deleted = a.write(vec![RowEdit::Delete { id: older }]).await.unwrap().rows;
+    let rows = a
+        .write(vec![dir(kept, None, "k"), dir(gone, None, "g"), dir(older, None, "o2")])
+        .await
+        .unwrap()
+        .rows;
+    let peer_mark = rows.iter().map(|row| row.version).max().unwrap();
+    let late = a.write(vec![dir(newer, None, "n")]).await.unwrap().rows;
+    b.receive(a.id(), rows.clone()).await;
+    b.receive(a.id(), late).await;
+    // The peer, at `peer_mark`, holds `kept` as written, not `gone` (deleted there, tombstone
+    // collected), and `older` only as its first delete: it saw the write again and forgot a
+    // later delete. `newer` lies above its mark: not seen yet, it stays.
+    let version =
+        |rows: &[StateRow], id: Uuid| rows.iter().find(|row| row.id == id).unwrap().version;
+    let keep = [(kept, version(&rows, kept)), (older, version(&deleted, older))];
+    let registry = b.db.registry().clone();
+    let owner = a.id();
+    let (missing, _) =
+        b.db.write(async |conn| {
+            delete_missing(conn, &registry, owner, "entries", None, None, peer_mark, &keep, 0).await
+        })
+        .await
+        .unwrap();
+    let mut missing = missing;
+    missing.sort();
+    let mut expected = vec![gone, older];
+    expected.sort();
+    assert_eq!(missing, expected);
+    assert_eq!(b.entries().await.len(), 2, "kept and newer");
 }
 
 #[tokio::test]

@@ -1011,20 +1011,22 @@ impl Device {
         after: Option<Uuid>,
         through: Option<Uuid>,
         peer_mark: HlcTime,
-        keys: &[Uuid],
+        held: &[(Uuid, HlcTime)],
     ) {
+        let held: BTreeMap<Uuid, HlcTime> = held.iter().copied().collect();
         let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
         let upper = through.map_or(Bound::Unbounded, Bound::Included);
         let missing: Vec<Uuid> = self
             .durable
             .rows
             .range((lower, upper))
-            .filter(|(id, held)| {
-                // Live rows only, as the engine's (its tombstones are kept: they still win).
-                held.value.is_some()
-                    && held.owner == owner
-                    && held.version <= peer_mark
-                    && !keys.contains(id)
+            .filter(|(id, mine)| {
+                // Live rows only, as the engine's (its tombstones are kept: they still win), that
+                // the peer does not hold at the same or a newer version.
+                mine.value.is_some()
+                    && mine.owner == owner
+                    && mine.version <= peer_mark
+                    && held.get(id).is_none_or(|theirs| *theirs < mine.version)
             })
             .map(|(id, _)| *id)
             .collect();
@@ -1243,10 +1245,11 @@ impl Device {
                 // As the engine's `compare_rows`: apply the page, delete what the peer no longer
                 // holds in its key range at or below its mark; the last page raises the marks.
                 self.apply_rows(ctx, owner, &page.rows);
-                let keys: Vec<Uuid> = page.rows.iter().map(|row| row.id).collect();
-                let last = keys.last().copied();
+                let held: Vec<(Uuid, HlcTime)> =
+                    page.rows.iter().map(|row| (row.id, row.version)).collect();
+                let last = held.last().map(|(id, _)| *id);
                 let more = page.more && last.is_some();
-                self.delete_missing(owner, after, if more { last } else { None }, target, &keys);
+                self.delete_missing(owner, after, if more { last } else { None }, target, &held);
                 if more {
                     Some(PullStep::Compare { owner, target, forgotten, after: last })
                 } else {

@@ -135,6 +135,21 @@ fn models() -> Models {
     Models { shared: vec![SHARED_MODEL.to_owned()], state: vec![STATE_MODEL.to_owned()] }
 }
 
+/// What a backfill page brought, for [`Device::backfill_page`].
+#[derive(Clone, Copy)]
+struct Fetched<'a> {
+    /// Its keys, in order.
+    keys: &'a [Uuid],
+    /// Rows: each key with its version (what the peer holds, for a resync's deletion).
+    held: &'a [(Uuid, lsync_hlc::HlcTime)],
+    /// Whether more pages follow.
+    more: bool,
+    /// The peer's estimate of the step.
+    estimated_total: u64,
+    /// The peer's collected mark when it read the page ([`StatePage::collected`]).
+    forgotten: Option<lsync_hlc::HlcTime>,
+}
+
 /// The checkpoint without the serving peer, which the engine drops in memory only (`peer_lost`)
 /// and persists with the next rebase.
 fn persisted_part(checkpoint: &Checkpoint) -> Checkpoint {
@@ -461,7 +476,14 @@ impl Device {
                 .or_default()
                 .merge(&RecordState::from_record(record));
         }
-        self.backfill_page(ctx, None, &keys, page.more, page.estimated_total, None);
+        let fetched = Fetched {
+            keys: &keys,
+            held: &[],
+            more: page.more,
+            estimated_total: page.estimated_total,
+            forgotten: None,
+        };
+        self.backfill_page(ctx, None, &fetched);
     }
 
     /// A page of one owner's rows: applied through the owner-version rule, as every row is.
@@ -482,27 +504,22 @@ impl Device {
         let keys: Vec<Uuid> = page.rows.iter().map(|row| row.id).collect();
         self.check_page(ctx, &keys, after);
         self.apply_rows(ctx, page.owner, &page.rows);
-        self.backfill_page(
-            ctx,
-            Some(page.owner),
-            &keys,
-            page.more,
-            page.estimated_total,
-            page.collected,
-        );
+        let held: Vec<(Uuid, lsync_hlc::HlcTime)> =
+            page.rows.iter().map(|row| (row.id, row.version)).collect();
+        let fetched = Fetched {
+            keys: &keys,
+            held: &held,
+            more: page.more,
+            estimated_total: page.estimated_total,
+            forgotten: page.collected,
+        };
+        self.backfill_page(ctx, Some(page.owner), &fetched);
     }
 
     /// The rest of a page's transaction: what the machine derives from the page (marks to raise,
     /// a range to delete), and the new checkpoint.
-    fn backfill_page(
-        &mut self,
-        ctx: &mut Ctx<'_>,
-        owner: Option<DeviceId>,
-        keys: &[Uuid],
-        more: bool,
-        estimated_total: u64,
-        forgotten: Option<lsync_hlc::HlcTime>,
-    ) {
+    fn backfill_page(&mut self, ctx: &mut Ctx<'_>, owner: Option<DeviceId>, fetched: &Fetched<'_>) {
+        let Fetched { keys, held, more, estimated_total, forgotten } = *fetched;
         let now_ms = u64::try_from(ctx.now.as_millis()).unwrap_or(u64::MAX);
         let Some(driver) = self.driver() else { return };
         let outcome = driver.machine.page(keys, more, estimated_total, forgotten, now_ms);
@@ -517,7 +534,7 @@ impl Device {
                 .find(|mark| mark.owner == owner && mark.model == STATE_MODEL)
                 .map(|mark| mark.version);
             if let Some(peer_mark) = peer_mark {
-                self.delete_missing(owner, after, through, peer_mark, keys);
+                self.delete_missing(owner, after, through, peer_mark, held);
             }
         }
         // Everything the serving peer held up to its marks is here now: the changes below the
