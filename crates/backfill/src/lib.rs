@@ -268,6 +268,51 @@ pub enum ResyncDecision {
     Start(Backfill),
 }
 
+/// The barrier after a backfill that brought this device's own rows back from a peer
+/// ([`Checkpoint::brought_back_own_rows`]): which paired peers have yet to tell, in the answer to
+/// a watermark request of this device's, what they heard of this copy without showing another
+/// rollback. Once none is left the device raises its own mark and own collected mark to a fresh
+/// version, so that every peer compares its rows with it once. Held in memory (a restart before
+/// it fires drops it: the device stays as without one).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OwnRowsBarrier {
+    waiting: Option<std::collections::BTreeSet<DeviceId>>,
+}
+
+impl OwnRowsBarrier {
+    /// Such a backfill ended: wait for these peers. `true` if the barrier is due at once (no
+    /// paired peer to wait for).
+    pub fn start(&mut self, peers: impl IntoIterator<Item = DeviceId>) -> bool {
+        let peers: std::collections::BTreeSet<DeviceId> = peers.into_iter().collect();
+        let due = peers.is_empty();
+        self.waiting = (!due).then_some(peers);
+        due
+    }
+
+    /// `peer` answered a watermark request of this device's and showed no rollback. `true` if
+    /// that was the last one: the barrier is due now (and no longer waits).
+    pub fn confirmed(&mut self, peer: DeviceId) -> bool {
+        let due = self
+            .waiting
+            .as_mut()
+            .is_some_and(|waiting| waiting.remove(&peer) && waiting.is_empty());
+        if due {
+            self.waiting = None;
+        }
+        due
+    }
+
+    /// A rollback was found: the next resync starts the wait again, not this one.
+    pub fn cancel(&mut self) {
+        self.waiting = None;
+    }
+
+    /// The peers still waited for, if the barrier waits.
+    pub fn waiting(&self) -> Option<&std::collections::BTreeSet<DeviceId>> {
+        self.waiting.as_ref()
+    }
+}
+
 /// What the caller should do next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {

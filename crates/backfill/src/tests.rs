@@ -595,3 +595,20 @@ fn only_a_finished_full_backfill_that_brought_own_rows_back_asks_for_a_barrier()
     // Not before it ends.
     assert!(!finished(Phase::Uninitialized, Scope::Everything, true, true));
 }
+
+#[test]
+fn the_own_rows_barrier_is_due_once_every_peer_confirmed_and_a_rollback_cancels_it() {
+    let (a, b) = (device(2), device(3));
+    let mut barrier = OwnRowsBarrier::default();
+    assert!(!barrier.confirmed(a), "nothing waits: nothing is due");
+    assert!(barrier.start([]), "no paired peer: due at once");
+    assert!(barrier.waiting().is_none());
+    assert!(!barrier.start([a, b]));
+    assert!(!barrier.confirmed(a));
+    assert!(!barrier.confirmed(a), "a repeat confirms nothing more");
+    assert!(barrier.confirmed(b), "the last one makes it due");
+    assert!(barrier.waiting().is_none() && !barrier.confirmed(b), "due once");
+    assert!(!barrier.start([a, b]));
+    barrier.cancel();
+    assert!(!barrier.confirmed(a) && !barrier.confirmed(b), "cancelled by a rollback");
+}

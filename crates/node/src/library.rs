@@ -230,7 +230,7 @@ pub(crate) struct LibraryInner {
     /// After a backfill that brought this device's own rows back from a peer
     /// (`Checkpoint::brought_back_own_rows`): the paired peers that have not yet told, without
     /// showing another rollback, what they heard of this copy. Empty: the barrier is set.
-    pub(crate) barrier_pending: std::sync::Mutex<Option<std::collections::BTreeSet<DeviceId>>>,
+    pub(crate) barrier_pending: std::sync::Mutex<lsync_backfill::OwnRowsBarrier>,
     /// Each peer's wall clock minus this device's, measured at the last watermark exchange.
     pub(crate) clock_offsets: std::sync::Mutex<HashMap<DeviceId, i64>>,
     /// When this device last compared all rows of an (owner, model) with a peer: at most one
@@ -388,7 +388,7 @@ impl Library {
             backfill: std::sync::Mutex::new(progress),
             read_ahead: std::sync::Mutex::new(HashMap::new()),
             comparing: tokio::sync::RwLock::new(()),
-            barrier_pending: std::sync::Mutex::new(None),
+            barrier_pending: std::sync::Mutex::new(lsync_backfill::OwnRowsBarrier::default()),
             clock_offsets: std::sync::Mutex::new(HashMap::new()),
             compared: std::sync::Mutex::new(HashMap::new()),
         };

@@ -1100,10 +1100,12 @@ pub(crate) async fn store_checkpoint(
             peers = peers.len(),
             "own rows came back from a peer: the barrier waits for every peer to tell what it heard of this copy"
         );
-        let empty = peers.is_empty();
-        *inner.barrier_pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Some(peers);
-        if empty {
+        let due = inner
+            .barrier_pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .start(peers);
+        if due {
             own_rows_barrier(inner).await?;
         }
     }
@@ -1117,16 +1119,11 @@ pub(crate) async fn own_rows_confirmed(
     inner: &LibraryInner,
     peer: DeviceId,
 ) -> Result<(), LibraryError> {
-    let due = {
-        let mut pending =
-            inner.barrier_pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let done =
-            pending.as_mut().is_some_and(|waiting| waiting.remove(&peer) && waiting.is_empty());
-        if done {
-            *pending = None;
-        }
-        done
-    };
+    let due = inner
+        .barrier_pending
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .confirmed(peer);
     if due {
         own_rows_barrier(inner).await?;
     }
@@ -1135,7 +1132,7 @@ pub(crate) async fn own_rows_confirmed(
 
 /// A rollback was found: a barrier waiting for peers waits for the next resync instead.
 pub(crate) fn own_rows_unconfirmed(inner: &LibraryInner) {
-    *inner.barrier_pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    inner.barrier_pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).cancel();
 }
 
 /// Raises this device's own mark and own collected mark for every device-owned model it holds
