@@ -139,8 +139,10 @@ impl Held {
 pub(super) struct Durable {
     /// The last persisted HLC stamp (the resume point).
     pub(super) clock: Option<Hlc>,
-    /// The last sequence number this device gave one of its own shared changes.
-    pub(super) own_seq: u64,
+    /// Every incarnation of this device's (the engine's `sync_incarnations`): each run of the
+    /// engine numbers its shared changes under a new origin, so a copy restored or re-created
+    /// never reuses an (origin, seq) for another change.
+    pub(super) incarnations: BTreeSet<DeviceId>,
     /// Shared records' registers.
     pub(super) records: BTreeMap<Uuid, RecordState>,
     /// The peer log, by (origin, seq).
@@ -239,6 +241,11 @@ struct PullMeta {
 #[derive(Debug)]
 struct Volatile {
     clock: HlcState,
+    /// This run's incarnation: the origin of the shared changes it writes (the engine's
+    /// `Identity::origin`, new at every open).
+    origin: DeviceId,
+    /// The last sequence number given to one of this run's shared changes.
+    own_seq: u64,
     batcher: Batcher,
     retry: RetryQueue<Message>,
     next_heartbeat: Duration,
@@ -451,8 +458,17 @@ impl Device {
     /// Starts the engine from the durable state (first start, or restart after a crash).
     pub(super) fn boot(&mut self, now: Duration, retry_seed: u64) {
         let resume = self.durable.clock.map_or(Resume::FirstStart, Resume::After);
+        // A new incarnation at every start, drawn from the run's seed.
+        let mut draw = lsync_transport::SplitMix64::new(retry_seed ^ 0x0123_4567_89ab_cdef);
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&draw.next_u64().to_le_bytes());
+        bytes[8..].copy_from_slice(&draw.next_u64().to_le_bytes());
+        let origin = DeviceId::from_bytes(bytes);
+        self.durable.incarnations.insert(origin);
         self.volatile = Some(Volatile {
             clock: HlcState::new(self.id, HlcConfig::default(), resume),
+            origin,
+            own_seq: 0,
             batcher: Batcher::new(tuning::BATCH_WINDOW, tuning::MAX_BATCH_ROWS),
             retry: RetryQueue::new(tuning::retry(), retry_seed),
             next_heartbeat: now,
@@ -518,14 +534,18 @@ impl Device {
             return Err(Refused::NotFound);
         }
         let stamp = self.tick(ctx).ok_or(Refused::Down)?;
-        self.durable.own_seq += 1;
+        let (origin, seq) = {
+            let volatile = self.volatile.as_mut().ok_or(Refused::Down)?;
+            volatile.own_seq += 1;
+            (volatile.origin, volatile.own_seq)
+        };
         // As the engine's `write_local`: after every stamp the record holds.
         let shown = self.durable.records.get(&record);
         let time = lsync_shared_sync::local_stamp_time(stamp.time(), shown);
         // An edit made after the device showed a value wins over it, whatever the clocks say
         // (a peer's clock a year ahead stamped what is shown).
         if let Some(seen) = shown.and_then(RecordState::last_stamp)
-            && Hlc::new(time, stamp.device()) <= seen
+            && Hlc::new(time, origin) <= seen
         {
             ctx.fail(format!(
                 "{} edits {record} at {time:?}, not after the value it shows ({seen})",
@@ -533,8 +553,8 @@ impl Device {
             ));
         }
         let change = SharedChange {
-            origin: self.id,
-            seq: self.durable.own_seq,
+            origin,
+            seq,
             time,
             model: SHARED_MODEL.to_owned(),
             record,
@@ -626,11 +646,10 @@ impl Device {
                 (Message::StateBatch(batch), covers)
             }
             Flush::Shared { changes } => {
-                let Some(seq) = changes.iter().map(|change| change.seq).max() else { return };
-                (
-                    Message::SharedBatch(SharedBatch { changes }),
-                    Coverage::Shared { origin: self.id, seq },
-                )
+                // One run's changes: one origin (its incarnation).
+                let Some(last) = changes.iter().max_by_key(|change| change.seq) else { return };
+                let covers = Coverage::Shared { origin: last.origin, seq: last.seq };
+                (Message::SharedBatch(SharedBatch { changes }), covers)
             }
         };
         let now = ctx.instant();
@@ -987,7 +1006,7 @@ impl Device {
             {
                 continue;
             }
-            if change.origin != self.id {
+            if !self.durable.incarnations.contains(&change.origin) {
                 self.receive_stamp(ctx, change.hlc());
             }
             self.durable.records.entry(change.record).or_default().apply(change.hlc(), &change.op);
