@@ -148,9 +148,13 @@ fn run_deterministic(cli: &Cli) -> Result<bool, String> {
     let unmodelled: Vec<&str> =
         cli.faults.names().into_iter().filter(|name| !faults.names().contains(name)).collect();
     if !unmodelled.is_empty() && !cli.json {
+        let why = |name: &&str| match *name {
+            "recreate" => "recreate (modelled, but only when named: --faults recreate)".to_owned(),
+            other => format!("{other} (not modelled yet; the real mode does)"),
+        };
         eprintln!(
-            "lsync-sim: the deterministic mode does not model {} yet (the real mode does); running without",
-            unmodelled.join(", ")
+            "lsync-sim: the deterministic mode runs without {}",
+            unmodelled.iter().map(why).collect::<Vec<_>>().join(", ")
         );
     }
     let config = DetConfig {
@@ -213,6 +217,8 @@ fn run_deterministic(cli: &Cli) -> Result<bool, String> {
             "tombstones_collected": outcome.stats.tombstones_collected,
             "late_rows_refused": outcome.stats.late_rows_refused,
             "resyncs": outcome.stats.resyncs,
+            "recreates": outcome.stats.recreates,
+            "barriers": outcome.stats.barriers,
             "clock_jumps": outcome.stats.clock_jumps,
             "stalls": outcome.stats.stalls,
         });

@@ -5,7 +5,7 @@ use lsync_sim::det::{DetConfig, run_many, run_seed};
 use lsync_sim::{Faults, Topology};
 
 fn config() -> DetConfig {
-    DetConfig { peers: 5, ops: 300, faults: Faults::ALL, topology: Topology::Full }
+    DetConfig { peers: 5, ops: 300, faults: Faults::DETERMINISTIC, topology: Topology::Full }
 }
 
 /// Each failed seed of `outcome`, as `seed N: why`.

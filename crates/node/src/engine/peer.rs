@@ -197,11 +197,15 @@ impl<T: Transport> PeerActor<T> {
                 });
                 return Ok((false, None));
             }
+            sync::record_ack(&inner, peer, &sync::ack_of(&theirs)).await?;
+            let outcome = sync::catch_up(&inner, &*transport, peer, &theirs).await?;
+            // Only once this device holds what the peer holds of its rows: a barrier set before
+            // the catch-up from the last peer to confirm raised the own mark over the rows only
+            // that peer held, which the catch-up then no longer asked for, and every peer's
+            // comparison deleted them (found by the deterministic mode's `recreate` fault).
             if asked {
                 sync::own_rows_confirmed(&inner, peer).await?;
             }
-            sync::record_ack(&inner, peer, &sync::ack_of(&theirs)).await?;
-            let outcome = sync::catch_up(&inner, &*transport, peer, &theirs).await?;
             let pulled = outcome.pulled;
             if outcome.pruned {
                 supervisor.do_send(ResyncNeeded {

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 use std::time::{Duration, Instant};
 
-use lsync_backfill::{Checkpoint, Phase, ResyncRequest, Scope};
+use lsync_backfill::{Checkpoint, OwnRowsBarrier, Phase, ResyncRequest, Scope};
 use lsync_hlc::{DeviceId, Hlc, HlcConfig, HlcState, HlcTime, Resume};
 use lsync_node::core::batcher::{Batcher, Flush};
 use lsync_node::core::retry::{Coverage, RetryQueue};
@@ -143,6 +143,10 @@ pub(super) struct Durable {
     /// engine numbers its shared changes under a new origin, so a copy restored or re-created
     /// never reuses an (origin, seq) for another change.
     pub(super) incarnations: BTreeSet<DeviceId>,
+    /// The copy's epoch (the engine's `Identity::epoch`): new when the copy is re-created.
+    pub(super) epoch: u64,
+    /// The epoch each peer last told: a new one resets what is remembered of it (its acks).
+    pub(super) peer_epochs: BTreeMap<DeviceId, u64>,
     /// Shared records' registers.
     pub(super) records: BTreeMap<Uuid, RecordState>,
     /// The peer log, by (origin, seq).
@@ -235,6 +239,10 @@ struct PullMeta {
     /// The peer reported changes this device lacks as pruned: at the end, a resync of the
     /// shared records from snapshots is asked for (as the engine's peer actor does).
     pruned: bool,
+    /// Planned from the answer to this device's watermark request while the own-rows barrier
+    /// waits for the peer: its end confirms the peer (this device then holds what the peer
+    /// holds of its rows), as the engine's catch-up does.
+    confirms: bool,
 }
 
 /// What the engine holds in memory: a crash loses it.
@@ -246,6 +254,14 @@ struct Volatile {
     origin: DeviceId,
     /// The last sequence number given to one of this run's shared changes.
     own_seq: u64,
+    /// After a backfill that brought this device's own rows back: the peers whose answer to a
+    /// watermark request is waited for before the barrier ([`OwnRowsBarrier`]).
+    barrier: OwnRowsBarrier,
+    /// Watermark requests of this device in flight (for the barrier), by request id: the peer
+    /// and when the request is given up.
+    asked_marks: BTreeMap<u64, (DeviceId, Duration)>,
+    /// Ask every connected peer for its watermarks on the next tick (the barrier just started).
+    ask_all: bool,
     batcher: Batcher,
     retry: RetryQueue<Message>,
     next_heartbeat: Duration,
@@ -349,6 +365,10 @@ pub struct Stats {
     pub late_rows_refused: u64,
     /// Resyncs started on a copy (a peer pruned changes it lacked: `retention`).
     pub resyncs: u64,
+    /// Devices re-created under their identity (`recreate`).
+    pub recreates: u64,
+    /// Own-rows barriers set after a backfill brought a device's own rows back.
+    pub barriers: u64,
     /// Wall clocks jumped a year ahead (`clock-jump`).
     pub clock_jumps: u64,
     /// Devices that stopped reading for a while (`stall`).
@@ -378,6 +398,8 @@ impl Stats {
             tombstones_collected,
             late_rows_refused,
             resyncs,
+            recreates,
+            barriers,
             clock_jumps,
             stalls,
         } = *other;
@@ -400,6 +422,8 @@ impl Stats {
         self.tombstones_collected += tombstones_collected;
         self.late_rows_refused += late_rows_refused;
         self.resyncs += resyncs;
+        self.recreates += recreates;
+        self.barriers += barriers;
         self.clock_jumps += clock_jumps;
         self.stalls += stalls;
     }
@@ -469,6 +493,9 @@ impl Device {
             clock: HlcState::new(self.id, HlcConfig::default(), resume),
             origin,
             own_seq: 0,
+            barrier: OwnRowsBarrier::default(),
+            asked_marks: BTreeMap::new(),
+            ask_all: false,
             batcher: Batcher::new(tuning::BATCH_WINDOW, tuning::MAX_BATCH_ROWS),
             retry: RetryQueue::new(tuning::retry(), retry_seed),
             next_heartbeat: now,
@@ -481,6 +508,18 @@ impl Device {
     /// Kills the engine: everything volatile is lost.
     pub(super) fn crash(&mut self) {
         self.volatile = None;
+    }
+
+    /// The `recreate` fault: the library file is wiped and the device joins again under its
+    /// identity, as `Library::join` with existing keys: a new epoch, no incarnation known, a
+    /// backfill from the start; then it runs.
+    pub(super) fn recreate(&mut self, now: Duration, seed: u64) {
+        let epoch = self.durable.epoch + 1;
+        self.durable =
+            Durable { backfill: Some(Checkpoint::uninitialized()), epoch, ..Durable::default() };
+        // A new file: its clock starts afresh (the checker's record of stamps too).
+        self.last_stamp = None;
+        self.boot(now, seed);
     }
 
     /// This device's wall clock at virtual time `now`.
@@ -552,14 +591,7 @@ impl Device {
                 self.id
             ));
         }
-        let change = SharedChange {
-            origin,
-            seq,
-            time,
-            model: SHARED_MODEL.to_owned(),
-            record,
-            op,
-        };
+        let change = SharedChange { origin, seq, time, model: SHARED_MODEL.to_owned(), record, op };
         self.apply_changes(ctx, std::slice::from_ref(&change));
         let now = ctx.instant();
         if let Some(volatile) = self.volatile.as_mut() {
@@ -628,6 +660,21 @@ impl Device {
         self.prune_if_due(ctx);
         self.expire_pulls(ctx);
         self.resume_waiting_pulls(ctx);
+        if let Some(volatile) = self.volatile.as_mut() {
+            volatile.asked_marks.retain(|_, (_, deadline)| *deadline > ctx.now);
+        }
+        if let Some(volatile) = self.volatile.as_mut()
+            && std::mem::take(&mut volatile.ask_all)
+        {
+            let waiting: Vec<DeviceId> = volatile
+                .barrier
+                .waiting()
+                .map(|waiting| waiting.iter().copied().collect())
+                .unwrap_or_default();
+            for peer in waiting.into_iter().filter(|peer| connected.contains(peer)) {
+                self.ask_marks(ctx, peer);
+            }
+        }
     }
 
     /// Sends one flush to every connected peer and waits for their acks.
@@ -683,7 +730,7 @@ impl Device {
         lsync_watermark::told(Watermarks {
             library: lsync_protocol::LibraryId(Uuid::nil()),
             device: self.id,
-            epoch: lsync_protocol::Epoch(0),
+            epoch: lsync_protocol::Epoch(self.durable.epoch),
             shared: self.durable.shared.to_wire(),
             state: self.durable.state.to_wire(),
             ready: self.durable.serves(),
@@ -715,7 +762,64 @@ impl Device {
     pub(super) fn on_connect(&mut self, ctx: &mut Ctx<'_>, peer: DeviceId) {
         if self.is_up() {
             self.send_heartbeat(ctx, peer);
+            let waits = self
+                .volatile
+                .as_ref()
+                .and_then(|volatile| volatile.barrier.waiting())
+                .is_some_and(|waiting| waiting.contains(&peer));
+            if waits {
+                self.ask_marks(ctx, peer);
+            }
         }
+    }
+
+    /// Asks `peer` for its watermarks: its answer tells what it heard of this copy, which the
+    /// barrier waits for (heartbeats confirm nothing, as in the engine).
+    fn ask_marks(&mut self, ctx: &mut Ctx<'_>, peer: DeviceId) {
+        let request = *ctx.next_request;
+        *ctx.next_request += 1;
+        let watermarks = self.watermarks();
+        if let Some(volatile) = self.volatile.as_mut() {
+            volatile.asked_marks.insert(request, (peer, ctx.now + tuning::REQUEST_TIMEOUT));
+        }
+        ctx.send(self.id, peer, Wire::Request(request, Message::WatermarksRequest(watermarks)));
+    }
+
+    /// A backfill that brought this device's own rows back ended: the barrier waits for every
+    /// paired peer ([`Checkpoint::brought_back_own_rows`]).
+    pub(super) fn start_barrier(&mut self, ctx: &mut Ctx<'_>) {
+        let me = self.id;
+        let peers: Vec<DeviceId> = ctx.devices.iter().copied().filter(|peer| *peer != me).collect();
+        let Some(volatile) = self.volatile.as_mut() else { return };
+        if volatile.barrier.start(peers) {
+            self.own_rows_barrier(ctx);
+        } else if let Some(volatile) = self.volatile.as_mut() {
+            volatile.ask_all = true;
+        }
+    }
+
+    /// `peer` answered a watermark request of this device's and it holds what `peer` holds: the
+    /// barrier fires once that was the last peer waited for.
+    fn barrier_confirmed(&mut self, ctx: &mut Ctx<'_>, peer: DeviceId) {
+        let due = self.volatile.as_mut().is_some_and(|volatile| volatile.barrier.confirmed(peer));
+        if due {
+            self.own_rows_barrier(ctx);
+        }
+    }
+
+    /// Every paired peer told what it heard of this copy: raise the own mark and own collected
+    /// mark to a fresh version, so that every peer compares this device's rows once (the
+    /// engine's `own_rows_barrier`).
+    fn own_rows_barrier(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(stamp) = self.tick(ctx) else { return };
+        let mark = self.durable.state.get(self.id, STATE_MODEL);
+        if mark.is_none() {
+            return;
+        }
+        let version = lsync_state_sync::local_version(stamp.time(), mark);
+        self.durable.state.raise(self.id, STATE_MODEL, version);
+        self.durable.collected.raise(self.id, STATE_MODEL, version);
+        ctx.stats.barriers += 1;
     }
 
     /// A peer disconnected: forget what waits for it; a backfill served by it must rebase.
@@ -944,11 +1048,23 @@ impl Device {
                 // As the engine does (`record_ack` of `ack_of` the heartbeat's watermarks): what
                 // a peer's watermarks show it holds counts as acknowledged, for pruning and
                 // tombstone collection (not for the retry queue, which waits for an `Ack`).
+                self.note_epoch(from, theirs.epoch);
                 self.record_ack(from, &theirs.shared, &theirs.state);
                 self.backfill_peer_state(from, theirs.ready);
+                // A peer the barrier still waits for, with no request of it under way: asked
+                // again (the engine retries a failed catch-up with a request of its own).
+                let ask = self.volatile.as_ref().is_some_and(|volatile| {
+                    volatile.barrier.waiting().is_some_and(|waiting| waiting.contains(&from))
+                        && !volatile.asked_marks.values().any(|(peer, _)| *peer == from)
+                        && !volatile.pulls.contains_key(&from)
+                });
+                if ask {
+                    self.ask_marks(ctx, from);
+                }
                 self.start_pull(ctx, from, &theirs);
             }
-            Wire::Request(id, Message::WatermarksRequest(_)) => {
+            Wire::Request(id, Message::WatermarksRequest(theirs)) => {
+                self.note_epoch(from, theirs.epoch);
                 let response = Message::WatermarksResponse(self.watermarks());
                 ctx.send(self.id, from, Wire::Response(id, response));
             }
@@ -981,6 +1097,16 @@ impl Device {
     }
 
     /// Records what `peer` acknowledged holding: shared changes and device-owned marks.
+    /// A peer told its epoch: a new one (its copy was re-created) resets its acknowledgements,
+    /// as the engine does at the handshake.
+    fn note_epoch(&mut self, peer: DeviceId, epoch: lsync_protocol::Epoch) {
+        let known = self.durable.peer_epochs.insert(peer, epoch.0);
+        if known.is_some_and(|known| known != epoch.0) {
+            self.durable.acks.remove(&peer);
+            self.durable.state_acks.remove(&peer);
+        }
+    }
+
     fn record_ack(&mut self, peer: DeviceId, shared: &[OriginSeq], state: &[StateMark]) {
         self.durable.acks.entry(peer).or_default().raise_all(&SharedProgress::from_wire(shared));
         let state_acks = self.durable.state_acks.entry(peer).or_default();
@@ -1133,7 +1259,7 @@ impl Device {
         let mut steps = steps.into_iter();
         let Some(first) = steps.next() else { return false };
         let completed = self.durable.backfill.as_ref().map_or(0, |checkpoint| checkpoint.completed);
-        let meta = PullMeta { for_backfill, completed, pruned: false };
+        let meta = PullMeta { for_backfill, completed, pruned: false, confirms: false };
         self.send_pull(ctx, peer, first, steps.collect(), meta);
         true
     }
@@ -1194,6 +1320,34 @@ impl Device {
 
     fn on_response(&mut self, ctx: &mut Ctx<'_>, from: DeviceId, id: u64, message: Message) {
         let Some(message) = self.on_backfill_response(ctx, from, id, message) else { return };
+        let asked = self.volatile.as_mut().and_then(|volatile| volatile.asked_marks.remove(&id));
+        if let Some((peer, _)) = asked {
+            if let (true, Message::WatermarksResponse(theirs)) = (peer == from, message) {
+                self.note_epoch(from, theirs.epoch);
+                self.record_ack(from, &theirs.shared, &theirs.state);
+                // The peer is confirmed once this device holds what it holds (the pull this
+                // answer plans ends), or at once if there is nothing to pull; a pull of another
+                // catch-up under way leaves it to the next answer.
+                let pulling = self
+                    .volatile
+                    .as_ref()
+                    .is_some_and(|volatile| volatile.pulls.contains_key(&from));
+                if !pulling && self.durable.ready() {
+                    if self.begin_pull(ctx, from, &theirs, false) {
+                        if let Some(pull) = self
+                            .volatile
+                            .as_mut()
+                            .and_then(|volatile| volatile.pulls.get_mut(&from))
+                        {
+                            pull.meta.confirms = true;
+                        }
+                    } else {
+                        self.barrier_confirmed(ctx, from);
+                    }
+                }
+            }
+            return;
+        }
         let Some(volatile) = self.volatile.as_mut() else { return };
         // A response to an abandoned or finished pull (or a duplicate) is ignored.
         let Some(pull) = volatile.pulls.remove_entry(&from).and_then(|(peer, pull)| {
@@ -1286,9 +1440,16 @@ impl Device {
         let mut rest = pull.rest.into_iter();
         if let Some(step) = next.or_else(|| rest.next()) {
             self.send_pull(ctx, from, step, rest.collect(), meta);
-        } else if meta.for_backfill {
+            return;
+        }
+        if meta.for_backfill {
             self.backfill_caught_up(ctx, from);
-        } else if meta.pruned {
+            return;
+        }
+        if meta.confirms {
+            self.barrier_confirmed(ctx, from);
+        }
+        if meta.pruned {
             // As the engine's peer actor after a catch-up whose peer pruned what this device
             // lacks: the shared records come again from snapshots.
             let request = ResyncRequest {

@@ -277,6 +277,9 @@ struct World {
     jumped: Option<(usize, Duration)>,
     /// The device that stopped reading its connections (`stall`), and when it reads again.
     stalled: Option<(usize, Duration)>,
+    /// Devices re-created under their identity (`recreate`): like the joining device, they may
+    /// lack what was pruned while they had it, and backfill.
+    reborn: BTreeSet<usize>,
     trace: Trace,
     violations: Vec<String>,
     next_request: u64,
@@ -341,6 +344,7 @@ impl World {
             offline: BTreeSet::new(),
             jumped: None,
             stalled: None,
+            reborn: BTreeSet::new(),
             trace: Trace::default(),
             violations: Vec::new(),
             next_request: 0,
@@ -534,6 +538,26 @@ impl World {
                 _ => {}
             }
         }
+        if faults.recreate && self.rng.chance(0.002) {
+            let device = below(&mut self.rng, n);
+            let seed = self.rng.next_u64();
+            // Only once another device holds everything it wrote (a peer acknowledged it, as the
+            // real mode waits for): otherwise its writes would be lost with its file, as in life.
+            if self.devices[device].is_up()
+                && self.devices[device].durable.ready()
+                && self.held_elsewhere(device)
+            {
+                // Stopped first: its links drop, so peers forget what they were doing with the
+                // old copy (a backfill served by it rebases), as when the engine stops.
+                self.devices[device].crash();
+                self.sync_links();
+                self.devices[device].recreate(self.now, seed);
+                self.marks[device] = Marks::default();
+                self.reborn.insert(device);
+                self.stats.recreates += 1;
+                self.trace.record(Event::Fault, &[14, device as u64]);
+            }
+        }
         if faults.skew && self.rng.chance(0.01) {
             // A wall clock steps (NTP correction, a user changing the time): up to 2 s either way.
             let device = below(&mut self.rng, n);
@@ -543,6 +567,23 @@ impl World {
         }
         self.apply_partitions();
         self.sync_links();
+    }
+
+    /// Whether some other device holds everything `device` wrote: its rows up to its own mark and
+    /// the shared changes of each of its incarnations.
+    fn held_elsewhere(&self, device: usize) -> bool {
+        let me = &self.devices[device];
+        let own = me.durable.state.get(me.id, STATE_MODEL);
+        (0..self.born).filter(|other| *other != device).any(|other| {
+            let durable = &self.devices[other].durable;
+            durable.ready()
+                && durable.state.get(me.id, STATE_MODEL) >= own
+                && me
+                    .durable
+                    .incarnations
+                    .iter()
+                    .all(|origin| durable.shared.get(*origin) >= me.durable.shared.get(*origin))
+        })
     }
 
     /// Makes the network's partitions match the cut links and offline devices.
@@ -774,8 +815,11 @@ impl World {
                     } else {
                         "never applied"
                     };
+                    let change = self.changes.get(&(origin, missing));
+                    let record = change.and_then(|change| durable.records.get(&change.record));
                     violations.push(format!(
-                        "{}'s watermark of {origin} rose to {seq} over change {missing}, {how}",
+                        "{}'s watermark of {origin} rose to {seq} over change {missing}, {how} \
+                         (the change: {change:?}; the record here: {record:?})",
                         device.id
                     ));
                 }
@@ -830,9 +874,11 @@ impl World {
                 // device is left out: paired after this device may have pruned, it backfills
                 // (from either of its peers, outside `full`).
                 let paired = &self.neighbours[self.index_of(device.id).unwrap_or(0)];
-                for other in self.devices[..self.born.min(self.config.peers)]
+                for (_, other) in self.devices[..self.born.min(self.config.peers)]
                     .iter()
-                    .filter(|other| other.durable.ready() && paired.contains(&other.id))
+                    .enumerate()
+                    .filter(|(index, _)| !self.reborn.contains(index))
+                    .filter(|(_, other)| other.durable.ready() && paired.contains(&other.id))
                 {
                     let needs_from = other.durable.shared.get(*origin);
                     // Past a retention cap a device is left behind (it catches up from snapshots).
@@ -855,8 +901,10 @@ impl World {
                 *at = (*at).max(*seq);
                 newest
             });
-        let ready = |other: &&Device| other.durable.ready() && !self.config.faults.retention;
-        for other in self.devices[..self.born].iter().filter(ready) {
+        let ready = |(index, other): &(usize, &Device)| {
+            other.durable.ready() && !self.config.faults.retention && !self.reborn.contains(index)
+        };
+        for (_, other) in self.devices[..self.born].iter().enumerate().filter(ready) {
             for (origin, last) in &newest {
                 let next = other.durable.shared.get(*origin) + 1;
                 if next <= *last
@@ -980,7 +1028,12 @@ impl World {
                 }
             }
             for (owner, version) in &self.oracle.newest_row {
-                if durable.state.get(*owner, STATE_MODEL) != Some(*version) {
+                // The owner's newest row, or its own mark where a barrier raised it past that
+                // (a re-created device's: every peer then compares once and takes it).
+                let own = self
+                    .index_of(*owner)
+                    .and_then(|index| self.devices[index].durable.state.get(*owner, STATE_MODEL));
+                if durable.state.get(*owner, STATE_MODEL) != Some(*version).max(own) {
                     return Some(format!("{}'s mark of {owner}'s rows is behind", device.id));
                 }
             }

@@ -582,6 +582,9 @@ impl Device {
         }
         self.trace_backfill(ctx, Traced::Ready, ident(from));
         self.ack(ctx, from);
+        if self.durable.backfill.as_ref().is_some_and(Checkpoint::brought_back_own_rows) {
+            self.start_barrier(ctx);
+        }
     }
 
     /// Serves a backfill page of `owner`'s rows in primary-key order after the cursor, as the
