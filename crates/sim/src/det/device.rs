@@ -262,6 +262,10 @@ struct Volatile {
     asked_marks: BTreeMap<u64, (DeviceId, Duration)>,
     /// Ask every connected peer for its watermarks on the next tick (the barrier just started).
     ask_all: bool,
+    /// Live batches from a peer that arrived while a catch-up from it ran: the engine's peer
+    /// actor reads its mailbox only once the catch-up ended, so they wait for it (applied then,
+    /// in order; dropped if the peer disconnects, as the actor's mailbox is).
+    held_batches: BTreeMap<DeviceId, Vec<Message>>,
     batcher: Batcher,
     retry: RetryQueue<Message>,
     next_heartbeat: Duration,
@@ -496,6 +500,7 @@ impl Device {
             barrier: OwnRowsBarrier::default(),
             asked_marks: BTreeMap::new(),
             ask_all: false,
+            held_batches: BTreeMap::new(),
             batcher: Batcher::new(tuning::BATCH_WINDOW, tuning::MAX_BATCH_ROWS),
             retry: RetryQueue::new(tuning::retry(), retry_seed),
             next_heartbeat: now,
@@ -663,6 +668,24 @@ impl Device {
         if let Some(volatile) = self.volatile.as_mut() {
             volatile.asked_marks.retain(|_, (_, deadline)| *deadline > ctx.now);
         }
+        // The batches held while a catch-up from their sender ran, once it ended.
+        let released: Vec<(DeviceId, Vec<Message>)> =
+            self.volatile.as_mut().map_or_else(Vec::new, |volatile| {
+                let done: Vec<DeviceId> = volatile
+                    .held_batches
+                    .keys()
+                    .copied()
+                    .filter(|peer| !volatile.pulls.contains_key(peer))
+                    .collect();
+                done.into_iter()
+                    .filter_map(|peer| volatile.held_batches.remove(&peer).map(|held| (peer, held)))
+                    .collect()
+            });
+        for (peer, batches) in released {
+            for message in batches {
+                self.on_wire(ctx, peer, Wire::OneWay(message));
+            }
+        }
         if let Some(volatile) = self.volatile.as_mut()
             && std::mem::take(&mut volatile.ask_all)
         {
@@ -827,6 +850,7 @@ impl Device {
         if let Some(volatile) = self.volatile.as_mut() {
             volatile.retry.peer_offline(peer);
             volatile.pulls.remove(&peer);
+            volatile.held_batches.remove(&peer);
         }
         self.backfill_peer_offline(ctx, peer);
     }
@@ -1019,6 +1043,14 @@ impl Device {
         // batches: the backfill's pages and the catch-up after them bring those changes.
         let live = matches!(wire, Wire::OneWay(Message::SharedBatch(_) | Message::StateBatch(_)));
         if live && !self.durable.ready() {
+            return;
+        }
+        if live
+            && let Some(volatile) = self.volatile.as_mut()
+            && volatile.pulls.contains_key(&from)
+            && let Wire::OneWay(message) = wire
+        {
+            volatile.held_batches.entry(from).or_default().push(message);
             return;
         }
         match wire {
