@@ -262,6 +262,9 @@ struct Volatile {
     asked_marks: BTreeMap<u64, (DeviceId, Duration)>,
     /// Ask every connected peer for its watermarks on the next tick (the barrier just started).
     ask_all: bool,
+    /// Answers to this device's watermark requests that came while a catch-up from the peer ran:
+    /// the catch-up they plan follows it (the engine's actor runs one catch-up after the other).
+    answered: BTreeMap<DeviceId, Watermarks>,
     /// Live batches from a peer that arrived while a catch-up from it ran: the engine's peer
     /// actor reads its mailbox only once the catch-up ended, so they wait for it (applied then,
     /// in order; dropped if the peer disconnects, as the actor's mailbox is).
@@ -500,6 +503,7 @@ impl Device {
             barrier: OwnRowsBarrier::default(),
             asked_marks: BTreeMap::new(),
             ask_all: false,
+            answered: BTreeMap::new(),
             held_batches: BTreeMap::new(),
             batcher: Batcher::new(tuning::BATCH_WINDOW, tuning::MAX_BATCH_ROWS),
             retry: RetryQueue::new(tuning::retry(), retry_seed),
@@ -668,6 +672,22 @@ impl Device {
         if let Some(volatile) = self.volatile.as_mut() {
             volatile.asked_marks.retain(|_, (_, deadline)| *deadline > ctx.now);
         }
+        // Answers that came during a catch-up from their peer, once it ended.
+        let answered: Vec<(DeviceId, Watermarks)> =
+            self.volatile.as_mut().map_or_else(Vec::new, |volatile| {
+                let done: Vec<DeviceId> = volatile
+                    .answered
+                    .keys()
+                    .copied()
+                    .filter(|peer| !volatile.pulls.contains_key(peer))
+                    .collect();
+                done.into_iter()
+                    .filter_map(|peer| volatile.answered.remove(&peer).map(|theirs| (peer, theirs)))
+                    .collect()
+            });
+        for (peer, theirs) in answered {
+            self.confirming_pull(ctx, peer, &theirs);
+        }
         // The batches held while a catch-up from their sender ran, once it ended.
         let released: Vec<(DeviceId, Vec<Message>)> =
             self.volatile.as_mut().map_or_else(Vec::new, |volatile| {
@@ -821,6 +841,23 @@ impl Device {
         }
     }
 
+    /// The catch-up an answer to this device's watermark request plans; its end confirms the
+    /// peer for the barrier (at once if there is nothing to pull).
+    fn confirming_pull(&mut self, ctx: &mut Ctx<'_>, peer: DeviceId, theirs: &Watermarks) {
+        if !self.durable.ready() {
+            return;
+        }
+        if self.begin_pull(ctx, peer, theirs, false) {
+            if let Some(pull) =
+                self.volatile.as_mut().and_then(|volatile| volatile.pulls.get_mut(&peer))
+            {
+                pull.meta.confirms = true;
+            }
+        } else {
+            self.barrier_confirmed(ctx, peer);
+        }
+    }
+
     /// `peer` answered a watermark request of this device's and it holds what `peer` holds: the
     /// barrier fires once that was the last peer waited for.
     fn barrier_confirmed(&mut self, ctx: &mut Ctx<'_>, peer: DeviceId) {
@@ -851,6 +888,7 @@ impl Device {
             volatile.retry.peer_offline(peer);
             volatile.pulls.remove(&peer);
             volatile.held_batches.remove(&peer);
+            volatile.answered.remove(&peer);
         }
         self.backfill_peer_offline(ctx, peer);
     }
@@ -1364,18 +1402,12 @@ impl Device {
                     .volatile
                     .as_ref()
                     .is_some_and(|volatile| volatile.pulls.contains_key(&from));
-                if !pulling && self.durable.ready() {
-                    if self.begin_pull(ctx, from, &theirs, false) {
-                        if let Some(pull) = self
-                            .volatile
-                            .as_mut()
-                            .and_then(|volatile| volatile.pulls.get_mut(&from))
-                        {
-                            pull.meta.confirms = true;
-                        }
-                    } else {
-                        self.barrier_confirmed(ctx, from);
+                if pulling {
+                    if let Some(volatile) = self.volatile.as_mut() {
+                        volatile.answered.insert(from, theirs);
                     }
+                } else {
+                    self.confirming_pull(ctx, from, &theirs);
                 }
             }
             return;
