@@ -279,6 +279,16 @@ struct Volatile {
     backfill: Option<backfill::Driver>,
 }
 
+/// Takes out of `held` what waits for peers no catch-up runs from any more.
+fn after_pulls<T>(
+    held: &mut BTreeMap<DeviceId, T>,
+    pulls: &BTreeMap<DeviceId, Pull>,
+) -> Vec<(DeviceId, T)> {
+    let done: Vec<DeviceId> =
+        held.keys().copied().filter(|peer| !pulls.contains_key(peer)).collect();
+    done.into_iter().filter_map(|peer| held.remove(&peer).map(|value| (peer, value))).collect()
+}
+
 /// Everything a device's handlers reach beyond the device itself.
 pub(super) struct Ctx<'a> {
     /// Virtual time since the start of the run.
@@ -673,34 +683,17 @@ impl Device {
             volatile.asked_marks.retain(|_, (_, deadline)| *deadline > ctx.now);
         }
         // Answers that came during a catch-up from their peer, once it ended.
-        let answered: Vec<(DeviceId, Watermarks)> =
-            self.volatile.as_mut().map_or_else(Vec::new, |volatile| {
-                let done: Vec<DeviceId> = volatile
-                    .answered
-                    .keys()
-                    .copied()
-                    .filter(|peer| !volatile.pulls.contains_key(peer))
-                    .collect();
-                done.into_iter()
-                    .filter_map(|peer| volatile.answered.remove(&peer).map(|theirs| (peer, theirs)))
-                    .collect()
-            });
+        let answered = self
+            .volatile
+            .as_mut()
+            .map_or_else(Vec::new, |volatile| after_pulls(&mut volatile.answered, &volatile.pulls));
         for (peer, theirs) in answered {
             self.confirming_pull(ctx, peer, &theirs);
         }
         // The batches held while a catch-up from their sender ran, once it ended.
-        let released: Vec<(DeviceId, Vec<Message>)> =
-            self.volatile.as_mut().map_or_else(Vec::new, |volatile| {
-                let done: Vec<DeviceId> = volatile
-                    .held_batches
-                    .keys()
-                    .copied()
-                    .filter(|peer| !volatile.pulls.contains_key(peer))
-                    .collect();
-                done.into_iter()
-                    .filter_map(|peer| volatile.held_batches.remove(&peer).map(|held| (peer, held)))
-                    .collect()
-            });
+        let released = self.volatile.as_mut().map_or_else(Vec::new, |volatile| {
+            after_pulls(&mut volatile.held_batches, &volatile.pulls)
+        });
         for (peer, batches) in released {
             for message in batches {
                 self.on_wire(ctx, peer, Wire::OneWay(message));
