@@ -265,10 +265,6 @@ struct Volatile {
     /// Answers to this device's watermark requests that came while a catch-up from the peer ran:
     /// the catch-up they plan follows it (the engine's actor runs one catch-up after the other).
     answered: BTreeMap<DeviceId, Watermarks>,
-    /// Live batches from a peer that arrived while a catch-up from it ran: the engine's peer
-    /// actor reads its mailbox only once the catch-up ended, so they wait for it (applied then,
-    /// in order; dropped if the peer disconnects, as the actor's mailbox is).
-    held_batches: BTreeMap<DeviceId, Vec<Message>>,
     batcher: Batcher,
     retry: RetryQueue<Message>,
     next_heartbeat: Duration,
@@ -514,7 +510,6 @@ impl Device {
             asked_marks: BTreeMap::new(),
             ask_all: false,
             answered: BTreeMap::new(),
-            held_batches: BTreeMap::new(),
             batcher: Batcher::new(tuning::BATCH_WINDOW, tuning::MAX_BATCH_ROWS),
             retry: RetryQueue::new(tuning::retry(), retry_seed),
             next_heartbeat: now,
@@ -689,15 +684,6 @@ impl Device {
             .map_or_else(Vec::new, |volatile| after_pulls(&mut volatile.answered, &volatile.pulls));
         for (peer, theirs) in answered {
             self.confirming_pull(ctx, peer, &theirs);
-        }
-        // The batches held while a catch-up from their sender ran, once it ended.
-        let released = self.volatile.as_mut().map_or_else(Vec::new, |volatile| {
-            after_pulls(&mut volatile.held_batches, &volatile.pulls)
-        });
-        for (peer, batches) in released {
-            for message in batches {
-                self.on_wire(ctx, peer, Wire::OneWay(message));
-            }
         }
         if let Some(volatile) = self.volatile.as_mut()
             && std::mem::take(&mut volatile.ask_all)
@@ -880,7 +866,6 @@ impl Device {
         if let Some(volatile) = self.volatile.as_mut() {
             volatile.retry.peer_offline(peer);
             volatile.pulls.remove(&peer);
-            volatile.held_batches.remove(&peer);
             volatile.answered.remove(&peer);
         }
         self.backfill_peer_offline(ctx, peer);
@@ -1074,14 +1059,6 @@ impl Device {
         // batches: the backfill's pages and the catch-up after them bring those changes.
         let live = matches!(wire, Wire::OneWay(Message::SharedBatch(_) | Message::StateBatch(_)));
         if live && !self.durable.ready() {
-            return;
-        }
-        if live
-            && let Some(volatile) = self.volatile.as_mut()
-            && volatile.pulls.contains_key(&from)
-            && let Wire::OneWay(message) = wire
-        {
-            volatile.held_batches.entry(from).or_default().push(message);
             return;
         }
         match wire {
