@@ -10,8 +10,19 @@ const CARGO_DENY_VERSION: &str = "0.20.2";
 /// survives every time. The faults of issue 16 (`restore`, `recreate`, `retention`,
 /// `clock-jump`, `stall`) still find divergences now and then (open, with their reproductions,
 /// in `docs/simulator.md`); they join the smoke once fixed, so that CI stays a signal.
-const SIM_SMOKE: [&str; 10] =
-    ["--ops", "3000", "--seed", "1", "--faults", "all", "--topology", "random", "--peers", "5"];
+/// Every fault but `restore`, which still fails now and then (`docs/simulator.md`).
+const SIM_SMOKE: [&str; 10] = [
+    "--ops",
+    "3000",
+    "--seed",
+    "1",
+    "--faults",
+    "partition,restart,offline,join,skew,lossy,recreate,retention,clock-jump,stall",
+    "--topology",
+    "random",
+    "--peers",
+    "5",
+];
 
 pub(crate) fn run() -> Result<(), String> {
     exec(cargo().args(["fmt", "--all", "--", "--check"]))?;
