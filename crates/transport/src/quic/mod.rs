@@ -782,7 +782,13 @@ async fn serve_pairing(inner: &Arc<Inner>, connection: quinn::Connection) {
         let (answer, paired) = match reader.next_message().await {
             Incoming::Message(Message::PairRequest(request)) => {
                 match redeem(inner, &connection, request) {
-                    Ok((peer, response)) => (response, Some(peer)),
+                    Ok((peer, response)) => {
+                        // Reported before the answer goes out: the joiner dials as soon as it
+                        // reads it, and `Paired` must come before that connection's `Connected`.
+                        // The events channel may be closed if the application is gone.
+                        let _ = inner.events.send(TransportEvent::Paired(peer.clone())).await;
+                        (response, Some(peer))
+                    }
                     Err(refusal) => (refusal, None),
                 }
             }
@@ -814,8 +820,6 @@ async fn serve_pairing(inner: &Arc<Inner>, connection: quinn::Connection) {
         // The joiner dials right away; dialing it at the same moment would only race that
         // connection (one of the two would be closed), so this side's first attempt waits.
         start_dialer(inner, peer.device, false);
-        // The events channel may be closed if the application is gone; nothing to report to then.
-        let _ = inner.events.send(TransportEvent::Paired(peer)).await;
     }
 }
 
