@@ -816,7 +816,9 @@ async fn compare_rows<T: Transport>(
                 // the peer's collected mark too, which is above this device's mark, so the peer
                 // applied it and would not hold the row. A row it holds that this device lacks
                 // comes from a copy rolled back and resynced, after its barrier
-                // (`own_rows_barrier`). Tombstones held here still win.
+                // (`own_rows_barrier`). Tombstones held here still win. Unless live batches
+                // raised the mark above the peer's meanwhile (`comparison_mark`).
+                let mark = lsync_watermark::sql::state_mark(conn, owner, &model).await?;
                 let applied = lsync_state_sync::sql::apply_rows_known_through(
                     conn,
                     &registry,
@@ -825,7 +827,7 @@ async fn compare_rows<T: Transport>(
                     &page.columns,
                     page.rows,
                     false,
-                    None,
+                    lsync_state_sync::comparison_mark(mark, target),
                     now_ms(),
                 )
                 .await?;

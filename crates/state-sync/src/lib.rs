@@ -83,7 +83,12 @@ pub enum Decision {
 ///
 /// A row neither held nor remembered by a tombstone, at a version at or below the mark, was
 /// deleted here and its tombstone collected since: a late copy (a re-sent batch, a stale peer's
-/// page) is stale, or it would come back for good.
+/// page) is stale, or it would come back for good. Likewise a version at or below the mark that
+/// is newer than what is held: what is held already reflects every change up to the mark, so
+/// that version was superseded by a delete this copy holds no newer tombstone of.
+///
+/// `mark` is `None` where what arrives is authoritative whatever this device saw (a comparison
+/// of rows with a peer): then only versions decide.
 pub fn decide(
     current: Current,
     owner: DeviceId,
@@ -97,6 +102,13 @@ pub fn decide(
         | Current::Tombstone { owner: held_by, version: held } => {
             if held_by != owner {
                 Decision::WrongOwner { owner: held_by }
+            } else if version > held && Some(version) <= mark {
+                // Every change at or below the mark is reflected in what is held, so a newer
+                // one is not missing here: it was superseded by a delete whose tombstone this
+                // copy no longer holds (a comparison with a peer that had collected it kept
+                // only an older tombstone). A late copy of it (a batch held through a catch-up,
+                // a re-sent batch) would bring the row back for good.
+                Decision::Stale
             } else if version > held {
                 Decision::Apply
             } else {
@@ -104,6 +116,21 @@ pub fn decide(
             }
         }
     }
+}
+
+/// The mark a comparison's page is applied against ([`decide`]'s `mark`), given this device's
+/// mark for the owner's rows (`mark`) and the peer's, which the comparison raises it to
+/// (`target`).
+///
+/// Where this device's mark is at or below the peer's, the peer applied every deletion this
+/// device saw, so a row the peer holds is alive whatever this device's mark says: `None`, the
+/// page decides by versions alone (a copy rolled back gets back rows it lost). Where this
+/// device's mark rose above the peer's while the comparison ran (live batches from the owner),
+/// the peer has not seen the deletions in between: rows it still holds at or below this
+/// device's mark are refused as they would be from any late copy, or a row deleted and
+/// collected here in the meantime comes back for good.
+pub fn comparison_mark(mark: Option<HlcTime>, target: HlcTime) -> Option<HlcTime> {
+    mark.filter(|mark| *mark > target)
 }
 
 /// The version of a local write of the owner's row: the clock's `now`, or — when the owner's
@@ -269,7 +296,38 @@ mod tests {
         assert_eq!(decide(Current::Absent, owner, t(4), Some(t(5))), Decision::Stale);
         assert_eq!(decide(Current::Absent, owner, t(6), Some(t(5))), Decision::Apply);
         let row = Current::Row { owner, version: t(2) };
-        assert_eq!(decide(row, owner, t(4), Some(t(5))), Decision::Apply, "held rows update");
+        assert_eq!(decide(row, owner, t(6), Some(t(5))), Decision::Apply, "held rows update");
+    }
+
+    /// `--faults all --topology full --seed 4796` of the deterministic mode, with live batches
+    /// held through a catch-up: a comparison with a peer that had collected a delete left an
+    /// older tombstone here and raised the mark over the delete; a batch from before the delete,
+    /// applied after, brought the row back on this device for good.
+    #[test]
+    fn a_version_at_or_below_the_mark_newer_than_what_is_held_was_superseded_and_is_stale() {
+        let owner = device(1);
+        let tombstone = Current::Tombstone { owner, version: t(2) };
+        assert_eq!(decide(tombstone, owner, t(4), Some(t(6))), Decision::Stale);
+        assert_eq!(decide(tombstone, owner, t(6), Some(t(6))), Decision::Stale);
+        assert_eq!(decide(tombstone, owner, t(7), Some(t(6))), Decision::Apply);
+        let row = Current::Row { owner, version: t(2) };
+        assert_eq!(decide(row, owner, t(4), Some(t(6))), Decision::Stale);
+        assert_eq!(decide(row, owner, t(4), None), Decision::Apply, "a comparison's rows apply");
+    }
+
+    /// `--faults all --topology full --seed 9376` of the deterministic mode: live batches from
+    /// the owner raised this device's mark past the peer's during a comparison, a delete among
+    /// them was collected here, and the comparison's page brought the row back.
+    #[test]
+    fn a_comparison_refuses_rows_below_a_mark_that_rose_above_the_peers() {
+        let owner = device(1);
+        assert_eq!(comparison_mark(Some(t(5)), t(7)), None);
+        assert_eq!(comparison_mark(Some(t(7)), t(7)), None);
+        assert_eq!(comparison_mark(None, t(7)), None);
+        let mark = comparison_mark(Some(t(9)), t(7));
+        assert_eq!(mark, Some(t(9)));
+        assert_eq!(decide(Current::Absent, owner, t(6), mark), Decision::Stale);
+        assert_eq!(decide(Current::Absent, owner, t(6), None), Decision::Apply);
     }
 
     #[test]

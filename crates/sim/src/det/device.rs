@@ -28,7 +28,9 @@ use lsync_protocol::{
     StatePage, StateRow, Value, Watermarks,
 };
 use lsync_shared_sync::RecordState;
-use lsync_state_sync::{Current, Decision, TombstoneGroup, decide, plan_tombstone_gc};
+use lsync_state_sync::{
+    Current, Decision, TombstoneGroup, comparison_mark, decide, plan_tombstone_gc,
+};
 use lsync_transport::{MemoryNetwork, SendOutcome};
 use lsync_watermark::{CatchUpStep, SharedProgress, StateProgress, advance_contiguous};
 use uuid::Uuid;
@@ -265,6 +267,10 @@ struct Volatile {
     /// Answers to this device's watermark requests that came while a catch-up from the peer ran:
     /// the catch-up they plan follows it (the engine's actor runs one catch-up after the other).
     answered: BTreeMap<DeviceId, Watermarks>,
+    /// Live batches from a peer that arrived while a catch-up from it ran: the engine's peer
+    /// actor reads its mailbox only once the catch-up ended, so they wait for it (applied then,
+    /// in order; dropped if the peer disconnects, as the actor's mailbox is).
+    held_batches: BTreeMap<DeviceId, Vec<Message>>,
     batcher: Batcher,
     retry: RetryQueue<Message>,
     next_heartbeat: Duration,
@@ -510,6 +516,7 @@ impl Device {
             asked_marks: BTreeMap::new(),
             ask_all: false,
             answered: BTreeMap::new(),
+            held_batches: BTreeMap::new(),
             batcher: Batcher::new(tuning::BATCH_WINDOW, tuning::MAX_BATCH_ROWS),
             retry: RetryQueue::new(tuning::retry(), retry_seed),
             next_heartbeat: now,
@@ -684,6 +691,15 @@ impl Device {
             .map_or_else(Vec::new, |volatile| after_pulls(&mut volatile.answered, &volatile.pulls));
         for (peer, theirs) in answered {
             self.confirming_pull(ctx, peer, &theirs);
+        }
+        // The batches held while a catch-up from their sender ran, once it ended.
+        let released = self.volatile.as_mut().map_or_else(Vec::new, |volatile| {
+            after_pulls(&mut volatile.held_batches, &volatile.pulls)
+        });
+        for (peer, batches) in released {
+            for message in batches {
+                self.on_wire(ctx, peer, Wire::OneWay(message));
+            }
         }
         if let Some(volatile) = self.volatile.as_mut()
             && std::mem::take(&mut volatile.ask_all)
@@ -866,6 +882,7 @@ impl Device {
         if let Some(volatile) = self.volatile.as_mut() {
             volatile.retry.peer_offline(peer);
             volatile.pulls.remove(&peer);
+            volatile.held_batches.remove(&peer);
             volatile.answered.remove(&peer);
         }
         self.backfill_peer_offline(ctx, peer);
@@ -1061,6 +1078,14 @@ impl Device {
         if live && !self.durable.ready() {
             return;
         }
+        if live
+            && let Some(volatile) = self.volatile.as_mut()
+            && volatile.pulls.contains_key(&from)
+            && let Wire::OneWay(message) = wire
+        {
+            volatile.held_batches.entry(from).or_default().push(message);
+            return;
+        }
         match wire {
             Wire::OneWay(Message::SharedBatch(batch)) => {
                 self.apply_changes(ctx, &batch.changes);
@@ -1068,7 +1093,7 @@ impl Device {
             }
             Wire::OneWay(Message::StateBatch(batch)) => {
                 let newest = batch.rows.iter().map(|row| row.version).max();
-                self.apply_rows(ctx, batch.owner, &batch.rows);
+                self.apply_rows(ctx, batch.owner, &batch.rows, None);
                 // The batch holds every change after its `since`: if this device already holds
                 // everything up to `since`, it now holds everything up to the batch's newest.
                 if let Some(newest) = newest
@@ -1220,7 +1245,16 @@ impl Device {
         }
     }
 
-    fn apply_rows(&mut self, ctx: &mut Ctx<'_>, owner: DeviceId, rows: &[StateRow]) {
+    /// Applies `owner`'s rows by [`decide`], against this device's mark for them — or, for a
+    /// comparison's pages (`compared`: the peer's mark it raises this device's to), against
+    /// [`comparison_mark`], as the engine's `compare_rows`.
+    fn apply_rows(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        owner: DeviceId,
+        rows: &[StateRow],
+        compared: Option<HlcTime>,
+    ) {
         for row in rows {
             if let Some(creator) = ctx.creators.get(&row.id)
                 && *creator != owner
@@ -1233,6 +1267,7 @@ impl Device {
             self.receive_stamp(ctx, Hlc::new(row.version, owner));
             let current = self.durable.rows.get(&row.id).map_or(Current::Absent, Held::current);
             let mark = self.durable.state.get(owner, STATE_MODEL);
+            let mark = compared.map_or(mark, |target| comparison_mark(mark, target));
             // This device holds every row of `owner` whose newest version is at or below its
             // mark: one it lacks there was deleted, and its tombstone may have been collected;
             // `decide` refuses a late copy (a re-sent batch), which would bring it back for good.
@@ -1312,6 +1347,17 @@ impl Device {
         rest: Vec<PullStep>,
         meta: PullMeta,
     ) {
+        let deadline = ctx.now + tuning::REQUEST_TIMEOUT;
+        let waiting = self.rows_busy(peer, &step);
+        // As the engine's `compare_rows` once it holds the lock: a comparison that another made
+        // needless (this device's mark reached what the peer forgot meanwhile) is skipped.
+        if !waiting
+            && let PullStep::Compare { owner, forgotten, after: None, .. } = &step
+            && self.durable.state.get(*owner, STATE_MODEL) >= Some(*forgotten)
+        {
+            self.pull_goes_on(ctx, peer, None, rest, meta);
+            return;
+        }
         let request = *ctx.next_request;
         *ctx.next_request += 1;
         let message = match &step {
@@ -1343,8 +1389,6 @@ impl Device {
                 })
             }
         };
-        let deadline = ctx.now + tuning::REQUEST_TIMEOUT;
-        let waiting = self.rows_busy(peer, &step);
         if let Some(volatile) = self.volatile.as_mut() {
             volatile
                 .pulls
@@ -1426,7 +1470,7 @@ impl Device {
                 (again && !origins.is_empty()).then_some(PullStep::Shared { origins })
             }
             (PullStep::State { owner, target, .. }, Message::StatePage(page)) => {
-                self.apply_rows(ctx, owner, &page.rows);
+                self.apply_rows(ctx, owner, &page.rows, None);
                 let last =
                     page.rows.last().map(|row| StateCursor { version: row.version, id: row.id });
                 if page.more && last.is_some() {
@@ -1451,7 +1495,7 @@ impl Device {
                 }
                 // As the engine's `compare_rows`: apply the page, delete what the peer no longer
                 // holds in its key range at or below its mark; the last page raises the marks.
-                self.apply_rows(ctx, owner, &page.rows);
+                self.apply_rows(ctx, owner, &page.rows, Some(target));
                 let held: Vec<(Uuid, HlcTime)> =
                     page.rows.iter().map(|row| (row.id, row.version)).collect();
                 let last = held.last().map(|(id, _)| *id);
@@ -1471,7 +1515,19 @@ impl Device {
                 None
             }
         };
-        let mut rest = pull.rest.into_iter();
+        self.pull_goes_on(ctx, from, next, pull.rest, meta);
+    }
+
+    /// Sends the pull's next step (`next`, or the first of `rest`), or ends the pull.
+    fn pull_goes_on(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        from: DeviceId,
+        next: Option<PullStep>,
+        rest: Vec<PullStep>,
+        meta: PullMeta,
+    ) {
+        let mut rest = rest.into_iter();
         if let Some(step) = next.or_else(|| rest.next()) {
             self.send_pull(ctx, from, step, rest.collect(), meta);
             return;

@@ -503,7 +503,7 @@ impl Device {
         }
         let keys: Vec<Uuid> = page.rows.iter().map(|row| row.id).collect();
         self.check_page(ctx, &keys, after);
-        self.apply_rows(ctx, page.owner, &page.rows);
+        self.apply_rows(ctx, page.owner, &page.rows, None);
         let held: Vec<(Uuid, lsync_hlc::HlcTime)> =
             page.rows.iter().map(|row| (row.id, row.version)).collect();
         let fetched = Fetched {
