@@ -298,6 +298,102 @@ async fn a_restored_copy_that_resynced_from_a_peer_that_knew_less_gets_its_rows_
     c.close().await;
 }
 
+/// a deletes rows after a backup, in a later session; b hears of the deletes, c (away) does
+/// not. a's `library.db` is restored (a knows, and resyncs): its first resync comes from b,
+/// which deleted the rows too. Then c, back while b is away, tells a what it saw of a's session
+/// before (writes the backup lacks), and a resyncs from c, which still holds the rows. Taking a's own rows "by c's word" brought them back on a, and
+/// the barrier then had every peer take them from a (the real-mode simulator, `--topology chain
+/// --seed 13`: 151 deleted entries alive everywhere). Rows the first resync's source held a's
+/// rows complete through stay decided by it: a later resync from a peer that heard less takes
+/// only rows above that mark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_resync_from_a_peer_that_heard_less_does_not_bring_back_rows_the_first_deleted() {
+    let library = new_library();
+    // Tombstones go soon: b forgets the deletes before a is restored, so the resync from b
+    // brings neither the rows nor their tombstones.
+    let config = SyncConfig { tombstone_retention: Duration::from_millis(200), ..test_config() };
+    let start = async |name: &str| {
+        Node::start_in(tempfile::tempdir().unwrap(), library, name, config.clone(), true).await
+    };
+    let (mut a, mut b, mut c) = (start("a").await, start("b").await, start("c").await);
+    pair(&mut a, &mut b).await;
+    pair(&mut a, &mut c).await;
+    pair(&mut b, &mut c).await;
+    let doomed: Vec<RowEdit> = (0..5).map(|i| entry(&format!("doomed {i}"))).collect();
+    let ids: Vec<Uuid> = doomed
+        .iter()
+        .map(|row| match row {
+            RowEdit::Upsert { id, .. } => *id,
+            _ => unreachable!(),
+        })
+        .collect();
+    a.library.write_rows("entries", doomed).await.unwrap();
+    converge(&mut [&mut a, &mut b, &mut c]).await;
+    let backup = back_up(&a).await;
+    // Written after the backup and heard by c, so that c knows a's copy went further.
+    a.library.write_rows("entries", vec![entry("after the backup")]).await.unwrap();
+    converge(&mut [&mut a, &mut b, &mut c]).await;
+    let c_id = c.device();
+    a.library.set_sync_enabled(false).await;
+    a.library.set_sync_enabled(true).await;
+    caught_up(&mut a, c_id).await;
+    c.library.set_sync_enabled(false).await;
+    // A new session (a new incarnation) deletes the rows: once a is restored, c's view of the
+    // old session shows a rollback even after a learned of the new one from b.
+    let a_dir = a.close().await;
+    let mut a = Node::start_in(a_dir, library, "a", config.clone(), false).await;
+
+    let deletes = ids.iter().map(|id| RowEdit::Delete { id: *id }).collect();
+    a.library.write_rows("entries", deletes).await.unwrap();
+    converge(&mut [&mut a, &mut b]).await;
+    let b_id = b.device();
+    a.library.set_sync_enabled(false).await;
+    a.library.set_sync_enabled(true).await;
+    caught_up(&mut a, b_id).await;
+    // b collects the tombstones (c, away, is left behind by the retention).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let held: i64 = sqlx::query_scalar("SELECT count(*) FROM sync_tombstones")
+            .fetch_one(b.library.reader())
+            .await
+            .unwrap();
+        if held == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "b still holds {held} tombstones");
+        // b's next event (a heartbeat's comes every 300 ms), then look again.
+        let _ = tokio::time::timeout(Duration::from_secs(1), b.events.recv()).await;
+    }
+
+    let a_dir = a.close().await;
+    restore(a_dir.path(), &backup, false);
+    let mut a = Node::start_in(a_dir, library, "a", config.clone(), false).await;
+    backfilled(&mut a).await;
+    let tables = converge(&mut [&mut a, &mut b]).await;
+    assert_eq!(tables["entries"].len(), 1, "the first resync, from b, deleted the doomed rows");
+
+    // b goes away, c comes back: a resyncs again, from c, which never saw the deletes.
+    b.library.set_sync_enabled(false).await;
+    c.library.set_sync_enabled(true).await;
+    a.wait_for(|event| match event {
+        lsync_node::Event::Backfill(progress)
+            if progress.phase != lsync_node::BackfillPhase::Ready
+                && progress.peer == Some(c_id) =>
+        {
+            Some(())
+        }
+        _ => None,
+    })
+    .await;
+    backfilled(&mut a).await;
+    b.library.set_sync_enabled(true).await;
+    let tables = converge(&mut [&mut a, &mut b, &mut c]).await;
+    assert_eq!(tables["entries"].len(), 1, "the doomed rows stay deleted everywhere");
+    a.close().await;
+    b.close().await;
+    c.close().await;
+}
+
 /// As above, but the whole folder is restored (the generation file too), so nothing at open can
 /// tell: b, which heard of a's copy after the backup, tells a, and a resyncs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -179,6 +179,15 @@ pub struct Checkpoint {
     /// copy records what it was told), so none may be dropped.
     #[serde(default)]
     pub resync_after: Vec<DeviceId>,
+    /// Marks through which a resync that deleted what its source no longer held (a rollback
+    /// resync) left this copy's rows exactly as its source held them: the source's marks when it
+    /// planned. Kept across later backfills. A later rollback resync from another peer takes
+    /// this device's own rows by that peer's word only above these marks ([`Checkpoint::
+    /// own_rows_known_through`]): a peer that heard less of the copy still holds rows it deleted,
+    /// which the first source had seen go, and they would come back (the real-mode simulator,
+    /// `--topology chain --seed 13`, and the barrier then spread them to every peer).
+    #[serde(default)]
+    pub resynced_through: Vec<StateMark>,
 }
 
 impl Checkpoint {
@@ -207,6 +216,7 @@ impl Checkpoint {
             collected_marks: Vec::new(),
             complete_before: false,
             resync_after: Vec::new(),
+            resynced_through: Vec::new(),
         }
     }
 
@@ -219,6 +229,18 @@ impl Checkpoint {
     /// joiner or a re-created device before its first backfill ends.
     pub fn serves(&self) -> bool {
         self.phase == Phase::Ready || (self.complete_before && !self.delete_missing)
+    }
+
+    /// The version through which a rollback resync's page of `owner`'s rows of `model` applies
+    /// against what this copy holds (`decide`'s mark), where `owner` is this device: `None` (by
+    /// the serving peer's word alone: this copy's own mark may lie above rows it lost) unless an
+    /// earlier rollback resync left those rows exactly as its source held them through a mark
+    /// ([`Checkpoint::resynced_through`]).
+    pub fn own_rows_known_through(&self, owner: DeviceId, model: &str) -> Option<HlcTime> {
+        self.resynced_through
+            .iter()
+            .find(|mark| mark.owner == owner && mark.model == model)
+            .map(|mark| mark.version)
     }
 
     /// Whether this finished backfill brought back this device's own rows from a peer: a full
@@ -689,6 +711,19 @@ impl Backfill {
         if self.checkpoint.phase == Phase::CatchingUp {
             self.checkpoint.phase = Phase::Ready;
             self.checkpoint.completed += 1;
+            if self.checkpoint.delete_missing && self.checkpoint.scope == Scope::Everything {
+                let checkpoint = &mut self.checkpoint;
+                for mark in &checkpoint.state_marks {
+                    match checkpoint
+                        .resynced_through
+                        .iter_mut()
+                        .find(|held| held.owner == mark.owner && held.model == mark.model)
+                    {
+                        Some(held) => held.version = held.version.max(mark.version),
+                        None => checkpoint.resynced_through.push(mark.clone()),
+                    }
+                }
+            }
             // The steps stay, as the report of the backfill that finished.
             self.checkpoint.cursor = None;
             self.checkpoint.peer = None;
@@ -740,9 +775,11 @@ impl Backfill {
             return;
         }
         let (completed, complete_before) = (checkpoint.completed, checkpoint.serves());
+        let resynced_through = std::mem::take(&mut checkpoint.resynced_through);
         *checkpoint = Checkpoint::with_phase(Phase::Uninitialized, scope, delete_missing);
         checkpoint.completed = completed;
         checkpoint.complete_before = complete_before;
+        checkpoint.resynced_through = resynced_through;
         self.run_start = None;
     }
 

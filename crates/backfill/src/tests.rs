@@ -518,6 +518,51 @@ fn rollbacks_reported_by_other_peers_during_a_rollback_resync_each_chain_one_mor
     assert!(machine.is_ready() && machine.checkpoint().brought_back_own_rows());
 }
 
+/// `world::a_second_resync_from_a_peer_that_heard_less_does_not_bring_back_rows_the_first_deleted`
+/// (the real-mode simulator's `--topology chain --seed 13`): a rollback resync's source held
+/// this copy's own rows complete through its marks, and a later rollback resync, chained or
+/// started anew, applies them against those marks instead of by its source's word alone.
+#[test]
+fn a_rollback_resync_leaves_marks_that_later_resyncs_apply_own_rows_against() {
+    let (me, first, second) = (device(1), device(2), device(3));
+    let finish = |machine: &mut Backfill| {
+        while let Command::Fetch { .. } = machine.next() {
+            machine.page(&[], false, 0, None, 0);
+        }
+        machine.caught_up();
+    };
+    let mut machine = Backfill::new(Checkpoint::ready());
+    // A backfill that deletes nothing leaves no such mark.
+    machine.resync(Scope::Everything, false);
+    let low = watermarks(first, &[], &[(me, "entries", 3)]);
+    machine.planned(first, &low, &models());
+    finish(&mut machine);
+    assert_eq!(machine.checkpoint().own_rows_known_through(me, "entries"), None);
+
+    machine.resync(Scope::Everything, true);
+    assert!(machine.rolled_back_by(second));
+    let theirs = watermarks(first, &[], &[(me, "entries", 7), (device(5), "entries", 9)]);
+    machine.planned(first, &theirs, &models());
+    assert_eq!(machine.checkpoint().own_rows_known_through(me, "entries"), None, "not yet");
+    finish(&mut machine);
+    // The chained resync from `second` keeps what the first one left.
+    let checkpoint = machine.checkpoint();
+    assert!(checkpoint.delete_missing && checkpoint.phase == Phase::Uninitialized);
+    assert_eq!(checkpoint.own_rows_known_through(me, "entries"), Some(time(7)));
+    assert_eq!(checkpoint.own_rows_known_through(me, "locations"), None);
+    let less = watermarks(second, &[], &[(me, "entries", 5)]);
+    machine.planned(second, &less, &models());
+    finish(&mut machine);
+    assert_eq!(machine.checkpoint().own_rows_known_through(me, "entries"), Some(time(7)));
+    // A later rollback resync, started anew, keeps them too, and raises them.
+    machine.resync(Scope::Everything, true);
+    assert_eq!(machine.checkpoint().own_rows_known_through(me, "entries"), Some(time(7)));
+    let more = watermarks(second, &[], &[(me, "entries", 11)]);
+    machine.planned(second, &more, &models());
+    finish(&mut machine);
+    assert_eq!(machine.checkpoint().own_rows_known_through(me, "entries"), Some(time(11)));
+}
+
 #[test]
 fn a_resync_request_is_stale_covered_chained_or_started() {
     let (source, other) = (device(2), device(3));

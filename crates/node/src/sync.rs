@@ -984,11 +984,14 @@ pub(crate) async fn apply_backfill_page(
                     // mark: a restored copy's mark may lie above rows it lost (it wrote newer
                     // ones since), which the mark would refuse as deleted here. What this device
                     // deleted is held as tombstones, or acknowledged by every peer and absent.
+                    // Except below the marks an earlier rollback resync left its rows exactly as
+                    // its source held them (`Checkpoint::resynced_through`): a peer that heard
+                    // less of this copy still holds rows that source had seen deleted.
                     // What the peer holds, for the resync's deletion (`delete_missing`).
                     let held: Vec<(uuid::Uuid, HlcTime)> =
                         page.rows.iter().map(|row| (row.id, row.version)).collect();
                     let known_through = if checkpoint.delete_missing && page.owner == device {
-                        None
+                        checkpoint.own_rows_known_through(device, &page.model)
                     } else {
                         lsync_watermark::sql::state_mark(conn, page.owner, &page.model).await?
                     };
