@@ -289,6 +289,14 @@ pub async fn backfill_reached(node: &mut Node, rows: u64) -> lsync_node::Backfil
     .await
 }
 
+/// `node` reconnects and catches up from `peer` again, so that `peer` hears where `node`'s copy
+/// is now (its incarnation and write count, told in the watermark request).
+pub async fn told_again(node: &mut Node, peer: DeviceId) {
+    node.library.set_sync_enabled(false).await;
+    node.library.set_sync_enabled(true).await;
+    caught_up(node, peer).await;
+}
+
 /// Waits until `node` finished a catch-up from `peer`.
 pub async fn caught_up(node: &mut Node, peer: DeviceId) {
     node.wait_for(|event| {

@@ -275,9 +275,7 @@ async fn a_restored_copy_that_resynced_from_a_peer_that_knew_less_gets_its_rows_
     converge(&mut [&mut a, &mut c]).await;
     // a catches up with c again, so c hears where a's copy is now.
     let c_id = c.device();
-    a.library.set_sync_enabled(false).await;
-    a.library.set_sync_enabled(true).await;
-    caught_up(&mut a, c_id).await;
+    told_again(&mut a, c_id).await;
     // c goes away (it keeps its address, so that a, whose address changes, reaches it again).
     c.library.set_sync_enabled(false).await;
 
@@ -334,9 +332,7 @@ async fn a_second_resync_from_a_peer_that_heard_less_does_not_bring_back_rows_th
     a.library.write_rows("entries", vec![entry("after the backup")]).await.unwrap();
     converge(&mut [&mut a, &mut b, &mut c]).await;
     let c_id = c.device();
-    a.library.set_sync_enabled(false).await;
-    a.library.set_sync_enabled(true).await;
-    caught_up(&mut a, c_id).await;
+    told_again(&mut a, c_id).await;
     c.library.set_sync_enabled(false).await;
     // A new session (a new incarnation) deletes the rows: once a is restored, c's view of the
     // old session shows a rollback even after a learned of the new one from b.
@@ -347,9 +343,7 @@ async fn a_second_resync_from_a_peer_that_heard_less_does_not_bring_back_rows_th
     a.library.write_rows("entries", deletes).await.unwrap();
     converge(&mut [&mut a, &mut b]).await;
     let b_id = b.device();
-    a.library.set_sync_enabled(false).await;
-    a.library.set_sync_enabled(true).await;
-    caught_up(&mut a, b_id).await;
+    told_again(&mut a, b_id).await;
     // b collects the tombstones (c, away, is left behind by the retention).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -414,9 +408,7 @@ async fn a_copy_restored_without_knowing_it_learns_it_from_a_peer_and_gets_its_l
     converge(&mut [&mut a, &mut b]).await;
     // a catches up with b again, so b hears where a's copy is now.
     let b_id = b.device();
-    a.library.set_sync_enabled(false).await;
-    a.library.set_sync_enabled(true).await;
-    caught_up(&mut a, b_id).await;
+    told_again(&mut a, b_id).await;
 
     let a_dir = a.close().await;
     restore(a_dir.path(), &backup, true);
