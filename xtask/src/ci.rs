@@ -6,18 +6,15 @@ use crate::{cargo, exec};
 const CARGO_DENY_VERSION: &str = "0.20.2";
 
 /// The simulator smoke run: 5 peers paired in a random graph (so changes cross devices not
-/// paired with their origin), a fixed seed, a few thousand operations, the faults the engine
-/// survives every time. The faults of issue 16 (`restore`, `recreate`, `retention`,
-/// `clock-jump`, `stall`) still find divergences now and then (open, with their reproductions,
-/// in `docs/simulator.md`); they join the smoke once fixed, so that CI stays a signal.
-/// Every fault but `restore`, which still fails now and then (`docs/simulator.md`).
+/// paired with their origin), a fixed seed, a few thousand operations, every fault (`all`:
+/// issue 16's `restore`, `recreate`, `retention`, `clock-jump` and `stall` among them).
 const SIM_SMOKE: [&str; 10] = [
     "--ops",
     "3000",
     "--seed",
     "1",
     "--faults",
-    "partition,restart,offline,join,skew,lossy,recreate,retention,clock-jump,stall",
+    "all",
     "--topology",
     "random",
     "--peers",
