@@ -8,18 +8,8 @@ const CARGO_DENY_VERSION: &str = "0.20.2";
 /// The simulator smoke run: 5 peers paired in a random graph (so changes cross devices not
 /// paired with their origin), a fixed seed, a few thousand operations, every fault (`all`:
 /// issue 16's `restore`, `recreate`, `retention`, `clock-jump` and `stall` among them).
-const SIM_SMOKE: [&str; 10] = [
-    "--ops",
-    "3000",
-    "--seed",
-    "1",
-    "--faults",
-    "all",
-    "--topology",
-    "random",
-    "--peers",
-    "5",
-];
+const SIM_SMOKE: [&str; 10] =
+    ["--ops", "3000", "--seed", "1", "--faults", "all", "--topology", "random", "--peers", "5"];
 
 pub(crate) fn run() -> Result<(), String> {
     exec(cargo().args(["fmt", "--all", "--", "--check"]))?;
