@@ -58,6 +58,23 @@ pub(crate) async fn own_rollback(
     ))
 }
 
+/// Whether the peer holds more of this device's own rows than this copy's own marks show
+/// ([`lsync_watermark::own_rows_rolled_back`]): the file was rolled back and lost row writes,
+/// which the peer's view of its write count may not show yet (heartbeats carry it, batches do
+/// not). Only a copy that is ready: one backfilling has no complete own marks yet.
+pub(crate) async fn own_rows_rolled_back(
+    inner: &LibraryInner,
+    theirs: &Watermarks,
+) -> Result<bool, StoreError> {
+    if !inner.is_ready() {
+        return Ok(false);
+    }
+    let me = inner.identity().device;
+    let own =
+        inner.db.read(async |conn| lsync_watermark::sql::load_state_progress(conn).await).await?;
+    Ok(lsync_watermark::own_rows_rolled_back(me, &own, &theirs.state))
+}
+
 /// Whether the peer heard more of this device's copy than its file holds (`Watermarks::seen`:
 /// an incarnation the file does not know, or one that ended here with fewer writes): the file
 /// was rolled back to an older copy — restored from a backup with its generation file, which
@@ -73,8 +90,8 @@ pub(crate) async fn copy_rolled_back(
     inner
         .db
         .write(async |conn| {
-            let rolled_back =
-                lsync_store::rolled_back(conn, current, seen.origin, seen.seq).await?;
+            let known = lsync_store::incarnation_end(conn, seen.origin).await?;
+            let rolled_back = lsync_watermark::copy_rolled_back(current, seen, known);
             if rolled_back {
                 lsync_store::adopt_incarnation(conn, seen.origin, seen.seq).await?;
             }
@@ -1650,6 +1667,40 @@ mod tests {
             again.seen = heard;
             let served = super::serve(&inner, peer, Message::WatermarksRequest(again)).await;
             assert!(!served.rolled_back);
+            library.close().await.unwrap();
+        });
+    }
+
+    #[test]
+    fn a_copy_restored_whole_whose_lost_writes_were_only_rows_learns_it_from_the_peers_marks() {
+        actix::System::new().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("library.db");
+            let registry = Arc::new(reference_registry().unwrap());
+            let library = paired_library(dir.path()).await;
+            library.write_rows("entries", entries(5)).await.unwrap();
+            let backup = back_up(&library, dir.path()).await;
+            // A write since the backup reached the peer (its batch raised the peer's mark of
+            // this device's rows), but no heartbeat told it the file's write count.
+            library.write_rows("entries", entries(5)).await.unwrap();
+            let peer_heard = super::own_watermarks(&library.inner).await.unwrap();
+            library.close().await.unwrap();
+            restore(dir.path(), &backup, true);
+            let library = Library::open(&path, registry, SyncConfig::default()).await.unwrap();
+            let inner = library.inner.clone();
+            let mut theirs = peer_heard.clone();
+            theirs.device = PEER;
+            theirs.seen = None;
+            assert!(super::own_rollback(&inner, &theirs).await.unwrap().is_none());
+            assert!(!super::copy_rolled_back(&inner, &theirs).await.unwrap());
+            assert!(
+                super::own_rows_rolled_back(&inner, &theirs).await.unwrap(),
+                "the peer holds more of this device's rows than the file does"
+            );
+            // A peer that holds exactly what the file holds shows nothing.
+            let mut same = super::own_watermarks(&inner).await.unwrap();
+            same.device = PEER;
+            assert!(!super::own_rows_rolled_back(&inner, &same).await.unwrap());
             library.close().await.unwrap();
         });
     }

@@ -64,14 +64,14 @@ impl Faults {
         stall: true,
     };
 
-    /// The faults `--faults all` means in the deterministic mode. `restore` is not modelled
-    /// yet; `recreate` is (`--faults recreate` runs it) but stays out of `all` until its rare
-    /// failures are settled (`docs/simulator.md`).
-    pub const DETERMINISTIC: Faults = Faults { restore: false, recreate: false, ..Faults::ALL };
+    /// The faults `--faults all` means in the deterministic mode: `recreate` is modelled
+    /// (`--faults recreate` runs it) but stays out of `all` until its rare failures are settled
+    /// (`docs/simulator.md`).
+    pub const DETERMINISTIC: Faults = Faults { recreate: false, ..Faults::ALL };
 
-    /// These faults without the ones the deterministic mode does not model.
+    /// These faults as the deterministic mode runs them.
     pub fn deterministic_part(self) -> Faults {
-        Faults { restore: false, recreate: self.recreate && self != Faults::ALL, ..self }
+        Faults { recreate: self.recreate && self != Faults::ALL, ..self }
     }
 
     fn flag(&mut self, name: &str) -> Option<&mut bool> {

@@ -221,6 +221,9 @@ fn run_deterministic(cli: &Cli) -> Result<bool, String> {
             "barriers": outcome.stats.barriers,
             "clock_jumps": outcome.stats.clock_jumps,
             "stalls": outcome.stats.stalls,
+            "restores": outcome.stats.restores,
+            "restores_skipped_clock_behind": outcome.stats.restores_skipped,
+            "rollbacks": outcome.stats.rollbacks,
         });
         println!("{json}");
     } else {
@@ -266,7 +269,7 @@ fn print_seed(outcome: &det::SeedOutcome, config: &DetConfig) {
     );
     println!(
         "  writes: {} shared, {} rows, {} refused;  crashes {};  backfills {};  skewed stamps {};  \
-         clock jumps {};  stalls {}",
+         clock jumps {};  stalls {};  restores {} ({} rollbacks found from peers)",
         stats.shared_writes,
         stats.row_writes,
         stats.refused,
@@ -274,7 +277,9 @@ fn print_seed(outcome: &det::SeedOutcome, config: &DetConfig) {
         stats.backfills,
         stats.skewed,
         stats.clock_jumps,
-        stats.stalls
+        stats.stalls,
+        stats.restores,
+        stats.rollbacks
     );
     println!(
         "  network: {} sent, {} delivered, {} lost, {} duplicated, {} reordered, {} cut by partitions",

@@ -50,6 +50,9 @@ fn every_seed_converges_and_keeps_every_invariant() {
     // left devices behind, which resynced their shared records from snapshots.
     assert!(stats.clock_jumps > 50 && stats.stalls > 50, "{stats:?}");
     assert!(stats.resyncs > 50, "{stats:?}");
+    // Devices were restored from backups, whole folders among them, and found out from their
+    // peers' watermarks.
+    assert!(stats.restores > 5 && stats.rollbacks > 5, "{stats:?}");
 }
 
 #[test]

@@ -618,28 +618,19 @@ pub async fn generation(conn: &mut SqliteConnection) -> Result<u64, StoreError> 
     read_generation(conn).await
 }
 
-/// Whether a peer's view of this device — its incarnation `origin` at write count `generation`
-/// — shows this file rolled back to an older copy: the incarnation is not one of this file's, or
-/// it ended here with fewer writes than the peer saw. `current` (this session's) never is.
-pub async fn rolled_back(
+/// What this file knows of incarnation `origin` of its device: `None`, not one of its own;
+/// `Some(None)`, one still running; `Some(Some(n))`, one that ended here at write count `n`
+/// (`lsync_watermark::copy_rolled_back` decides from it whether the file was rolled back).
+pub async fn incarnation_end(
     conn: &mut SqliteConnection,
-    current: DeviceId,
     origin: DeviceId,
-    generation: u64,
-) -> Result<bool, StoreError> {
-    if origin == current {
-        return Ok(false);
-    }
+) -> Result<Option<Option<u64>>, StoreError> {
     let known: Option<Option<i64>> =
         sqlx::query_scalar("SELECT last_generation FROM sync_incarnations WHERE origin = ?1")
             .bind(origin.as_bytes().as_slice())
             .fetch_optional(conn)
             .await?;
-    Ok(match known {
-        None => true,
-        Some(None) => false,
-        Some(Some(last)) => generation > last.cast_unsigned(),
-    })
+    Ok(known.map(|last| last.map(i64::cast_unsigned)))
 }
 
 /// Records `origin`, seen by a peer at write count `generation`, as an incarnation of this device

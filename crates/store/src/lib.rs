@@ -43,7 +43,7 @@ pub mod sql;
 
 pub use db::{
     Database, Durability, Identity, Restored, StoreOptions, WritesHeld, adopt_incarnation,
-    clear_restore_pending, generation, load_clock, own_origins, restore_pending, rolled_back,
+    clear_restore_pending, generation, incarnation_end, load_clock, own_origins, restore_pending,
     store_clock,
 };
 pub use dump::dump_tables;

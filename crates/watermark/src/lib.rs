@@ -406,6 +406,61 @@ pub fn own_rollback(own_seq: u64, peer_view: u64) -> Option<u64> {
     (peer_view > own_seq).then_some(peer_view)
 }
 
+/// Whether a peer holds more of this device's own rows than the device itself: its mark of
+/// (`me`, model) in `theirs` lies above this device's own mark in `own`. Only this device writes
+/// its rows, so its own mark is never below a peer's unless its file was rolled back to an
+/// older copy (a backup restored with its generation file, writes since lost). Rows hold no
+/// sequence numbers, so this is the rows' counterpart of [`own_rollback`]: it finds a rollback
+/// that lost only row writes, before any heartbeat told the peer the file's write count.
+pub fn own_rows_rolled_back(me: DeviceId, own: &StateProgress, theirs: &[StateMark]) -> bool {
+    theirs
+        .iter()
+        .filter(|mark| mark.owner == me)
+        .any(|mark| own.get(me, &mark.model).is_none_or(|held| mark.version > held))
+}
+
+/// What this file knows of one of its device's incarnations (`sync_incarnations`): `None`,
+/// not one of its own (the file never ran it); `Some(None)`, one still running; `Some(Some(n))`,
+/// one that ended here at write count `n`.
+pub type IncarnationEnd = Option<Option<u64>>;
+
+/// Whether a peer's view of this device — its incarnation `seen.origin` at write count
+/// `seen.seq` ([`Watermarks::seen`](lsync_protocol::Watermarks::seen)) — shows the file rolled back to an older copy: the
+/// incarnation is not one of the file's (`known` is `None`), or it ended here with fewer writes
+/// than the peer saw. The current incarnation (`current`, this run's) never is. The engine's
+/// handlers and the deterministic simulator both decide with this.
+pub fn copy_rolled_back(current: DeviceId, seen: OriginSeq, known: IncarnationEnd) -> bool {
+    if seen.origin == current {
+        return false;
+    }
+    match known {
+        None => true,
+        Some(None) => false,
+        Some(Some(last)) => seen.seq > last,
+    }
+}
+
+/// What to remember of `peer`'s copy after it announced `announced` (its incarnation and write
+/// count, [`Watermarks::incarnation`](lsync_protocol::Watermarks::incarnation)) when `before` was remembered: `None` keeps `before`.
+/// The write count only grows within one incarnation. `told`: the caller tells `before` back (a
+/// watermark request); a heartbeat does not, and so only raises the write count of the same
+/// incarnation — a new one replacing the old there would lose what the peer must hear (its copy
+/// was restored or re-created, and this device heard more of the old one).
+pub fn seen_after(
+    before: Option<OriginSeq>,
+    announced: Option<OriginSeq>,
+    told: bool,
+) -> Option<OriginSeq> {
+    let announced = announced?;
+    match before {
+        Some(before) if before.origin == announced.origin => {
+            Some(OriginSeq { origin: announced.origin, seq: before.seq.max(announced.seq) })
+        }
+        Some(_) if !told => None,
+        _ => Some(announced),
+    }
+}
+
 /// The lowest acknowledgement of `origin` over `peers`: a peer with no ack counts as 0.
 pub fn min_ack(
     acks: &BTreeMap<DeviceId, SharedProgress>,
@@ -638,5 +693,48 @@ mod tests {
         assert_eq!(min_ack(&acks, &[device(2)], device(1)), 9);
         assert_eq!(min_ack(&acks, &[device(2), device(3)], device(1)), 0);
         assert_eq!(min_ack(&acks, &[], device(1)), u64::MAX);
+    }
+
+    #[test]
+    fn a_copy_is_rolled_back_when_a_peer_saw_an_incarnation_it_lacks_or_more_writes_of_one() {
+        let (current, old) = (device(1), device(2));
+        let seen = |origin, seq| OriginSeq { origin, seq };
+        // This run's own incarnation never shows a rollback.
+        assert!(!copy_rolled_back(current, seen(current, 99), None));
+        // An incarnation the file never ran: the file is older than that run.
+        assert!(copy_rolled_back(current, seen(old, 1), None));
+        // One still open (not ended at a known count) cannot be judged.
+        assert!(!copy_rolled_back(current, seen(old, 50), Some(None)));
+        // One that ended here at 10 writes: the peer saw 11, so the file lost one.
+        assert!(copy_rolled_back(current, seen(old, 11), Some(Some(10))));
+        assert!(!copy_rolled_back(current, seen(old, 10), Some(Some(10))));
+    }
+
+    #[test]
+    fn what_is_remembered_of_a_peer_only_grows_and_a_heartbeat_never_replaces_an_incarnation() {
+        let seen = |byte, seq| Some(OriginSeq { origin: device(byte), seq });
+        assert_eq!(seen_after(None, None, true), None);
+        assert_eq!(seen_after(None, seen(1, 5), false), seen(1, 5));
+        // Within one incarnation the write count only grows, however it is told.
+        assert_eq!(seen_after(seen(1, 5), seen(1, 3), true), seen(1, 5));
+        assert_eq!(seen_after(seen(1, 5), seen(1, 8), false), seen(1, 8));
+        // A new incarnation replaces the old only when the old one is told back.
+        assert_eq!(seen_after(seen(1, 5), seen(2, 1), false), None);
+        assert_eq!(seen_after(seen(1, 5), seen(2, 1), true), seen(2, 1));
+    }
+
+    #[test]
+    fn a_peer_holding_more_of_a_devices_own_rows_than_the_device_shows_a_rollback() {
+        let (me, other) = (device(1), device(2));
+        let time = |ms| HlcTime::new(ms, 0).unwrap();
+        let mark = |owner, ms| StateMark { owner, model: "entries".into(), version: time(ms) };
+        let mut own = StateProgress::default();
+        own.raise(me, "entries", time(10));
+        assert!(!own_rows_rolled_back(me, &own, &[mark(me, 10)]));
+        assert!(!own_rows_rolled_back(me, &own, &[mark(me, 9), mark(other, 50)]));
+        assert!(own_rows_rolled_back(me, &own, &[mark(me, 11)]));
+        // A model this copy holds no mark of at all, while the peer does.
+        let other_model = StateMark { owner: me, model: "volumes".into(), version: time(1) };
+        assert!(own_rows_rolled_back(me, &own, &[other_model]));
     }
 }

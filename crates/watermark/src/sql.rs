@@ -148,12 +148,10 @@ pub async fn own_watermarks(
     })
 }
 
-/// Remembers the incarnation and write count `peer` announced (`Watermarks::incarnation`);
-/// returns what was remembered before, to tell back to it (`Watermarks::seen`). The write count
-/// only grows within one incarnation. `told`: the caller tells the previous value back (a
-/// watermark request); a heartbeat does not, and so only raises the write count of the same
-/// incarnation — a new one replacing the old there would lose what the peer must hear (its copy
-/// was restored or re-created, and this device heard more of the old one).
+/// Remembers the incarnation and write count `peer` announced (`Watermarks::incarnation`) as
+/// [`seen_after`](crate::seen_after) decides; returns what was remembered before, to tell back
+/// to it (`Watermarks::seen`). `told`: the caller tells the previous value back (a watermark
+/// request); a heartbeat does not.
 pub async fn record_seen(
     conn: &mut SqliteConnection,
     peer: DeviceId,
@@ -161,20 +159,13 @@ pub async fn record_seen(
     told: bool,
 ) -> Result<Option<OriginSeq>, StoreError> {
     let before = load_seen(conn, peer).await?;
-    if let Some(announced) = announced {
-        let same = before.is_some_and(|before| before.origin == announced.origin);
-        if !same && !told && before.is_some() {
-            return Ok(before);
-        }
+    if let Some(next) = crate::seen_after(before, announced, told) {
         sqlx::query(
-            "UPDATE sync_peers SET seen_origin = ?2,
-                 seen_generation = CASE WHEN ?4 THEN max(coalesce(seen_generation, 0), ?3) ELSE ?3 END
-             WHERE device = ?1",
+            "UPDATE sync_peers SET seen_origin = ?2, seen_generation = ?3 WHERE device = ?1",
         )
         .bind(peer.as_bytes().as_slice())
-        .bind(announced.origin.as_bytes().as_slice())
-        .bind(seq_to_sql(announced.seq)?)
-        .bind(same)
+        .bind(next.origin.as_bytes().as_slice())
+        .bind(seq_to_sql(next.seq)?)
         .execute(&mut *conn)
         .await?;
     }

@@ -183,11 +183,12 @@ impl<T: Transport> PeerActor<T> {
             // writes wait meanwhile. Both checks run, so the incarnation is recorded once.
             let lost_changes = sync::own_rollback(&inner, &theirs).await?;
             let seen_more = sync::copy_rolled_back(&inner, &theirs).await?;
-            if lost_changes.is_some() || seen_more {
+            let lost_rows = sync::own_rows_rolled_back(&inner, &theirs).await?;
+            if lost_changes.is_some() || seen_more || lost_rows {
                 sync::own_rows_unconfirmed(&inner);
                 // Claims nothing from now on; the resync this starts keeps it so until it ends.
                 inner.serves.store(false, std::sync::atomic::Ordering::Release);
-                tracing::error!(%peer, ?lost_changes, seen = ?theirs.seen, "this copy was rolled back to an older file: resyncing fully");
+                tracing::error!(%peer, ?lost_changes, lost_rows, seen = ?theirs.seen, "this copy was rolled back to an older file: resyncing fully");
                 metrics::counter!("lsync_rollbacks_detected_total").increment(1);
                 supervisor.do_send(ResyncNeeded {
                     scope: lsync_backfill::Scope::Everything,

@@ -136,15 +136,22 @@ impl Held {
     }
 }
 
-/// What a library file holds: it survives a crash.
-#[derive(Debug, Default)]
+/// What a library file holds: it survives a crash (and a backup copies it).
+#[derive(Debug, Default, Clone)]
 pub(super) struct Durable {
     /// The last persisted HLC stamp (the resume point).
     pub(super) clock: Option<Hlc>,
     /// Every incarnation of this device's (the engine's `sync_incarnations`): each run of the
     /// engine numbers its shared changes under a new origin, so a copy restored or re-created
-    /// never reuses an (origin, seq) for another change.
-    pub(super) incarnations: BTreeSet<DeviceId>,
+    /// never reuses an (origin, seq) for another change. With each, the write count it ended at
+    /// (`None`: still running), as the engine's `last_generation`.
+    pub(super) incarnations: BTreeMap<DeviceId, Option<u64>>,
+    /// The file's write count (the engine's `sync_meta` generation): every stamp the clock
+    /// persists counts one write.
+    pub(super) generation: u64,
+    /// Per peer, what it last announced of its copy: its incarnation and write count
+    /// (`sync_peers.seen_*`), told back to it in watermark requests and answers.
+    pub(super) seen: BTreeMap<DeviceId, OriginSeq>,
     /// The copy's epoch (the engine's `Identity::epoch`): new when the copy is re-created.
     pub(super) epoch: u64,
     /// The epoch each peer last told: a new one resets what is remembered of it (its acks).
@@ -271,6 +278,10 @@ struct Volatile {
     /// actor reads its mailbox only once the catch-up ended, so they wait for it (applied then,
     /// in order; dropped if the peer disconnects, as the actor's mailbox is).
     held_batches: BTreeMap<DeviceId, Vec<Message>>,
+    /// A rollback of this copy was found in a handler: it claims none of its rows and serves
+    /// none until the backfill stores its next checkpoint (the engine's `inner.serves` set to
+    /// false, published again by the backfill actor).
+    claims_nothing: bool,
     batcher: Batcher,
     retry: RetryQueue<Message>,
     next_heartbeat: Duration,
@@ -279,6 +290,19 @@ struct Volatile {
     /// The backfill driver of a copy with a checkpoint (a joining one): the machine resumed from
     /// the durable checkpoint, what is known of the peers, the request in flight.
     backfill: Option<backfill::Driver>,
+}
+
+/// The mark rows are applied against ([`decide`]'s `mark`).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Against {
+    /// This device's mark of the owner's rows.
+    Held,
+    /// A comparison's pages: [`comparison_mark`] of this device's mark and the peer's.
+    Compared(HlcTime),
+    /// A rollback resync's pages of this device's own rows: the mark through which an earlier
+    /// rollback resync left them as its source held them, if any
+    /// ([`Checkpoint::own_rows_known_through`]), as the engine's backfill applies them.
+    Known(Option<HlcTime>),
 }
 
 /// Takes out of `held` what waits for peers no catch-up runs from any more.
@@ -392,6 +416,13 @@ pub struct Stats {
     pub clock_jumps: u64,
     /// Devices that stopped reading for a while (`stall`).
     pub stalls: u64,
+    /// Devices restored from a backup (`restore`).
+    pub restores: u64,
+    /// Restores not made: the device's wall clock was behind the stamps it had issued.
+    pub restores_skipped: u64,
+    /// Rollbacks of a copy found from a peer's watermarks (a restored file; found at open
+    /// when the generation file was kept, which is not counted here).
+    pub rollbacks: u64,
 }
 
 impl Stats {
@@ -421,6 +452,9 @@ impl Stats {
             barriers,
             clock_jumps,
             stalls,
+            restores,
+            restores_skipped,
+            rollbacks,
         } = *other;
         self.messages += messages;
         self.shared_writes += shared_writes;
@@ -445,6 +479,9 @@ impl Stats {
         self.barriers += barriers;
         self.clock_jumps += clock_jumps;
         self.stalls += stalls;
+        self.restores += restores;
+        self.restores_skipped += restores_skipped;
+        self.rollbacks += rollbacks;
     }
 }
 
@@ -480,6 +517,15 @@ pub(super) struct Device {
     /// Instrumentation: the last stamp its clock produced (over its whole life, restarts
     /// included).
     last_stamp: Option<Hlc>,
+    /// The generation file beside the library file (`library.db-generation`) where it differs
+    /// from the file's own count: only after a restore that kept it, until the next start reads
+    /// it (`Database::open`'s `detect_restore`).
+    pub(super) generation_file: Option<u64>,
+    /// The copy a backup took of the file (`restore`), with the generation file as it was then.
+    pub(super) backup: Option<(Durable, u64)>,
+    /// Instrumentation: own-rows barriers set so far (the checker's repair point after a
+    /// restore).
+    pub(super) barriers_set: u64,
 }
 
 impl Device {
@@ -488,7 +534,16 @@ impl Device {
     pub(super) fn new(id: DeviceId, skew_ms: i64, ready: bool, now: Duration, seed: u64) -> Self {
         let backfill = (!ready).then(Checkpoint::uninitialized);
         let durable = Durable { backfill, ..Durable::default() };
-        let mut device = Self { id, skew_ms, durable, volatile: None, last_stamp: None };
+        let mut device = Self {
+            id,
+            skew_ms,
+            durable,
+            volatile: None,
+            last_stamp: None,
+            generation_file: None,
+            backup: None,
+            barriers_set: 0,
+        };
         device.boot(now, seed);
         device
     }
@@ -496,6 +551,79 @@ impl Device {
     /// Whether the device is running.
     pub(super) fn is_up(&self) -> bool {
         self.volatile.is_some()
+    }
+
+    /// Whether it claims its rows and serves them (what its watermarks say as `ready`): its
+    /// checkpoint says so, and no rollback was found since it was stored.
+    pub(super) fn serves(&self) -> bool {
+        self.durable.serves()
+            && !self.volatile.as_ref().is_some_and(|volatile| volatile.claims_nothing)
+    }
+
+    /// Whether `theirs` (a peer's watermark request or answer) shows this copy rolled back to an
+    /// older file ([`lsync_watermark::copy_rolled_back`]); if so the incarnation it names is
+    /// recorded as one of this device's that ended there, so it is acted on once (the engine's
+    /// `copy_rolled_back` and `adopt_incarnation`, in one transaction).
+    fn copy_rolled_back(&mut self, theirs: &Watermarks) -> bool {
+        let (Some(seen), Some(volatile)) = (theirs.seen, self.volatile.as_ref()) else {
+            return false;
+        };
+        let known = self.durable.incarnations.get(&seen.origin).copied();
+        let rolled_back = lsync_watermark::copy_rolled_back(volatile.origin, seen, known);
+        if rolled_back {
+            let end = self.durable.incarnations.entry(seen.origin).or_insert(Some(seen.seq));
+            *end = end.map(|last| last.max(seen.seq));
+        }
+        rolled_back
+    }
+
+    /// Whether a peer's answer shows this device lost some of its own shared changes: it holds
+    /// more of one of this file's incarnations than the file does (the engine's
+    /// `own_rollback`).
+    fn lost_own_changes(&self, theirs: &Watermarks) -> Option<u64> {
+        theirs
+            .shared
+            .iter()
+            .filter(|progress| self.durable.incarnations.contains_key(&progress.origin))
+            .find_map(|progress| {
+                lsync_watermark::own_rollback(
+                    self.durable.shared.get(progress.origin),
+                    progress.seq,
+                )
+            })
+    }
+
+    /// A rollback of this copy was found, told by `peer`: the own-rows barrier waits for the
+    /// next resync, the copy claims nothing from now on, and a full resync that deletes what the
+    /// peers no longer hold is asked for (the engine's handlers, on a request and on an answer).
+    fn rolled_back(&mut self, ctx: &mut Ctx<'_>, peer: DeviceId) {
+        let Some(volatile) = self.volatile.as_mut() else { return };
+        volatile.barrier.cancel();
+        volatile.claims_nothing = true;
+        ctx.stats.rollbacks += 1;
+        let completed = self.durable.backfill.as_ref().map_or(0, |checkpoint| checkpoint.completed);
+        let request = ResyncRequest {
+            scope: Scope::Everything,
+            delete_missing: true,
+            from: Some(peer),
+            completed,
+        };
+        self.request_resync(ctx, request);
+    }
+
+    /// Remembers what `peer` announced of its copy ([`lsync_watermark::seen_after`]); returns
+    /// what was remembered before.
+    fn record_seen(
+        &mut self,
+        peer: DeviceId,
+        theirs: &Watermarks,
+        told: bool,
+    ) -> Option<OriginSeq> {
+        let before = self.durable.seen.get(&peer).copied();
+        if let Some(next) = lsync_watermark::seen_after(before, theirs.incarnation, told) {
+            self.durable.seen.insert(peer, next);
+        }
+        before
     }
 
     /// Starts the engine from the durable state (first start, or restart after a crash).
@@ -507,7 +635,25 @@ impl Device {
         bytes[..8].copy_from_slice(&draw.next_u64().to_le_bytes());
         bytes[8..].copy_from_slice(&draw.next_u64().to_le_bytes());
         let origin = DeviceId::from_bytes(bytes);
-        self.durable.incarnations.insert(origin);
+        // A generation file ahead of the file: restored from an old copy with the file kept
+        // beside it (the engine's `detect_restore` and `Library::open`): a new epoch, and a full
+        // resync that deletes what the peers no longer hold, scheduled before anything runs.
+        if let Some(last) = self.generation_file.take()
+            && self.durable.generation < last
+        {
+            self.durable.epoch = draw.next_u64();
+            let mut machine = lsync_backfill::Backfill::new(
+                self.durable.backfill.clone().unwrap_or_else(Checkpoint::ready),
+            );
+            machine.resync(Scope::Everything, true);
+            self.durable.backfill = Some(machine.checkpoint().clone());
+        }
+        // The previous incarnation ended with the file's write count as it is now.
+        let writes = self.durable.generation;
+        for end in self.durable.incarnations.values_mut() {
+            end.get_or_insert(writes);
+        }
+        self.durable.incarnations.insert(origin, None);
         self.volatile = Some(Volatile {
             clock: HlcState::new(self.id, HlcConfig::default(), resume),
             origin,
@@ -517,6 +663,7 @@ impl Device {
             ask_all: false,
             answered: BTreeMap::new(),
             held_batches: BTreeMap::new(),
+            claims_nothing: false,
             batcher: Batcher::new(tuning::BATCH_WINDOW, tuning::MAX_BATCH_ROWS),
             retry: RetryQueue::new(tuning::retry(), retry_seed),
             next_heartbeat: now,
@@ -543,6 +690,18 @@ impl Device {
         self.boot(now, seed);
     }
 
+    /// Whether this device's wall clock now is behind the last stamp its clock produced: a copy
+    /// restored now would stamp its next writes below ones it lost.
+    pub(super) fn clock_behind_its_stamps(&self, now: Duration) -> bool {
+        self.last_stamp.is_some_and(|last| self.wall_ms(now) <= last.time().physical_ms())
+    }
+
+    /// The file was put back from a backup: the clock resumes from the stamp it holds (the
+    /// checker's record of stamps too).
+    pub(super) fn restored(&mut self) {
+        self.last_stamp = self.durable.clock;
+    }
+
     /// This device's wall clock at virtual time `now`.
     fn wall_ms(&self, now: Duration) -> u64 {
         let true_ms = EPOCH_MS.saturating_add(u64::try_from(now.as_millis()).unwrap_or(u64::MAX));
@@ -558,6 +717,7 @@ impl Device {
         }
         self.last_stamp = Some(stamp);
         self.durable.clock = Some(stamp);
+        self.durable.generation += 1;
     }
 
     /// A local stamp, or `None` when down or the clock is exhausted.
@@ -566,6 +726,21 @@ impl Device {
         let stamp = self.volatile.as_mut()?.clock.tick(wall).ok()?;
         self.observe_stamp(ctx, stamp);
         Some(stamp)
+    }
+
+    /// Observes the peer's marks of this device's own rows with the clock (the engine's
+    /// `observe_own_marks`): a copy restored from an old file stamps its next writes after what
+    /// its peers hold of it. Beyond the drift bound the clock stays.
+    pub(super) fn observe_own_marks(&mut self, ctx: &mut Ctx<'_>, theirs: &Watermarks) {
+        let me = self.id;
+        let newest =
+            theirs.state.iter().filter(|mark| mark.owner == me).map(|mark| mark.version).max();
+        let wall = self.wall_ms(ctx.now);
+        let Some(newest) = newest else { return };
+        let Some(volatile) = self.volatile.as_mut() else { return };
+        if let Ok(stamp) = volatile.clock.receive(Hlc::new(newest, me), wall) {
+            self.observe_stamp(ctx, stamp);
+        }
     }
 
     /// Observes a remote stamp with the clock.
@@ -655,7 +830,7 @@ impl Device {
             self.durable.state.raise(self.id, STATE_MODEL, version);
         }
         let now = ctx.instant();
-        let claimed = self.durable.serves();
+        let claimed = self.serves();
         if let Some(volatile) = self.volatile.as_mut() {
             // As the engine's `write_rows`: a copy that may not serve claims none of its rows.
             if claimed {
@@ -771,13 +946,22 @@ impl Device {
             epoch: lsync_protocol::Epoch(self.durable.epoch),
             shared: self.durable.shared.to_wire(),
             state: self.durable.state.to_wire(),
-            ready: self.durable.serves(),
+            ready: self.serves(),
             resync: false,
             collected: self.durable.collected.to_wire(),
-            incarnation: None,
+            incarnation: self.volatile.as_ref().map(|volatile| OriginSeq {
+                origin: volatile.origin,
+                seq: self.durable.generation,
+            }),
             seen: None,
             wall_ms: None,
         })
+    }
+
+    /// The watermarks of a request to `peer`: with what this device heard of the peer's copy,
+    /// so that a peer rolled back to an older file finds out before it answers.
+    pub(super) fn request_marks(&self, peer: DeviceId) -> Watermarks {
+        Watermarks { seen: self.durable.seen.get(&peer).copied(), ..self.watermarks() }
     }
 
     fn heartbeat_if_due(&mut self, ctx: &mut Ctx<'_>, connected: &[DeviceId]) {
@@ -800,14 +984,9 @@ impl Device {
     pub(super) fn on_connect(&mut self, ctx: &mut Ctx<'_>, peer: DeviceId) {
         if self.is_up() {
             self.send_heartbeat(ctx, peer);
-            let waits = self
-                .volatile
-                .as_ref()
-                .and_then(|volatile| volatile.barrier.waiting())
-                .is_some_and(|waiting| waiting.contains(&peer));
-            if waits {
-                self.ask_marks(ctx, peer);
-            }
+            // The engine's peer actor catches up at once on connect, from the answer to a
+            // watermark request of its own (which tells what the peer heard of this copy).
+            self.ask_marks(ctx, peer);
         }
     }
 
@@ -816,7 +995,7 @@ impl Device {
     fn ask_marks(&mut self, ctx: &mut Ctx<'_>, peer: DeviceId) {
         let request = *ctx.next_request;
         *ctx.next_request += 1;
-        let watermarks = self.watermarks();
+        let watermarks = self.request_marks(peer);
         if let Some(volatile) = self.volatile.as_mut() {
             volatile.asked_marks.insert(request, (peer, ctx.now + tuning::REQUEST_TIMEOUT));
         }
@@ -875,6 +1054,7 @@ impl Device {
         self.durable.state.raise(self.id, STATE_MODEL, version);
         self.durable.collected.raise(self.id, STATE_MODEL, version);
         ctx.stats.barriers += 1;
+        self.barriers_set += 1;
     }
 
     /// A peer disconnected: forget what waits for it; a backfill served by it must rebase.
@@ -1115,6 +1295,8 @@ impl Device {
                 // tombstone collection (not for the retry queue, which waits for an `Ack`).
                 self.note_epoch(from, theirs.epoch);
                 self.record_ack(from, &theirs.shared, &theirs.state);
+                self.record_seen(from, &theirs, false);
+                self.observe_own_marks(ctx, &theirs);
                 self.backfill_peer_state(from, theirs.ready);
                 // A peer the barrier still waits for, with no request of it under way: asked
                 // again (the engine retries a failed catch-up with a request of its own).
@@ -1130,7 +1312,15 @@ impl Device {
             }
             Wire::Request(id, Message::WatermarksRequest(theirs)) => {
                 self.note_epoch(from, theirs.epoch);
-                let response = Message::WatermarksResponse(self.watermarks());
+                // What this device heard of the requester's copy, told back to it; and what the
+                // requester heard of this one: a rollback found before answering.
+                let seen = self.record_seen(from, &theirs, true);
+                self.observe_own_marks(ctx, &theirs);
+                if self.copy_rolled_back(&theirs) {
+                    self.rolled_back(ctx, from);
+                }
+                let response =
+                    Message::WatermarksResponse(Watermarks { seen, ..self.watermarks() });
                 ctx.send(self.id, from, Wire::Response(id, response));
             }
             Wire::Request(id, Message::SharedCatchUpRequest(request)) => {
@@ -1138,7 +1328,7 @@ impl Device {
                 ctx.send(self.id, from, Wire::Response(id, response));
             }
             Wire::Request(id, Message::StateCatchUpRequest(_) | Message::BackfillRequest(_))
-                if let Some(refusal) = lsync_watermark::refuse_rows(self.durable.serves()) =>
+                if let Some(refusal) = lsync_watermark::refuse_rows(self.serves()) =>
             {
                 ctx.send(self.id, from, Wire::Response(id, Message::Error(refusal)));
             }
@@ -1197,7 +1387,7 @@ impl Device {
             {
                 continue;
             }
-            if !self.durable.incarnations.contains(&change.origin) {
+            if !self.durable.incarnations.contains_key(&change.origin) {
                 self.receive_stamp(ctx, change.hlc());
             }
             self.durable.records.entry(change.record).or_default().apply(change.hlc(), &change.op);
@@ -1255,6 +1445,22 @@ impl Device {
         rows: &[StateRow],
         compared: Option<HlcTime>,
     ) {
+        self.apply_rows_against(
+            ctx,
+            owner,
+            rows,
+            compared.map_or(Against::Held, Against::Compared),
+        );
+    }
+
+    /// Applies `owner`'s rows by [`decide`] against the mark `against` says.
+    pub(super) fn apply_rows_against(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        owner: DeviceId,
+        rows: &[StateRow],
+        against: Against,
+    ) {
         for row in rows {
             if let Some(creator) = ctx.creators.get(&row.id)
                 && *creator != owner
@@ -1266,8 +1472,12 @@ impl Device {
             }
             self.receive_stamp(ctx, Hlc::new(row.version, owner));
             let current = self.durable.rows.get(&row.id).map_or(Current::Absent, Held::current);
-            let mark = self.durable.state.get(owner, STATE_MODEL);
-            let mark = compared.map_or(mark, |target| comparison_mark(mark, target));
+            let held_mark = self.durable.state.get(owner, STATE_MODEL);
+            let mark = match against {
+                Against::Held => held_mark,
+                Against::Compared(target) => comparison_mark(held_mark, target),
+                Against::Known(known) => known,
+            };
             // This device holds every row of `owner` whose newest version is at or below its
             // mark: one it lacks there was deleted, and its tombstone may have been collected;
             // `decide` refuses a late copy (a re-sent batch), which would bring it back for good.
@@ -1408,6 +1618,22 @@ impl Device {
         if let Some((peer, _)) = asked {
             if let (true, Message::WatermarksResponse(theirs)) = (peer == from, message) {
                 self.note_epoch(from, theirs.epoch);
+                self.observe_own_marks(ctx, &theirs);
+                // The peer holds more of one of this file's incarnations, or saw more of this
+                // copy than the file holds: rolled back; a full resync replaces the catch-up.
+                // Both checks run, so the incarnation is recorded once.
+                let lost = self.lost_own_changes(&theirs);
+                let seen_more = self.copy_rolled_back(&theirs);
+                let lost_rows = self.durable.ready()
+                    && lsync_watermark::own_rows_rolled_back(
+                        self.id,
+                        &self.durable.state,
+                        &theirs.state,
+                    );
+                if lost.is_some() || seen_more || lost_rows {
+                    self.rolled_back(ctx, from);
+                    return;
+                }
                 self.record_ack(from, &theirs.shared, &theirs.state);
                 // The peer is confirmed once this device holds what it holds (the pull this
                 // answer plans ends), or at once if there is nothing to pull; a pull of another

@@ -106,9 +106,15 @@ impl Oracle {
         self.last_seq.insert(change.origin, change.seq);
     }
 
+    /// A row write: the highest version wins, as on every device. A write stamped below one
+    /// its owner made before (a copy restored from a backup whose clock was stepped back behind
+    /// the writes it lost, writing before any peer told it of them) loses to it.
     fn row(&mut self, owner: DeviceId, id: Uuid, version: HlcTime, value: Option<Value>) {
-        self.rows.insert(id, Held { owner, version, value });
-        self.newest_row.insert(owner, version);
+        if self.rows.get(&id).is_none_or(|held| held.version < version) {
+            self.rows.insert(id, Held { owner, version, value });
+        }
+        let newest = self.newest_row.entry(owner).or_insert(version);
+        *newest = (*newest).max(version);
     }
 }
 
@@ -295,6 +301,20 @@ struct World {
     owned: Vec<Vec<Uuid>>,
     /// Per owner, its row writes as (version, id), in version order.
     writes: BTreeMap<DeviceId, Vec<(HlcTime, Uuid)>>,
+    /// Row writes stamped below a version their owner had already written: a copy restored from
+    /// a backup (the whole folder: it cannot tell) resumes its clock from the file, and a wall
+    /// clock stepped back since leaves it behind its lost writes until a peer tells it of them.
+    /// Its peers' marks already cover such versions, so the rows are not held under those marks
+    /// until the rollback resync and the own-rows barrier bring every peer's comparison; the
+    /// mark invariant leaves them out, and convergence still requires them everywhere.
+    regressed: BTreeSet<(Uuid, HlcTime)>,
+    /// Devices restored from a backup whose rows are not repaired yet, with the own-rows
+    /// barriers they had set then: until the next one, the marks of their rows are no promise.
+    /// The file claims rows it lost until a peer that heard more of it tells it (a whole folder
+    /// restored cannot tell by itself), and a write since raises its own mark over them; the
+    /// rollback resync and the barrier after it repair that (every peer compares its rows), and
+    /// convergence checks the outcome.
+    unrepaired: BTreeMap<usize, u64>,
     marks: Vec<Marks>,
     ops_left: u64,
     names: u64,
@@ -355,6 +375,8 @@ impl World {
             changes: BTreeMap::new(),
             owned: vec![Vec::new(); ids.len()],
             writes: BTreeMap::new(),
+            regressed: BTreeSet::new(),
+            unrepaired: BTreeMap::new(),
             marks: vec![Marks::default(); ids.len()],
             ops_left: config.ops,
             names: 0,
@@ -558,6 +580,9 @@ impl World {
                 self.trace.record(Event::Fault, &[14, device as u64]);
             }
         }
+        if faults.restore {
+            self.restore_fault();
+        }
         if faults.skew && self.rng.chance(0.01) {
             // A wall clock steps (NTP correction, a user changing the time): up to 2 s either way.
             let device = below(&mut self.rng, n);
@@ -567,6 +592,64 @@ impl World {
         }
         self.apply_partitions();
         self.sync_links();
+    }
+
+    /// The `restore` fault: a backup tool copies a running device's file now and then; later the
+    /// device is stopped and brought back from that copy — the whole folder (the generation
+    /// file too: nothing at open can tell; its peers' watermarks do) or, as the user guide says,
+    /// the library file alone (the generation file kept tells at open).
+    fn restore_fault(&mut self) {
+        let n = self.born;
+        if self.rng.chance(0.02) {
+            let device = below(&mut self.rng, n);
+            let copy = &mut self.devices[device];
+            if copy.is_up() {
+                copy.backup = Some((copy.durable.clone(), copy.durable.generation));
+                self.trace.record(Event::Fault, &[15, device as u64]);
+            }
+        }
+        if !self.rng.chance(0.01) {
+            return;
+        }
+        let device = below(&mut self.rng, n);
+        let whole_folder = self.rng.chance(0.5);
+        let seed = self.rng.next_u64();
+        // Only once another device holds everything it wrote (as the real mode waits for): the
+        // writes made since the backup come back from the peers, the rest would be lost with
+        // the newer file, as in life.
+        let restorable = self.devices[device].is_up()
+            && self.devices[device].backup.is_some()
+            && self.held_elsewhere(device);
+        if !restorable {
+            return;
+        }
+        // Not while its wall clock is behind the stamps it issued (stepped back since): the
+        // restored copy would stamp its writes below the ones it lost, before any peer can tell
+        // it of them, and those writes lose to the lost ones — a limitation stated in
+        // `docs/protocol.md` ("Restored copies"), counted here rather than failed.
+        if self.devices[device].clock_behind_its_stamps(self.now) {
+            self.stats.restores_skipped += 1;
+            return;
+        }
+        self.devices[device].crash();
+        self.sync_links();
+        let copy = &mut self.devices[device];
+        let Some((file, generation_file)) = copy.backup.clone() else { return };
+        let kept = copy.durable.generation;
+        copy.durable = file;
+        copy.generation_file = Some(if whole_folder { generation_file } else { kept });
+        copy.restored();
+        copy.boot(self.now, seed);
+        self.marks[device] = Marks {
+            shared: copy.durable.shared.clone(),
+            state: copy.durable.state.clone(),
+            backfill: copy.durable.backfill.clone(),
+        };
+        // Like a re-created device, it may lack what its peers pruned while it had it.
+        self.reborn.insert(device);
+        self.unrepaired.insert(device, self.devices[device].barriers_set);
+        self.stats.restores += 1;
+        self.trace.record(Event::Fault, &[16, device as u64, u64::from(whole_folder)]);
     }
 
     /// Whether some other device holds everything `device` wrote: its rows up to its own mark and
@@ -581,7 +664,7 @@ impl World {
                 && me
                     .durable
                     .incarnations
-                    .iter()
+                    .keys()
                     .all(|origin| durable.shared.get(*origin) >= me.durable.shared.get(*origin))
         })
     }
@@ -773,7 +856,12 @@ impl World {
                 self.owned[device].push(row.id);
             }
             self.oracle.row(owner, row.id, row.version, value);
-            self.writes.entry(owner).or_default().push((row.version, row.id));
+            let writes = self.writes.entry(owner).or_default();
+            let at = writes.partition_point(|(written, _)| *written <= row.version);
+            if at < writes.len() {
+                self.regressed.insert((row.id, row.version));
+            }
+            writes.insert(at, (row.version, row.id));
         }
     }
 
@@ -834,6 +922,9 @@ impl World {
             // or below the mark must be held at that write. (A row written again above the mark
             // may lag: it is served by that request.) Checked for the writes the rise covers.
             for (owner, _, version) in durable.state.iter() {
+                if self.index_of(owner).is_some_and(|index| self.unrepaired.contains_key(&index)) {
+                    continue;
+                }
                 let from = before.state.get(owner, STATE_MODEL);
                 let writes = self.writes.get(&owner).map_or(&[][..], Vec::as_slice);
                 let start = writes.partition_point(|(written, _)| Some(*written) <= from);
@@ -850,6 +941,7 @@ impl World {
                             && durable.rows.get(id).is_none_or(|held| held.value.is_none());
                     if newest <= version
                         && !collected
+                        && !self.regressed.contains(&(*id, newest))
                         && durable.rows.get(id).is_none_or(|held| held.version < newest)
                     {
                         violations.push(format!(
@@ -930,6 +1022,8 @@ impl World {
             );
         }
         self.violations.extend(violations);
+        let devices = &self.devices;
+        self.unrepaired.retain(|index, barriers| devices[*index].barriers_set == *barriers);
         for (index, device) in self.devices.iter().enumerate() {
             self.marks[index] = Marks {
                 shared: device.durable.shared.clone(),

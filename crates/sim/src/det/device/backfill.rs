@@ -21,7 +21,7 @@
 //! The machine, the candidates and the request in flight are volatile (a crash loses them); the
 //! checkpoint is durable, and a restart resumes from it with `Backfill::new`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 
 use lsync_backfill::{
@@ -58,6 +58,10 @@ pub(in crate::det) struct Driver {
     /// Resync requests that arrived while a request was in flight: taken once it ended, as the
     /// engine's backfill actor retries them once its step in flight ended.
     deferred: Vec<ResyncRequest>,
+    /// The peers a resync after a rollback of this copy was served by since the engine started
+    /// (the engine's `rollback_sources`): a later report of the same rollback from one of them
+    /// asks for nothing it did not bring.
+    rollback_sources: BTreeSet<DeviceId>,
 }
 
 impl Driver {
@@ -73,6 +77,7 @@ impl Driver {
             resumed,
             preferred: None,
             deferred: Vec::new(),
+            rollback_sources: BTreeSet::new(),
         }
     }
 
@@ -222,6 +227,8 @@ impl Device {
         }
         self.take_deferred(ctx);
         let watermarks = self.watermarks();
+        // Each request tells the peer what this device heard of its copy (`request_marks`).
+        let seen = self.durable.seen.clone();
         let persisted = self.durable.backfill.as_ref().map(persisted_part);
         let Some(driver) = self.driver() else { return };
         if driver.asked.is_some() || ctx.now < driver.not_before {
@@ -236,7 +243,14 @@ impl Device {
             Command::Idle => return,
             Command::Plan | Command::Rebase => {
                 let Some(peer) = driver.pick() else { return };
-                (peer, Message::WatermarksRequest(watermarks), Asking::Plan)
+                (
+                    peer,
+                    Message::WatermarksRequest(Watermarks {
+                        seen: seen.get(&peer).copied(),
+                        ..watermarks
+                    }),
+                    Asking::Plan,
+                )
             }
             Command::Fetch { peer, step, after } => {
                 // A resumed (or continuing) backfill asks for the page right after the last key
@@ -280,7 +294,14 @@ impl Device {
                 else {
                     return;
                 };
-                (peer, Message::WatermarksRequest(watermarks), Asking::CatchUpMarks)
+                (
+                    peer,
+                    Message::WatermarksRequest(Watermarks {
+                        seen: seen.get(&peer).copied(),
+                        ..watermarks
+                    }),
+                    Asking::CatchUpMarks,
+                )
             }
         };
         let request = *ctx.next_request;
@@ -303,8 +324,8 @@ impl Device {
             driver.deferred.push(request);
             return;
         }
-        // No rollback resync in this mode yet: no peer has served one.
-        match driver.machine.on_resync_request(&request, false, driver.preferred) {
+        let served = request.from.is_some_and(|from| driver.rollback_sources.contains(&from));
+        match driver.machine.on_resync_request(&request, served, driver.preferred) {
             ResyncDecision::Stale => return,
             ResyncDecision::Covered { prefer } => {
                 if prefer {
@@ -324,7 +345,17 @@ impl Device {
         }
         let checkpoint = driver.machine.checkpoint().clone();
         self.durable.backfill = Some(checkpoint);
+        self.published();
         self.trace_backfill(ctx, Traced::Resync, request.from.map_or(0, ident));
+    }
+
+    /// The checkpoint was stored: what the copy claims follows it again (the engine's backfill
+    /// actor publishes `serves` from its machine whenever it stored one), ending the refusal a
+    /// rollback found in a handler set ([`Device::rolled_back`]).
+    fn published(&mut self) {
+        if let Some(volatile) = self.volatile.as_mut() {
+            volatile.claims_nothing = false;
+        }
     }
 
     /// Resync requests deferred while a request was in flight.
@@ -382,6 +413,7 @@ impl Device {
         }
         match (asked.kind, message) {
             (Asking::Plan, Message::WatermarksResponse(theirs)) => {
+                self.observe_own_marks(ctx, &theirs);
                 self.backfill_planned(ctx, from, &theirs);
             }
             (Asking::Page { step, after }, Message::SharedSnapshotPage(page)) => {
@@ -391,6 +423,7 @@ impl Device {
                 self.backfill_rows(ctx, &step, after, &page);
             }
             (Asking::CatchUpMarks, Message::WatermarksResponse(theirs)) => {
+                self.observe_own_marks(ctx, &theirs);
                 if self.begin_pull(ctx, from, &theirs, true) {
                     if let Some(driver) = self.driver() {
                         driver.asked = Some(Asked { kind: Asking::CatchUp, ..asked });
@@ -435,6 +468,7 @@ impl Device {
         let checkpoint = driver.machine.checkpoint().clone();
         let steps = checkpoint.steps.len() as u64;
         self.durable.backfill = Some(checkpoint);
+        self.published();
         self.trace_backfill(ctx, traced, steps);
     }
 
@@ -503,7 +537,16 @@ impl Device {
         }
         let keys: Vec<Uuid> = page.rows.iter().map(|row| row.id).collect();
         self.check_page(ctx, &keys, after);
-        self.apply_rows(ctx, page.owner, &page.rows, None);
+        // As the engine's backfill: a rollback resync's pages of this device's own rows apply
+        // by the source's word, not against its own mark (which may lie above rows it lost),
+        // except through the marks an earlier one left (`own_rows_known_through`).
+        let against = match self.durable.backfill.as_ref() {
+            Some(checkpoint) if checkpoint.delete_missing && page.owner == self.id => {
+                super::Against::Known(checkpoint.own_rows_known_through(self.id, &page.model))
+            }
+            _ => super::Against::Held,
+        };
+        self.apply_rows_against(ctx, page.owner, &page.rows, against);
         let held: Vec<(Uuid, lsync_hlc::HlcTime)> =
             page.rows.iter().map(|row| (row.id, row.version)).collect();
         let fetched = Fetched {
@@ -554,6 +597,7 @@ impl Device {
         }
         let done = checkpoint.steps.iter().map(|step| step.done).sum::<u64>();
         self.durable.backfill = Some(checkpoint);
+        self.published();
         ctx.stats.backfill_pages += 1;
         self.trace_backfill(ctx, Traced::Page, done);
     }
@@ -563,6 +607,10 @@ impl Device {
         let Some(driver) = self.driver() else { return };
         driver.asked = None;
         driver.failures = 0;
+        let checkpoint = driver.machine.checkpoint();
+        if checkpoint.delete_missing && checkpoint.scope == lsync_backfill::Scope::Everything {
+            driver.rollback_sources.insert(from);
+        }
         driver.machine.caught_up();
         let checkpoint = driver.machine.checkpoint().clone();
         let ready = driver.machine.is_ready();
@@ -572,6 +620,7 @@ impl Device {
         }
         // Ready, or (a chained resync) the next plan: persisted either way.
         self.durable.backfill = Some(checkpoint);
+        self.published();
         if !ready {
             return;
         }
