@@ -158,15 +158,14 @@ impl Batcher {
         let pending = match self.state.get_mut(model) {
             Some(pending) => {
                 // The batch holds every change after its `since`: a write may only continue from
-                // a mark the batch already covers, or there would be a gap. A batch that claims
-                // nothing stays so (the copy's mark jumps when its resync ends).
-                pending.unclaimed |= unclaimed;
-                debug_assert!(
-                    pending.unclaimed || since <= pending.newest.max(pending.since),
-                    "write to {model} continues from {since:?}, but the pending batch holds \
-                     changes only up to {:?}",
-                    pending.newest.max(pending.since)
-                );
+                // a mark the batch already covers. The own mark moves without a write too — an
+                // own-rows barrier raises it so that every peer compares this device's rows, and
+                // rows of its own pulled from a peer raise it — and a batch claiming contiguity
+                // across that rise would have peers raise their marks over it (skipping the
+                // comparison the barrier asks for): the batch then claims nothing. A batch that
+                // claims nothing stays so (the copy's mark jumps when its resync ends).
+                let covered = pending.newest.max(pending.since);
+                pending.unclaimed |= unclaimed || since > covered;
                 pending
             }
             None => self.state.entry(model.to_owned()).or_insert(PendingState {
@@ -472,6 +471,21 @@ mod tests {
         batcher.push_state("file", Some(version(11)), vec![row(7, 13)], start + WINDOW);
         batcher.unclaim_state();
         check(&batcher.flush_all(), &[(Some("file"), unclaimed, &[(7, 13)])]);
+    }
+
+    #[test]
+    fn a_write_after_the_own_mark_rose_without_a_write_claims_no_contiguity_across_the_rise() {
+        let start = Instant::now();
+        let unclaimed = Some(u64::MAX);
+        let mut batcher = Batcher::new(WINDOW, 100);
+        batcher.push_state("file", Some(version(1)), vec![row(1, 2)], start);
+        // Within the window the own mark rose to 9 by an own-rows barrier, not by a write: the
+        // next write continues from 9, which the pending batch does not cover.
+        batcher.push_state("file", Some(version(9)), vec![row(2, 10)], start);
+        check(&batcher.flush_all(), &[(Some("file"), unclaimed, &[(1, 2), (2, 10)])]);
+        // The next batch claims again, from where the mark is.
+        batcher.push_state("file", Some(version(10)), vec![row(3, 11)], start);
+        check(&batcher.flush_all(), &[(Some("file"), Some(10), &[(3, 11)])]);
     }
 
     #[test]
